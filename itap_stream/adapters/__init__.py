@@ -1,0 +1,1 @@
+"""Adapters: MQTT, SQL store, metrics, artifacts, CSV. I/O lives here, never in core/."""

@@ -1,0 +1,178 @@
+"""A broker for demos and tests: mosquitto on a free port, or an embedded one.
+
+`start_broker` prefers the ``mosquitto`` binary when it is on PATH and falls back to
+amqtt, a pure-Python broker run in a background thread, so ``itap demo`` works on a
+machine with no broker installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itap_stream.errors import BrokerError
+
+__all__ = ["BrokerHandle", "free_port", "start_broker", "wait_for_port"]
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    msg = f"broker did not start listening on {host}:{port} within {timeout_s:.0f}s"
+    raise BrokerError(msg)
+
+
+@dataclass
+class BrokerHandle:
+    """A running broker; ``stop()`` ends it."""
+
+    kind: str  # "mosquitto" or "embedded"
+    host: str
+    port: int
+    _proc: subprocess.Popen[bytes] | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _broker: Any = None
+    _tmp: Any = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._loop is not None and self._broker is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
+            try:
+                fut.result(timeout=5)
+            except Exception as exc:  # noqa: BLE001 - shutting down; report and go on
+                log.warning("embedded broker did not shut down cleanly: %s", exc)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._loop = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> BrokerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+MOSQUITTO_CONF = """\
+listener {port} {host}
+allow_anonymous true
+persistence false
+# a slow consumer's backlog must not be dropped by the broker
+max_queued_messages 1000000
+max_queued_bytes 0
+max_inflight_messages 0
+log_dest stderr
+log_type error
+log_type warning
+"""
+
+
+def start_broker(prefer: str = "auto", *, host: str = "127.0.0.1", port: int | None = None) -> BrokerHandle:
+    """Start a broker on ``host:port`` (a free port by default).
+
+    ``prefer``: ``auto`` (mosquitto when installed, else embedded), ``mosquitto`` or ``embedded``.
+    """
+    if prefer not in ("auto", "mosquitto", "embedded"):
+        msg = f"broker kind must be auto, mosquitto or embedded, got {prefer!r}"
+        raise BrokerError(msg)
+    port = port or free_port(host)
+    binary = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+    if prefer == "mosquitto" and binary is None:
+        msg = "mosquitto is not installed (apt-get install mosquitto), use the embedded broker instead"
+        raise BrokerError(msg)
+    if prefer != "embedded" and binary is not None:
+        tmp = tempfile.TemporaryDirectory(prefix="itap-mosquitto-")
+        conf = Path(tmp.name) / "mosquitto.conf"
+        conf.write_text(MOSQUITTO_CONF.format(port=port, host=host), encoding="utf-8")
+        proc = subprocess.Popen(  # noqa: S603 - our own binary and config
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        handle = BrokerHandle("mosquitto", host, port, _proc=proc, _tmp=tmp)
+        try:
+            wait_for_port(host, port)
+        except BrokerError:
+            err = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
+            handle.stop()
+            msg = f"mosquitto failed to start on {host}:{port}: {err.strip() or 'no output'}"
+            raise BrokerError(msg) from None
+        return handle
+    return _start_embedded(host, port)
+
+
+def _start_embedded(host: str, port: int) -> BrokerHandle:
+    try:
+        from amqtt.broker import Broker
+    except ImportError as exc:  # pragma: no cover - amqtt is a dependency
+        msg = "the embedded broker needs the 'amqtt' package"
+        raise BrokerError(msg) from exc
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            broker = Broker(config, loop=loop)
+            loop.run_until_complete(broker.start())
+            box["broker"] = broker
+        except Exception as exc:  # noqa: BLE001 - reported to the caller below
+            box["error"] = exc
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="itap-embedded-broker", daemon=True)
+    thread.start()
+    started.wait(15)
+    if "broker" not in box:
+        msg = f"embedded broker failed to start on {host}:{port}: {box.get('error', 'timeout')}"
+        raise BrokerError(msg)
+    wait_for_port(host, port)
+    return BrokerHandle("embedded", host, port, _loop=loop, _thread=thread, _broker=box["broker"])

@@ -1,0 +1,77 @@
+"""CSV files of readings: one row per reading, a column per signal.
+
+Required columns: ``device_id``, ``ts`` (epoch seconds or RFC 3339) and every signal
+of the schema. Optional: ``state`` (default RUN), ``seq``, ``tag``, ``label``.
+Empty cells are dropouts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from itap_stream.core.schema import STATES, SensorSchema
+from itap_stream.errors import DataError
+
+__all__ = ["read_readings", "write_readings"]
+
+
+def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
+    """Read and type-check a readings CSV; raises `DataError` naming what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        msg = f"CSV file not found: {p}"
+        raise DataError(msg)
+    try:
+        df = pd.read_csv(p, dtype={"device_id": str, "state": str, "tag": str, "label": str}, low_memory=False)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        msg = f"cannot parse CSV {p}: {exc}"
+        raise DataError(msg) from exc
+    required = ["device_id", "ts", *schema.names]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        msg = f"CSV {p} lacks required column(s) {missing}; it has {list(df.columns)}"
+        raise DataError(msg)
+    if df["device_id"].isna().any():
+        msg = f"CSV {p}: {int(df['device_id'].isna().sum())} row(s) have no device_id"
+        raise DataError(msg)
+    ts = df["ts"]
+    if not pd.api.types.is_numeric_dtype(ts):
+        parsed = pd.to_datetime(ts, utc=True, errors="coerce", format="mixed")
+        bad = parsed.isna()
+        if bad.any():
+            msg = f"CSV {p}: column ts has {int(bad.sum())} value(s) that are neither epoch seconds nor RFC 3339, first {ts[bad].iloc[0]!r}"
+            raise DataError(msg)
+        df["ts"] = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+    df["ts"] = df["ts"].astype(np.float64)
+    if "state" not in df.columns:
+        df["state"] = "RUN"
+    df["state"] = df["state"].fillna("RUN")
+    bad_state = ~df["state"].isin(STATES)
+    if bad_state.any():
+        msg = f"CSV {p}: unknown state(s) {sorted(df.loc[bad_state, 'state'].unique().tolist())[:5]}; expected {list(STATES)}"
+        raise DataError(msg)
+    for name in schema.names:
+        if not pd.api.types.is_numeric_dtype(df[name]):
+            coerced = pd.to_numeric(df[name], errors="coerce")
+            bad = coerced.isna() & df[name].notna()
+            if bad.any():
+                msg = f"CSV {p}: column {name} has non-numeric value(s), first {df.loc[bad, name].iloc[0]!r}"
+                raise DataError(msg)
+            df[name] = coerced
+        df[name] = df[name].astype(np.float64)
+    for col in ("tag", "label"):
+        if col not in df.columns:
+            df[col] = None
+        df[col] = df[col].astype(object).where(df[col].notna(), None)
+    if "seq" not in df.columns:
+        df["seq"] = None
+    return df
+
+
+def write_readings(df: pd.DataFrame, path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(p, index=False)

@@ -1,0 +1,158 @@
+"""The MQTT adapter (paho-mqtt): connect, subscribe on every (re)connect, enqueue, publish.
+
+Callbacks do nothing but enqueue: ``on_message`` puts ``(topic, payload, received_at)``
+on a bounded queue that the processing loop drains in micro-batches. When that queue is
+full, ``on_message`` blocks, which stops paho reading the socket: back-pressure reaches
+the broker instead of memory growing without limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from itap_stream.config import BrokerAddress, parse_broker_url
+from itap_stream.errors import BrokerError
+
+__all__ = ["Message", "MqttLink", "Will"]
+
+log = logging.getLogger(__name__)
+
+Message = tuple[str, bytes, float]  # topic, payload, received at (time.time())
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttLink:
+    """One paho client: the single owner of the broker connection.
+
+    Parameters
+    ----------
+    url
+        ``mqtt://[user:pass@]host[:port]`` or ``mqtts://…``.
+    client_id
+        Stable id (a persistent session needs it).
+    subscriptions
+        ``(topic filter, qos)`` pairs, (re)subscribed in ``on_connect``.
+    inbox
+        Where messages go; None = no subscription handling.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        subscriptions: Sequence[tuple[str, int]] = (),
+        inbox: queue.Queue[Message] | None = None,
+        will: Will | None = None,
+        birth: Will | None = None,
+        clean_session: bool = True,
+        keepalive: int = 30,
+        on_connection: Callable[[bool], None] | None = None,
+        tls_ca: str | None = None,
+    ) -> None:
+        self.address: BrokerAddress = parse_broker_url(url)
+        self.client_id = client_id
+        self.subscriptions = list(subscriptions)
+        self.inbox = inbox
+        self.birth = birth
+        self.connected = threading.Event()
+        self.reconnects = 0
+        self._ever_connected = False
+        self._on_connection = on_connection
+        c = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=paho.MQTTv311,
+        )
+        c.max_queued_messages_set(0)
+        c.max_inflight_messages_set(1000)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        if self.address.username:
+            c.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            c.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self.client = c
+        self.keepalive = keepalive
+
+    # -- callbacks: no logic beyond bookkeeping and enqueueing
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.error("broker %s:%s refused the connection: %s", self.address.host, self.address.port, rc)
+            return
+        if self._ever_connected:
+            self.reconnects += 1
+            log.warning("reconnected to broker %s:%s", self.address.host, self.address.port)
+        self._ever_connected = True
+        for topic, qos in self.subscriptions:
+            client.subscribe(topic, qos=qos)
+        if self.birth is not None:
+            client.publish(self.birth.topic, self.birth.payload, qos=self.birth.qos, retain=self.birth.retain)
+        self.connected.set()
+        if self._on_connection:
+            self._on_connection(True)
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.connected.clear()
+        if self._on_connection:
+            self._on_connection(False)
+        if getattr(rc, "value", rc) != 0:
+            log.warning("disconnected from broker: %s (reconnecting with backoff)", rc)
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if self.inbox is not None:
+            self.inbox.put((msg.topic, msg.payload, time.time()))
+
+    # -- lifecycle
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Connect and start the network thread; raises `BrokerError` if unreachable."""
+        try:
+            self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive)
+        except (OSError, ValueError) as exc:
+            msg = f"cannot reach MQTT broker at {self.address.host}:{self.address.port}: {exc}"
+            raise BrokerError(msg) from exc
+        self.client.loop_start()
+        if not self.connected.wait(timeout_s):
+            self.client.loop_stop()
+            msg = f"MQTT broker at {self.address.host}:{self.address.port} did not accept the connection within {timeout_s:.0f}s"
+            raise BrokerError(msg)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def unsubscribe_all(self) -> None:
+        for topic, _qos in self.subscriptions:
+            self.client.unsubscribe(topic)
+        self.subscriptions = []
+
+    def stop(self, final: Will | None = None) -> None:
+        """Publish ``final`` (e.g. the offline status), disconnect cleanly, stop the thread."""
+        if final is not None and self.connected.is_set():
+            info = self.client.publish(final.topic, final.payload, qos=final.qos, retain=final.retain)
+            try:
+                info.wait_for_publish(timeout=3)
+            except (RuntimeError, ValueError):
+                log.warning("could not publish %s before disconnecting", final.topic)
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,367 @@
+"""The SQL store (SQLAlchemy Core): SQLite by default, any URL by configuration.
+
+Tables: ``devices``, ``readings`` (one column per signal of the schema), ``windows``
+(every scored window), ``anomalies`` (with their explanation) and ``alerts`` (every
+transition). Writes are idempotent: unique keys plus insert-or-ignore, so a reading
+delivered twice is stored once and a CSV ingested twice adds nothing.
+Times are stored as epoch seconds (REAL), UTC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from itap_stream.core.readings import Reading
+from itap_stream.core.schema import SensorSchema
+from itap_stream.errors import StoreError
+
+__all__ = ["Store", "StoreBatch", "StoreWriter"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreBatch:
+    """Rows of one micro-batch, written in one transaction."""
+
+    readings: list[dict[str, Any]] = field(default_factory=list)
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    anomalies: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    devices: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (first, last) ts
+    on_commit: list[Any] = field(default_factory=list)  # callables run after the commit
+
+    def __len__(self) -> int:
+        return len(self.readings) + len(self.windows) + len(self.anomalies) + len(self.alerts)
+
+
+class Store:
+    """Owns the engine and the table definitions for one sensor schema.
+
+    Examples
+    --------
+    >>> from itap_stream.core.schema import SensorSchema
+    >>> schema = SensorSchema.from_dict({"signals": [{"name": "rpm", "family": "RPM"}]})
+    >>> store = Store("sqlite://", schema)
+    >>> b = StoreBatch(readings=[{"device_id": "D1", "ts": 1.0, "state": "RUN", "rpm": 900.0}])
+    >>> store.write(b), store.write(b)
+    (1, 0)
+    >>> store.count("readings")
+    1
+    """
+
+    def __init__(self, url: str, schema: SensorSchema) -> None:
+        self.url = url
+        self.schema = schema
+        try:
+            self.engine: Engine = sa.create_engine(url, future=True)
+        except (SQLAlchemyError, ValueError, ImportError) as exc:
+            msg = f"cannot use database URL {_safe_url(url)}: {exc}"
+            raise StoreError(msg) from exc
+        self.dialect = self.engine.dialect.name
+        if self.dialect == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        md = sa.MetaData()
+        self.devices = sa.Table(
+            "devices",
+            md,
+            sa.Column("device_id", sa.String(128), primary_key=True),
+            sa.Column("first_seen", sa.Float, nullable=False),
+            sa.Column("last_seen", sa.Float, nullable=False),
+        )
+        self.readings = sa.Table(
+            "readings",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("device_id", sa.String(128), nullable=False),
+            sa.Column("ts", sa.Float, nullable=False),
+            sa.Column("state", sa.String(8), nullable=False),
+            sa.Column("seq", sa.BigInteger),
+            sa.Column("tag", sa.String(64)),
+            sa.Column("label", sa.String(64)),
+            *[sa.Column(name, sa.Float) for name in schema.names],
+            sa.UniqueConstraint("device_id", "ts", name="uq_readings_device_ts"),
+        )
+        self.windows = sa.Table(
+            "windows",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("device_id", sa.String(128), nullable=False),
+            sa.Column("window_start", sa.Float, nullable=False),
+            sa.Column("window_end", sa.Float, nullable=False),
+            sa.Column("state", sa.String(8), nullable=False),
+            sa.Column("score", sa.Float, nullable=False),
+            sa.Column("is_anomaly", sa.Boolean, nullable=False),
+            sa.Column("label", sa.String(64)),
+            sa.UniqueConstraint("device_id", "window_end", name="uq_windows_device_end"),
+        )
+        self.anomalies = sa.Table(
+            "anomalies",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("device_id", sa.String(128), nullable=False),
+            sa.Column("window_start", sa.Float, nullable=False),
+            sa.Column("window_end", sa.Float, nullable=False),
+            sa.Column("state", sa.String(8), nullable=False),
+            sa.Column("score", sa.Float, nullable=False),
+            sa.Column("confidence", sa.Float, nullable=False),
+            sa.Column("dominant_family", sa.String(64), nullable=False),
+            sa.Column("families", sa.Text, nullable=False),  # JSON {family: percent}
+            sa.Column("top_features", sa.Text, nullable=False),  # JSON [[feature, percent], ...]
+            sa.Column("tags", sa.Text),
+            sa.Column("label", sa.String(64)),
+            sa.UniqueConstraint("device_id", "window_end", name="uq_anomalies_device_end"),
+        )
+        self.alerts = sa.Table(
+            "alerts",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("alert_id", sa.String(64), nullable=False),
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("rule", sa.String(128), nullable=False),
+            sa.Column("severity", sa.String(16), nullable=False),
+            sa.Column("device_id", sa.String(128), nullable=False),
+            sa.Column("route", sa.String(64)),
+            sa.Column("root_cause", sa.String(256)),
+            sa.Column("score", sa.Float),
+            sa.Column("confidence", sa.Float),
+            sa.Column("window_start", sa.Float),
+            sa.Column("window_end", sa.Float),
+            sa.Column("changed_at", sa.Float, nullable=False),
+            sa.Column("payload", sa.Text, nullable=False),  # the published JSON
+            sa.UniqueConstraint("alert_id", "status", name="uq_alerts_id_status"),
+        )
+        for t in (self.readings, self.windows, self.anomalies, self.alerts):
+            sa.Index(f"ix_{t.name}_device", t.c.device_id)
+        self.metadata = md
+        self._create()
+
+    def _create(self) -> None:
+        try:
+            self.metadata.create_all(self.engine)
+            cols = {c["name"] for c in sa.inspect(self.engine).get_columns("readings")}
+        except SQLAlchemyError as exc:
+            msg = f"cannot open the store at {_safe_url(self.url)}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"
+            raise StoreError(msg) from exc
+        missing = [n for n in self.schema.names if n not in cols]
+        if missing:
+            msg = (
+                f"store {_safe_url(self.url)} was created for another sensor schema: its readings table "
+                f"lacks column(s) {missing}; use a new database for this schema"
+            )
+            raise StoreError(msg)
+
+    def _insert_ignore(self, table: sa.Table) -> Any:
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert(table).on_conflict_do_nothing()
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table).on_conflict_do_nothing()
+        return table.insert()
+
+    def write(self, batch: StoreBatch) -> int:
+        """Write one micro-batch in one transaction; returns readings newly inserted."""
+        inserted = 0
+        try:
+            with self.engine.begin() as conn:
+                if batch.readings:
+                    inserted = conn.execute(self._insert_ignore(self.readings), batch.readings).rowcount
+                for table, rows in (
+                    (self.windows, batch.windows),
+                    (self.anomalies, batch.anomalies),
+                    (self.alerts, batch.alerts),
+                ):
+                    if rows:
+                        conn.execute(self._insert_ignore(table), rows)
+                if batch.devices:
+                    self._upsert_devices(conn, batch.devices)
+        except SQLAlchemyError as exc:
+            msg = f"store write failed ({_safe_url(self.url)}): {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}"
+            raise StoreError(msg) from exc
+        return max(inserted, 0)
+
+    def _upsert_devices(self, conn: sa.Connection, devices: Mapping[str, tuple[float, float]]) -> None:
+        ids = list(devices)
+        known = {
+            row.device_id: (row.first_seen, row.last_seen)
+            for row in conn.execute(sa.select(self.devices).where(self.devices.c.device_id.in_(ids)))
+        }
+        new = [{"device_id": d, "first_seen": f, "last_seen": last} for d, (f, last) in devices.items() if d not in known]
+        if new:
+            conn.execute(self._insert_ignore(self.devices), new)
+        upd = [
+            {"d": d, "f": min(f, known[d][0]), "l": max(last, known[d][1])}
+            for d, (f, last) in devices.items()
+            if d in known
+        ]
+        if upd:
+            conn.execute(
+                self.devices.update()
+                .where(self.devices.c.device_id == sa.bindparam("d"))
+                .values(first_seen=sa.bindparam("f"), last_seen=sa.bindparam("l")),
+                upd,
+            )
+
+    def count(self, table: str, **where: Any) -> int:
+        t = self.metadata.tables[table]
+        q = sa.select(sa.func.count()).select_from(t)
+        for k, v in where.items():
+            q = q.where(t.c[k] == v)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def read_frame(self, table: str, *, since: float | None = None, until: float | None = None) -> pd.DataFrame:
+        """A whole table (optionally a time range) as a DataFrame, in insertion order."""
+        t = self.metadata.tables[table]
+        tcol = t.c.ts if "ts" in t.c else t.c.window_end if "window_end" in t.c else t.c.changed_at
+        q = sa.select(t).order_by(t.c.id) if "id" in t.c else sa.select(t)
+        if since is not None:
+            q = q.where(tcol >= since)
+        if until is not None:
+            q = q.where(tcol < until)
+        try:
+            with self.engine.connect() as conn:
+                return pd.read_sql(q, conn)
+        except SQLAlchemyError as exc:
+            msg = f"cannot read {table} from {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def reading_rows(readings: Iterable[Reading], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows for the readings table (NaN dropouts become NULL)."""
+    rows = []
+    for r in readings:
+        row: dict[str, Any] = {
+            "device_id": r.device_id,
+            "ts": r.ts,
+            "state": r.state,
+            "seq": r.seq,
+            "tag": r.tag,
+            "label": r.label,
+        }
+        for name, v in zip(names, r.values):
+            row[name] = None if v != v else v
+        rows.append(row)
+    return rows
+
+
+def anomaly_row(
+    device_id: str, start: float, end: float, state: str, score: float, conf: float, exp: Any, tags: Sequence[str], label: str | None
+) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "window_start": start,
+        "window_end": end,
+        "state": state,
+        "score": score,
+        "confidence": conf,
+        "dominant_family": exp.dominant_family,
+        "families": json.dumps(exp.families),
+        "top_features": json.dumps(exp.top_features),
+        "tags": json.dumps(list(tags)) if tags else None,
+        "label": label,
+    }
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only used to print a URL without its password
+        return "<database URL>"
+
+
+class StoreWriter:
+    """A thread that owns store writes, so they stay off the processing loop.
+
+    ``submit`` blocks when ``max_pending`` batches are waiting: a slow database slows
+    intake instead of growing memory. Errors are logged and retried with backoff;
+    a batch is never dropped while the writer runs.
+    """
+
+    def __init__(self, store: Store, *, max_pending: int = 64, on_written: Any = None) -> None:
+        self.store = store
+        self._q: queue.Queue[StoreBatch | None] = queue.Queue(maxsize=max_pending)
+        self._on_written = on_written
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="itap-store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: StoreBatch) -> None:
+        if len(batch) or batch.on_commit:
+            self._q.put(batch)
+
+    @property
+    def pending(self) -> int:
+        return self._q.qsize()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._q.get()
+            if batch is None:
+                self._q.task_done()
+                return
+            delay = 0.05
+            while True:
+                try:
+                    t0 = time.perf_counter()
+                    self.store.write(batch)
+                    if self._on_written is not None:
+                        self._on_written(batch, time.perf_counter() - t0)
+                    break
+                except StoreError as exc:
+                    self.failures += 1
+                    log.error("%s; retrying in %.1fs", exc, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            for fn in batch.on_commit:
+                fn()
+            self._q.task_done()
+
+    def flush(self) -> None:
+        """Block until every submitted batch is committed."""
+        self._q.join()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+
+def frame_to_arrays(df: pd.DataFrame, schema: SensorSchema) -> dict[str, np.ndarray]:
+    """Columns of a readings table as arrays in the order `core.batch` expects."""
+    from itap_stream.core.schema import STATES
+
+    codes = {s: i for i, s in enumerate(STATES)}
+    return {
+        "device_ids": df["device_id"].to_numpy(dtype=object),
+        "ts": df["ts"].to_numpy(dtype=np.float64),
+        "states": df["state"].map(codes).to_numpy(dtype=np.int8),
+        "values": df[list(schema.names)].to_numpy(dtype=np.float64, na_value=np.nan),
+        "labels": df["label"].to_numpy(dtype=object) if "label" in df else None,
+    }

@@ -1,0 +1,1 @@
+"""Applications: the live consumer, the offline commands and the demo."""

@@ -1,0 +1,261 @@
+"""The live consumer: MQTT in, the core in micro-batches, MQTT alerts and SQL out.
+
+Threads and owners:
+
+* paho's network thread runs the callbacks, which only enqueue raw messages;
+* the processing loop (`Consumer.run`) drains the queue in micro-batches (at most
+  ``batch_max`` messages, at most ``batch_wait_ms`` after the first), decodes, runs
+  the core's `Processor` once per batch, publishes alerts and dead letters, and hands
+  the rows to
+* the store writer thread, one transaction per micro-batch.
+
+Stopping (SIGTERM / Ctrl-C / `stop`) unsubscribes, drains what was received,
+commits it, publishes ``offline`` on the status topic and disconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from itap_stream.adapters.metrics import Metrics
+from itap_stream.adapters.mqtt import Message, MqttLink, Will
+from itap_stream.adapters.store import Store, StoreBatch, StoreWriter, anomaly_row, reading_rows
+from itap_stream.config import Settings
+from itap_stream.core.model import Artifact
+from itap_stream.core.pipeline import BatchResult, Processor
+from itap_stream.core.readings import Reading, Rejection, decode
+from itap_stream.core.rules import RuleEngine
+from itap_stream.core.schema import SensorSchema
+
+__all__ = ["Consumer"]
+
+log = logging.getLogger(__name__)
+
+
+class Consumer:
+    """Owns the processing state of one consumer process.
+
+    Parameters
+    ----------
+    settings
+        Service settings (topics, batching, broker URL).
+    schema, artifact, engine
+        The sensor schema, the trained model and the alert rule engine.
+    store
+        The SQL store; writes go through a `StoreWriter` thread.
+    metrics
+        Prometheus metrics (a fresh registry in tests).
+    on_alert
+        Optional callback for every alert transition (the demo prints them).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        schema: SensorSchema,
+        artifact: Artifact,
+        engine: RuleEngine,
+        store: Store,
+        metrics: Metrics | None = None,
+        *,
+        on_alert: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.schema = schema
+        self.processor = Processor(
+            schema,
+            artifact,
+            engine,
+            window=settings.window,
+            hop=settings.hop,
+            alarm_k=settings.alarm_k,
+            alarm_n=settings.alarm_n,
+        )
+        self.metrics = metrics or Metrics()
+        self.metrics.set_model(
+            {"trained_at": artifact.trained_at, "threshold": artifact.threshold, "features": len(artifact.feature_names)}
+        )
+        self.store = store
+        self.writer = StoreWriter(store, on_written=lambda _b, dt: self.metrics.store_latency.observe(dt))
+        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=settings.queue_max)
+        self.on_alert = on_alert
+        self._stop = threading.Event()
+        self._prefix_len = len(settings.topic_prefix) + len("/telemetry/")
+        status = settings.topic("status", "consumer", settings.client_id)
+        self._offline = Will(status, b"offline", qos=1, retain=True)
+        self.link = MqttLink(
+            settings.broker_url,
+            settings.client_id,
+            subscriptions=[(settings.topic("telemetry", "+"), settings.qos)],
+            inbox=self.inbox,
+            will=self._offline,
+            birth=Will(status, b"online", qos=1, retain=True),
+            clean_session=False,
+            on_connection=lambda up: self.metrics.connected.set(1 if up else 0),
+        )
+        self._names = schema.names
+        self.batches = 0
+
+    # -- control
+    def stop(self) -> None:
+        """Ask the loop to finish: drain, commit, go offline. Safe from any thread or signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, ready: threading.Event | None = None) -> None:
+        """Connect and process until `stop` is called; everything received is stored."""
+        self.link.start()
+        log.info(
+            "consumer %s subscribed to %s on %s:%s",
+            self.settings.client_id,
+            self.settings.topic("telemetry", "+"),
+            self.link.address.host,
+            self.link.address.port,
+        )
+        if ready is not None:
+            ready.set()
+        try:
+            while not self._stop.is_set():
+                self._step(timeout_s=0.1)
+            # stop intake, then drain what the broker already handed us
+            self.link.unsubscribe_all()
+            time.sleep(0.05)
+            while self._step(timeout_s=0.05):
+                pass
+            self.writer.flush()
+        finally:
+            self.link.stop(final=self._offline)
+            self.writer.close()
+            log.info("consumer stopped after %d micro-batches", self.batches)
+
+    # -- the loop
+    def _step(self, timeout_s: float) -> int:
+        try:
+            first = self.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return 0
+        msgs = [first]
+        limit = self.settings.batch_max
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000.0
+        get = self.inbox.get_nowait
+        while len(msgs) < limit:
+            try:
+                msgs.append(get())
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.0005)
+        self.process_messages(msgs)
+        return len(msgs)
+
+    def process_messages(self, msgs: list[Message]) -> BatchResult:
+        """Decode, process, publish and hand to the store one micro-batch of messages."""
+        m = self.metrics
+        m.messages.inc(len(msgs))
+        m.batch_size.observe(len(msgs))
+        m.queue_depth.set(self.inbox.qsize())
+        readings: list[Reading] = []
+        plen = self._prefix_len
+        max_bytes = self.settings.max_payload_bytes
+        schema = self.schema
+        for topic, payload, _t in msgs:
+            device = topic[plen:]
+            good, bad = decode(payload, schema, device, max_bytes=max_bytes)
+            if good:
+                readings.extend(good)
+            for rej in bad:
+                self._dead_letter(topic, payload, rej)
+        m.received.inc(len(readings))
+        result = self.processor.process(readings)
+        m.processed.inc(len(result.accepted))
+        for r, reason in result.dropped:
+            m.rejected.labels(reason).inc()
+        n_win = result.n_windows
+        if n_win:
+            m.windows.inc(n_win)
+        m.active_devices.set(len(self.processor.windows))
+        batch = self._rows(result, readings)
+        alert_topic = self.settings.topic
+        for alert in result.alerts:
+            d = alert.to_dict()
+            payload = json.dumps(d)
+            self.link.publish(alert_topic("alerts", alert.device_id), payload, qos=1)
+            m.alerts.labels(alert.rule, alert.severity, alert.status).inc()
+            batch.alerts.append(
+                {
+                    "alert_id": alert.id,
+                    "status": alert.status,
+                    "rule": alert.rule,
+                    "severity": alert.severity,
+                    "device_id": alert.device_id,
+                    "route": alert.route,
+                    "root_cause": alert.root_cause,
+                    "score": alert.score,
+                    "confidence": alert.confidence,
+                    "window_start": alert.window_start,
+                    "window_end": alert.window_end,
+                    "changed_at": alert.resolved_at if alert.resolved_at is not None else alert.fired_at,
+                    "payload": payload,
+                }
+            )
+            if self.on_alert is not None:
+                self.on_alert(d)
+        oldest = min(t for _topic, _p, t in msgs)
+        batch.on_commit.append(lambda: m.latency.observe(max(0.0, time.time() - oldest)))
+        self.writer.submit(batch)
+        self.batches += 1
+        return result
+
+    def _rows(self, result: BatchResult, readings: list[Reading]) -> StoreBatch:
+        batch = StoreBatch(readings=reading_rows(readings, self._names))
+        devices: dict[str, tuple[float, float]] = {}
+        for r in readings:
+            seen = devices.get(r.device_id)
+            devices[r.device_id] = (r.ts, r.ts) if seen is None else (min(seen[0], r.ts), max(seen[1], r.ts))
+        batch.devices = devices
+        w = result.windows
+        if w is not None and len(w) and result.scores is not None and result.is_anomaly is not None:
+            states = w.last_states
+            scores = result.scores.tolist()
+            flags = result.is_anomaly.tolist()
+            starts, ends = w.start_ts.tolist(), w.end_ts.tolist()
+            batch.windows = [
+                {
+                    "device_id": w.device_ids[i],
+                    "window_start": starts[i],
+                    "window_end": ends[i],
+                    "state": states[i],
+                    "score": scores[i],
+                    "is_anomaly": flags[i],
+                    "label": w.labels[i],
+                }
+                for i in range(len(w))
+            ]
+            conf = result.confidence.tolist() if result.confidence is not None else [0.0] * len(w)
+            for i, exp in result.explanations.items():
+                batch.anomalies.append(
+                    anomaly_row(w.device_ids[i], starts[i], ends[i], states[i], scores[i], conf[i], exp, w.tags[i], w.labels[i])
+                )
+                self.metrics.anomalies.labels(exp.dominant_family).inc()
+        return batch
+
+    def _dead_letter(self, topic: str, payload: bytes, rej: Rejection) -> None:
+        self.metrics.rejected.labels(rej.reason).inc()
+        log.warning("rejected reading on %s: %s (%s)", topic, rej.reason, rej.detail)
+        body = {
+            "topic": topic,
+            "reason": rej.reason,
+            "detail": rej.detail,
+            "payload": payload[:1024].decode("utf-8", errors="replace"),
+            "received_at": time.time(),
+        }
+        self.link.publish(self.settings.topic("deadletter"), json.dumps(body), qos=1)

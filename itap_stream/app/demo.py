@@ -1,0 +1,202 @@
+"""`itap demo`: broker, model, simulator and consumer together on one machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import paho.mqtt.client as paho
+
+from itap_stream.adapters import artifacts
+from itap_stream.adapters.broker import BrokerHandle, start_broker
+from itap_stream.adapters.metrics import Metrics
+from itap_stream.app.offline import train_from_frame
+from itap_stream.app.render import format_alert, format_summary
+from itap_stream.app.service import build_consumer
+from itap_stream.config import Settings, parse_broker_url
+from itap_stream.core.aggregate import summarize
+from itap_stream.errors import BrokerError
+from simulator import default_faults, simulate
+from simulator.transport import publish
+
+__all__ = ["run_demo"]
+
+log = logging.getLogger(__name__)
+
+
+def _say(out: TextIO, text: str) -> None:
+    out.write(text + "\n")
+    out.flush()
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    duration_s: float = 45.0,
+    devices: int = 10,
+    seed: int = 7,
+    speed: float = 60.0,
+    broker_url: str | None = None,
+    broker_kind: str = "auto",
+    workdir: str = "itap-demo",
+    out: TextIO = sys.stdout,
+) -> dict[str, Any]:
+    """Run the whole pipeline for ``duration_s`` seconds of wall time; returns the summary."""
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    db_path = work / "itap.db"
+    model_path = Path(settings.model_path) if settings.model_path != Settings.model_path else work / "model.joblib"
+    broker: BrokerHandle | None = None
+    if broker_url is None:
+        broker = start_broker(broker_kind)
+        broker_url = broker.url
+        _say(out, f"[demo] started {broker.kind} broker on {broker.host}:{broker.port}")
+    else:
+        parse_broker_url(broker_url)
+        _say(out, f"[demo] using broker {broker_url}")
+    try:
+        if db_path.exists():
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(db_path) + suffix).unlink(missing_ok=True)
+        cfg = settings.replace(
+            broker_url=broker_url,
+            db_url=f"sqlite:///{db_path}",
+            model_path=str(model_path),
+            client_id=f"itap-demo-{int(time.time())}",
+        )
+        schema = cfg.schema()
+        if not model_path.exists():
+            _say(out, f"[demo] no model at {model_path}: training on 2 h of simulated normal operation ...")
+            t0 = time.perf_counter()
+            normal = simulate(devices, 7200.0, seed=seed + 1000).to_frame()
+            _say(out, f"[demo]   simulated {len(normal):,} normal readings; fitting Isolation Forest ...")
+            art, report = train_from_frame(
+                normal, schema, window=cfg.window, hop=cfg.hop, quantile=cfg.threshold_quantile, seed=seed
+            )
+            artifacts.save(art, model_path)
+            _say(
+                out,
+                f"[demo]   trained on {report.train_windows:,} windows of {report.devices} devices, calibrated on "
+                f"{report.calibration_windows:,}; threshold {report.threshold:.4f} ({time.perf_counter() - t0:.1f}s)",
+            )
+        else:
+            _say(out, f"[demo] using existing model {model_path}")
+
+        sim_seconds = max(duration_s * speed, 120.0)
+        faults = default_faults(devices, sim_seconds)
+        sim = simulate(devices, sim_seconds, seed=seed, faults=faults)
+        _say(
+            out,
+            f"[demo] simulating {devices} devices for {sim_seconds / 60:.0f} simulated minutes at {speed:g}x "
+            f"({sim.n_readings:,} readings); faults: "
+            + (", ".join(f"{f.kind}@{f.device}" for f in faults) or "none"),
+        )
+        printed = threading.Lock()
+        alerts: list[dict[str, Any]] = []
+
+        def on_alert_msg(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+            alert = json.loads(msg.payload)
+            alerts.append(alert)
+            with printed:
+                _say(out, format_alert(alert))
+
+        watcher = _alert_watcher(broker_url, cfg.topic("alerts", "#"), on_alert_msg)
+        metrics = Metrics()
+        consumer = build_consumer(cfg, metrics=metrics)
+        ready = threading.Event()
+        runner = threading.Thread(target=consumer.run, kwargs={"ready": ready}, name="itap-consumer", daemon=True)
+        runner.start()
+        if not ready.wait(15):
+            msg = "consumer did not connect to the broker"
+            raise BrokerError(msg)
+        last_report = [0.0]
+
+        def progress(step: int, steps: int) -> None:
+            now = time.monotonic()
+            if now - last_report[0] >= 5 or step == steps:
+                last_report[0] = now
+                with printed:
+                    _say(
+                        out,
+                        f"[demo] {step / steps:6.1%} simulated | readings stored/received "
+                        f"{int(metrics.sample('itap_readings_processed_total')):,} | "
+                        f"windows {int(metrics.sample('itap_windows_scored_total')):,} "
+                        f"| alerts {len(alerts)}",
+                    )
+
+        t0 = time.perf_counter()
+        sent = publish(sim, broker_url, topic_prefix=cfg.topic_prefix, speed=speed, qos=1, progress=progress)
+        _wait_drained(consumer, sent, lambda: int(metrics.sample("itap_readings_received_total")))
+        time.sleep(0.5)  # let the last alerts reach the watcher
+        consumer.stop()
+        runner.join(timeout=30)
+        watcher.disconnect()
+        watcher.loop_stop()
+        elapsed = time.perf_counter() - t0
+
+        store = consumer.store
+        win = store.read_frame("windows")
+        anom = store.read_frame("anomalies")
+        summary = summarize(
+            win["device_id"].tolist(),
+            win["score"].to_numpy(),
+            win["is_anomaly"].to_numpy(dtype=bool),
+            anom["device_id"].tolist(),
+            anom["dominant_family"].tolist(),
+        )
+        summary["alerts"] = len(alerts)
+        summary["readings_published"] = sent
+        summary["readings_stored"] = store.count("readings")
+        summary["seconds"] = round(elapsed, 1)
+        summary["faults"] = [{"kind": f.kind, "device": f.device} for f in faults]
+        store.dispose()
+        summary_path = work / "summary.json"
+        summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        _say(out, "")
+        _say(out, format_summary(summary))
+        _say(
+            out,
+            f"[demo] {sent:,} readings published, {summary['readings_stored']:,} stored, {len(alerts)} alert "
+            f"transition(s) in {elapsed:.1f}s",
+        )
+        _say(out, f"[demo] database: {db_path.resolve()}")
+        _say(out, f"[demo] model:    {model_path.resolve()}")
+        _say(out, f"[demo] summary:  {summary_path.resolve()}")
+        return summary
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _alert_watcher(url: str, topic: str, on_message: Callable[..., None]) -> paho.Client:
+    addr = parse_broker_url(url)
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"itap-demo-watch-{int(time.time() * 1000)}")
+    if addr.username:
+        c.username_pw_set(addr.username, addr.password)
+    subscribed = threading.Event()
+    c.on_connect = lambda cl, _u, _f, _rc, _p: cl.subscribe(topic, qos=1)
+    c.on_subscribe = lambda *_a: subscribed.set()
+    c.on_message = on_message
+    try:
+        c.connect(addr.host, addr.port)
+    except OSError as exc:
+        msg = f"cannot reach MQTT broker at {addr.host}:{addr.port}: {exc}"
+        raise BrokerError(msg) from exc
+    c.loop_start()
+    subscribed.wait(10)
+    return c
+
+
+def _wait_drained(consumer: Any, sent: int, received: Callable[[], int], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if received() >= sent and consumer.inbox.empty():
+            break
+        time.sleep(0.05)
+    consumer.writer.flush()

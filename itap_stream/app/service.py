@@ -1,0 +1,99 @@
+"""Wiring for `itap run` and `itap train`: settings in, adapters built, core driven."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from itap_stream.adapters import artifacts
+from itap_stream.adapters.csvio import read_readings
+from itap_stream.adapters.metrics import Metrics, serve
+from itap_stream.adapters.store import Store
+from itap_stream.app.consumer import Consumer
+from itap_stream.app.offline import TrainReport, train_from_frame
+from itap_stream.config import Settings
+from itap_stream.core.pipeline import check_compatible
+from itap_stream.core.rules import RuleEngine
+from itap_stream.core.schema import SensorSchema
+from itap_stream.errors import DataError
+
+__all__ = ["build_consumer", "run_service", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def build_consumer(
+    settings: Settings, *, metrics: Metrics | None = None, on_alert: Callable[[dict[str, Any]], None] | None = None
+) -> Consumer:
+    """Load schema, rules and model, open the store: everything `itap run` needs, checked."""
+    schema = settings.schema()
+    rules, resolve_after_s = settings.rules()
+    artifact = artifacts.load(settings.model_path)
+    check_compatible(artifact, schema, settings.window, settings.hop)
+    store = Store(settings.db_url, schema)
+    engine = RuleEngine(rules, resolve_after_s=resolve_after_s)
+    return Consumer(settings, schema, artifact, engine, store, metrics, on_alert=on_alert)
+
+
+def run_service(settings: Settings) -> None:
+    """`itap run`: serve until SIGTERM / SIGINT, then drain and stop cleanly."""
+    metrics = Metrics()
+    consumer = build_consumer(settings, metrics=metrics)
+    server = serve(settings.http_addr, metrics.registry) if settings.http_addr else None
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("received %s: draining and stopping", signal.Signals(signum).name)
+        consumer.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+    try:
+        consumer.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+        consumer.store.dispose()
+
+
+def train(
+    settings: Settings,
+    *,
+    csv: str | None = None,
+    db: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    schema: SensorSchema | None = None,
+    seed: int = 0,
+) -> tuple[TrainReport, dict[str, Any]]:
+    """`itap train`: fit on normal operation from a CSV or the store, write the artifact."""
+    schema = schema or settings.schema()
+    if csv:
+        df = read_readings(csv, schema)
+        if since is not None:
+            df = df[df["ts"] >= since]
+        if until is not None:
+            df = df[df["ts"] < until]
+        source = f"CSV {csv}"
+    else:
+        url = db or settings.db_url
+        store = Store(url, schema)
+        try:
+            df = store.read_frame("readings", since=since, until=until)
+        finally:
+            store.dispose()
+        source = f"store {url}"
+        if df.empty:
+            msg = f"the {source} holds no readings in the chosen time range; nothing to train on"
+            raise DataError(msg)
+    log.info("training on %d readings from %s", len(df), source)
+    artifact, report = train_from_frame(
+        df, schema, window=settings.window, hop=settings.hop, quantile=settings.threshold_quantile, seed=seed
+    )
+    manifest = artifacts.save(artifact, settings.model_path)
+    Path(settings.model_path).parent.mkdir(parents=True, exist_ok=True)
+    return report, manifest

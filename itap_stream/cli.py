@@ -1,0 +1,227 @@
+"""The ``itap`` command line. User mistakes end in one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from itap_stream import __version__
+from itap_stream.config import Settings, load
+from itap_stream.core.readings import parse_ts
+from itap_stream.core.rules import parse_duration
+from itap_stream.errors import ConfigError, ItapError
+
+__all__ = ["main"]
+
+log = logging.getLogger("itap")
+
+EPILOGS = {
+    "demo": "example:\n  itap demo                      # ~1 minute, broker included\n  itap demo --duration 20 --devices 4 --broker mqtt://127.0.0.1:1883",
+    "run": "example:\n  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
+    "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
+    "train": "examples:\n  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n  itap train --csv data/normal.csv --model models/current.joblib",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="settings YAML (env ITAP_CONFIG; default configs/itap.yaml)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (env ITAP_LOG_LEVEL)")
+
+
+def _service_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="broker URL, e.g. mqtt://user:pass@127.0.0.1:1883 (env ITAP_BROKER_URL)")
+    p.add_argument("--db", help="SQLAlchemy URL, e.g. sqlite:///itap.db (env ITAP_DB_URL)")
+    p.add_argument("--model", help="model artifact path (env ITAP_MODEL_PATH)")
+    p.add_argument("--client-id", help="MQTT client id (env ITAP_CLIENT_ID)")
+    p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+    p.add_argument("--http", help="metrics address host:port, '' to disable (env ITAP_HTTP_ADDR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="itap", description="ITAP Stream: industrial telemetry in over MQTT, explained alerts out."
+    )
+    parser.add_argument("--version", action="version", version=f"itap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("demo", help="broker + simulator + consumer on this machine", epilog=EPILOGS["demo"], formatter_class=fmt)
+    _common(p)
+    p.add_argument("--duration", default="45s", help="wall-clock length of the simulated run (default 45s)")
+    p.add_argument("--devices", type=int, default=10, help="simulated devices (default 10)")
+    p.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
+    p.add_argument("--speed", type=float, default=60.0, help="event-time acceleration (default 60x)")
+    p.add_argument("--broker", help="use this broker instead of starting one")
+    p.add_argument("--embedded-broker", action="store_true", help="force the pure-Python broker")
+    p.add_argument("--workdir", default="itap-demo", help="where the database, model and summary go")
+    p.add_argument("--model", help="model artifact to use (trained there when missing)")
+
+    p = sub.add_parser("run", help="the long-running consumer service", epilog=EPILOGS["run"], formatter_class=fmt)
+    _common(p)
+    _service_opts(p)
+
+    p = sub.add_parser("simulate", help="simulated telemetry to MQTT or CSV", epilog=EPILOGS["simulate"], formatter_class=fmt)
+    _common(p)
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--duration", default="10m", help="simulated event time, e.g. 600, 10m, 2h")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speed", type=float, default=1.0, help="1 = real time, 60 = a minute per second, 0 = flat out")
+    p.add_argument("--faults", default="", help="comma list of " + ", ".join(("bearing_wear", "overheat", "power_instability", "sensor_dropout")))
+    p.add_argument("--fault-onset", default="40%", help="when faults start: seconds/duration or a percentage")
+    p.add_argument("--out", help="write a CSV here instead of publishing")
+    p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
+    p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+    p.add_argument("--qos", type=int, choices=(0, 1), default=1)
+
+    p = sub.add_parser("train", help="retrain the model from the store or a CSV", epilog=EPILOGS["train"], formatter_class=fmt)
+    _common(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--db", help="train from this store (default: configured db_url)")
+    src.add_argument("--csv", help="train from a readings CSV")
+    p.add_argument("--since", help="only readings at or after this time (RFC 3339 or epoch s)")
+    p.add_argument("--until", help="only readings before this time")
+    p.add_argument("--model", help="where to write the artifact (default: configured model_path)")
+    p.add_argument("--schema", help="sensor schema YAML (default: configured sensors_file)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    over = {
+        "broker_url": getattr(args, "broker", None),
+        "db_url": getattr(args, "db", None),
+        "model_path": getattr(args, "model", None),
+        "client_id": getattr(args, "client_id", None),
+        "topic_prefix": getattr(args, "topic_prefix", None),
+        "http_addr": getattr(args, "http", None),
+        "log_level": getattr(args, "log_level", None),
+    }
+    over.update(extra)
+    return load(args.config, os.environ, **over)
+
+
+def _time_arg(value: str | None, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_ts(float(value) if value.replace(".", "", 1).isdigit() else value)
+    except ValueError:
+        msg = f"{name} {value!r} is not an RFC 3339 time or epoch seconds"
+        raise ConfigError(msg) from None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from itap_stream.app.demo import run_demo
+
+    settings = _settings(args)
+    run_demo(
+        settings,
+        duration_s=parse_duration(args.duration),
+        devices=args.devices,
+        seed=args.seed,
+        speed=args.speed,
+        broker_url=args.broker,
+        broker_kind="embedded" if args.embedded_broker else "auto",
+        workdir=args.workdir,
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from itap_stream.app.service import run_service
+
+    run_service(_settings(args))
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator import FAULT_KINDS, Fault, simulate
+    from simulator.generator import device_name
+    from simulator.transport import publish, write_csv
+
+    settings = _settings(args)
+    duration = parse_duration(args.duration)
+    if args.devices < 1:
+        msg = "--devices must be at least 1"
+        raise ConfigError(msg)
+    kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown:
+        msg = f"unknown fault kind(s) {unknown}; choose from {', '.join(FAULT_KINDS)}"
+        raise ConfigError(msg)
+    onset = (
+        duration * float(args.fault_onset[:-1]) / 100.0 if args.fault_onset.endswith("%") else parse_duration(args.fault_onset)
+    )
+    faults = []
+    for k, kind in enumerate(kinds):
+        dev = args.devices - k
+        if dev < 1:
+            msg = f"{len(kinds)} fault kinds need at least {len(kinds)} devices"
+            raise ConfigError(msg)
+        faults.append(Fault(kind=kind, device=device_name(dev), onset_s=onset, duration_s=max(duration - onset, 1.0)))
+    sim = simulate(args.devices, duration, seed=args.seed, faults=faults)
+    desc = ", ".join(f"{f.kind}@{f.device}" for f in faults) or "no faults"
+    if args.out:
+        n = write_csv(sim, args.out)
+        print(f"wrote {n:,} readings of {args.devices} devices ({desc}) to {args.out}")
+        return 0
+    steps = len(sim.ts)
+
+    def progress(step: int, total: int) -> None:
+        if step == total or step % max(1, total // 20) == 0:
+            print(f"\rpublished {step}/{steps} steps", end="", file=sys.stderr, flush=True)
+
+    n = publish(sim, settings.broker_url, topic_prefix=settings.topic_prefix, speed=args.speed, qos=args.qos, progress=progress)
+    print(f"\npublished {n:,} readings of {args.devices} devices ({desc}) to {settings.broker_url}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from itap_stream.app.service import train
+    from itap_stream.config import load_yaml
+    from itap_stream.core.schema import SensorSchema
+
+    settings = _settings(args)
+    schema = SensorSchema.from_dict(load_yaml(args.schema, what="sensor schema")) if args.schema else None
+    print(f"training from {'CSV ' + args.csv if args.csv else 'store ' + (args.db or settings.db_url)} ...", flush=True)
+    report, manifest = train(
+        settings,
+        csv=args.csv,
+        db=args.db,
+        since=_time_arg(args.since, "--since"),
+        until=_time_arg(args.until, "--until"),
+        schema=schema,
+        seed=args.seed,
+    )
+    print(
+        f"trained on {report.devices} device(s), {report.rows:,} rows, {report.windows:,} normal windows "
+        f"({report.train_windows:,} fit, {report.calibration_windows:,} calibration), {report.start} .. {report.end}\n"
+        f"threshold {report.threshold:.4f}; model written to {settings.model_path} (sha256 {manifest['sha256'][:12]}…)"
+    )
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = args.log_level or os.environ.get("ITAP_LOG_LEVEL") or ("WARNING" if args.command == "demo" else "INFO")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ItapError as exc:
+        print(f"itap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"itap {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Settings: one YAML file plus ``ITAP_*`` environment overrides.
+
+Precedence, lowest first: built-in defaults, the YAML file (``--config`` /
+``ITAP_CONFIG`` / ``configs/itap.yaml`` in the working directory / the copy shipped
+next to the package), ``ITAP_<SETTING>`` environment variables, command-line options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import yaml
+
+from itap_stream.core.rules import Rule, rules_from_dict
+from itap_stream.core.schema import SensorSchema
+from itap_stream.errors import ConfigError
+
+__all__ = ["BrokerAddress", "Settings", "default_config_path", "load", "load_yaml", "parse_broker_url"]
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every service setting; see ``configs/itap.yaml`` for what each means."""
+
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = "itap"
+    client_id: str = "itap-consumer-1"
+    qos: int = 1
+    db_url: str = "sqlite:///itap.db"
+    model_path: str = "models/current.joblib"
+    sensors_file: str = str(PACKAGE_CONFIGS / "sensors.yaml")
+    rules_file: str = str(PACKAGE_CONFIGS / "alert_rules.yaml")
+    window: int = 32
+    hop: int = 4
+    batch_max: int = 2048
+    batch_wait_ms: float = 5.0
+    queue_max: int = 100_000
+    http_addr: str = "127.0.0.1:9108"
+    log_level: str = "INFO"
+    max_payload_bytes: int = 1_048_576
+    threshold_quantile: float = 0.999
+    alarm_k: int = 3
+    alarm_n: int = 4
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1, 2):
+            msg = f"qos must be 0, 1 or 2, got {self.qos}"
+            raise ConfigError(msg)
+        if self.window < 2:
+            msg = f"window must be at least 2 readings, got {self.window}"
+            raise ConfigError(msg)
+        if not 1 <= self.hop <= self.window:
+            msg = f"hop must be between 1 and window ({self.window}), got {self.hop}"
+            raise ConfigError(msg)
+        if self.batch_max < 1 or self.batch_wait_ms < 0 or self.queue_max < 1:
+            msg = "batch_max and queue_max must be positive and batch_wait_ms not negative"
+            raise ConfigError(msg)
+        if not self.topic_prefix or any(c in self.topic_prefix for c in "#+"):
+            msg = f"topic_prefix {self.topic_prefix!r} must be non-empty and contain no MQTT wildcard"
+            raise ConfigError(msg)
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            msg = f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}"
+            raise ConfigError(msg)
+        if not 1 <= self.alarm_k <= self.alarm_n:
+            msg = f"alarm smoothing needs 1 <= alarm_k <= alarm_n, got {self.alarm_k} of {self.alarm_n}"
+            raise ConfigError(msg)
+        parse_broker_url(self.broker_url)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def schema(self) -> SensorSchema:
+        return SensorSchema.from_dict(load_yaml(self.sensors_file, what="sensor schema"))
+
+    def rules(self) -> tuple[list[Rule], float]:
+        return rules_from_dict(load_yaml(self.rules_file, what="alert rules"))
+
+    def topic(self, kind: str, *parts: str) -> str:
+        return "/".join((self.topic_prefix, kind, *parts))
+
+
+def load_yaml(path: str | Path, *, what: str = "configuration") -> Any:
+    """Parse a YAML file safely, turning every failure into one clear `ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        msg = f"{what} file not found: {p}"
+        raise ConfigError(msg) from None
+    except OSError as exc:
+        msg = f"cannot read {what} file {p}: {exc.strerror}"
+        raise ConfigError(msg) from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        msg = f"{what} file {p} is not valid YAML{where}: {problem}"
+        raise ConfigError(msg) from None
+
+
+def default_config_path(environ: Mapping[str, str]) -> Path:
+    if environ.get("ITAP_CONFIG"):
+        return Path(environ["ITAP_CONFIG"])
+    local = Path("configs/itap.yaml")
+    return local if local.exists() else PACKAGE_CONFIGS / "itap.yaml"
+
+
+def _coerce(name: str, raw: Any, kind: type) -> Any:
+    try:
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        msg = f"setting {name!r} must be {kind.__name__}, got {raw!r}"
+        raise ConfigError(msg) from None
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Load settings from ``path`` (or the default location), then env, then ``overrides``."""
+    env = os.environ if environ is None else environ
+    cfg_path = Path(path) if path else default_config_path(env)
+    data = load_yaml(cfg_path, what="configuration") or {}
+    if not isinstance(data, Mapping):
+        msg = f"configuration file {cfg_path} must be a mapping of settings"
+        raise ConfigError(msg)
+    types = {f.name: (int if f.type == "int" else float if f.type == "float" else str) for f in fields(Settings)}
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        msg = f"configuration file {cfg_path}: unknown setting(s) {unknown}; known: {sorted(types)}"
+        raise ConfigError(msg)
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        if raw is None:
+            continue
+        values[name] = _coerce(name, raw, types[name])
+        if name in ("sensors_file", "rules_file"):
+            values[name] = str((cfg_path.parent / values[name]).resolve())
+    for name, kind in types.items():
+        key = f"ITAP_{name.upper()}"
+        if key in env and env[key] != "":
+            values[name] = _coerce(key, env[key], kind)
+    for name, raw in overrides.items():
+        if raw is None:
+            continue
+        if name not in types:
+            msg = f"unknown setting {name!r}"
+            raise ConfigError(msg)
+        values[name] = _coerce(name, raw, types[name])
+    return Settings(**values)
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Split ``mqtt://user:pass@host:port`` (or ``mqtts://``).
+
+    Examples
+    --------
+    >>> parse_broker_url("mqtt://127.0.0.1:18830")
+    BrokerAddress(host='127.0.0.1', port=18830, tls=False, username=None, password=None)
+    >>> parse_broker_url("mqtts://ops:s3cret@broker.plant").port
+    8883
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parts.hostname:
+        msg = f"broker URL {url!r} must look like mqtt://host:1883 or mqtts://user:pass@host:8883"
+        raise ConfigError(msg)
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        msg = f"broker URL {url!r} has an invalid port"
+        raise ConfigError(msg) from None
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )

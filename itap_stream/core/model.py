@@ -1,0 +1,267 @@
+"""Detectors and the model artifact (the file format lives in adapters/artifacts.py).
+
+The default detector is StandardScaler + IsolationForest from scikit-learn. For
+scoring, the fitted forest is flattened into numpy arrays and every tree is walked for
+a whole micro-batch at once; the scores are the same numbers scikit-learn's
+``-score_samples`` gives (a test compares them), without its per-call overhead, which
+dominates at the batch sizes a live consumer sees.
+
+Score convention: higher means more anomalous; for the Isolation Forest it is
+``2 ** (-mean path length / c(max_samples))`` in ``(0, 1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.ensemble import IsolationForest
+from sklearn.ensemble._iforest import _average_path_length
+from sklearn.preprocessing import StandardScaler
+
+__all__ = [
+    "Artifact",
+    "Detector",
+    "IsolationForestDetector",
+    "TrainStats",
+    "confidence",
+    "quantile_threshold",
+]
+
+Array = npt.NDArray[np.float64]
+
+
+class Detector(Protocol):
+    """What every detector offers: learn normal rows, score a batch (higher = worse)."""
+
+    name: str
+
+    def fit(self, X: Array) -> None: ...
+
+    def score(self, X: Array) -> Array: ...
+
+
+class IsolationForestDetector:
+    """StandardScaler + IsolationForest with batch-vectorised scoring.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> det = IsolationForestDetector(n_estimators=50, seed=0)
+    >>> det.fit(rng.normal(size=(500, 3)))
+    >>> s = det.score(np.array([[0.0, 0.0, 0.0], [8.0, 8.0, 8.0]]))
+    >>> bool(s[1] > s[0])
+    True
+    """
+
+    name = "isolation_forest"
+
+    def __init__(self, *, n_estimators: int = 100, max_samples: int = 256, seed: int = 0) -> None:
+        self.n_estimators = n_estimators
+        self.max_samples = max_samples
+        self.seed = seed
+        self.scaler_: StandardScaler | None = None
+        self.forest_: IsolationForest | None = None
+        self.env_mean_: Array | None = None
+        self.env_scale_: Array | None = None
+        self.forest_threshold_: float | None = None
+        self.envelope_threshold_: float | None = None
+        self._flat: dict[str, Any] | None = None
+
+    def fit(self, X: Array) -> None:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or len(X) < 2:
+            msg = f"need at least 2 training rows, got shape {X.shape}"
+            raise ValueError(msg)
+        self.scaler_ = StandardScaler().fit(X)
+        forest = IsolationForest(
+            n_estimators=self.n_estimators,
+            max_samples=min(self.max_samples, len(X)),
+            random_state=self.seed,
+        )
+        forest.fit(self.scaler_.transform(X).astype(np.float32))
+        self.forest_ = forest
+        self.env_mean_ = X.mean(axis=0)
+        std = X.std(axis=0)
+        # a feature that never varied in training (e.g. dropout counts) gets a unit-ish scale
+        self.env_scale_ = np.where(std > 1e-9, std, np.maximum(0.5, 0.05 * np.abs(self.env_mean_)))
+        self.forest_threshold_ = None
+        self.envelope_threshold_ = None
+        self._flat = None
+
+    def envelope(self, X: Array) -> Array:
+        """Largest per-feature deviation ``|x - mean| / std`` from the training windows."""
+        if self.env_mean_ is None or self.env_scale_ is None:
+            msg = "detector is not fitted"
+            raise RuntimeError(msg)
+        return np.asarray((np.abs(np.asarray(X, dtype=np.float64) - self.env_mean_) / self.env_scale_).max(axis=1))
+
+    def calibrate(self, X: Array, quantile: float) -> float:
+        """Set thresholds from held-out normal windows; returns the threshold on the score scale."""
+        self.forest_threshold_ = quantile_threshold(self.forest_score(X), quantile)
+        self.envelope_threshold_ = quantile_threshold(self.envelope(X), quantile)
+        return self.forest_threshold_
+
+    def score(self, X: Array) -> Array:
+        """Anomaly score: the forest's, raised where a feature leaves the training envelope.
+
+        An Isolation Forest cannot rank a point beyond the range of the training data
+        above the most extreme training point, and it never splits on a feature that
+        was constant in training (a sensor that never dropped out). So, once calibrated,
+        the score is ``max(forest, e)`` where ``e = t_f * r`` for ``r = envelope / t_e <= 1``
+        and ``t_f * (1 + ln r)`` above: it crosses the forest threshold ``t_f`` exactly
+        when the forest score does or when the largest feature deviation crosses its own
+        calibrated threshold ``t_e``, and grows only logarithmically beyond.
+        """
+        forest = self.forest_score(X)
+        if self.forest_threshold_ is None or not self.envelope_threshold_:
+            return forest
+        r = self.envelope(X) / self.envelope_threshold_
+        env = self.forest_threshold_ * np.where(r <= 1.0, r, 1.0 + np.log(np.maximum(r, 1.0)))
+        return np.maximum(forest, env)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_flat"] = None  # rebuilt on first use
+        return state
+
+    def _flatten(self) -> dict[str, Any]:
+        """Lay every tree out in one array set, children of a node side by side.
+
+        ``left[i]`` is the left child of node ``i`` and ``left[i] + 1`` its right child,
+        so one step of the walk is ``node = left[node] + (x > threshold[node])``.
+        A leaf points to itself with an infinite threshold, so extra steps are harmless.
+        """
+        if self.forest_ is None or self.scaler_ is None:
+            msg = "detector is not fitted"
+            raise RuntimeError(msg)
+        forest = self.forest_
+        if forest._max_features != forest.n_features_in_:  # noqa: SLF001 - we always fit with all features
+            msg = "feature subsampling is not supported by the vectorised scorer"
+            raise RuntimeError(msg)
+        feats, thr, child, leafval, roots = [], [], [], [], []
+        offset = 0
+        max_depth = 0
+        for est in forest.estimators_:
+            t = est.tree_
+            cl, cr = t.children_left, t.children_right
+            value = t.compute_node_depths() + _average_path_length(t.n_node_samples) - 1.0
+            new_id = np.empty(t.node_count, dtype=np.intp)
+            order = [0]
+            new_id[0] = 0
+            i = 0
+            while i < len(order):  # breadth first, placing each node's two children together
+                old = order[i]
+                if cl[old] != -1:
+                    new_id[cl[old]] = len(order)
+                    new_id[cr[old]] = len(order) + 1
+                    order.extend((cl[old], cr[old]))
+                i += 1
+            old_ids = np.asarray(order, dtype=np.intp)
+            leaf = cl[old_ids] == -1
+            feats.append(np.where(leaf, 0, t.feature[old_ids]))
+            thr.append(np.where(leaf, np.inf, t.threshold[old_ids]))
+            child.append(np.where(leaf, np.arange(t.node_count), new_id[np.maximum(cl[old_ids], 0)]) + offset)
+            leafval.append(np.where(leaf, value[old_ids], 0.0))
+            roots.append(offset)
+            offset += t.node_count
+            max_depth = max(max_depth, int(t.max_depth))
+        self._flat = {
+            "feature": np.concatenate(feats).astype(np.intp),
+            "threshold": np.concatenate(thr),
+            "child": np.concatenate(child).astype(np.intp),
+            "value": np.concatenate(leafval),
+            "roots": np.asarray(roots, dtype=np.intp),
+            "depth": max_depth,
+            "denominator": len(forest.estimators_)
+            * float(_average_path_length(np.array([forest._max_samples]))[0]),  # noqa: SLF001
+            "mean": self.scaler_.mean_,
+            "scale": self.scaler_.scale_,
+        }
+        return self._flat
+
+    def forest_score(self, X: Array) -> Array:
+        """The Isolation Forest score alone (equal to scikit-learn's ``-score_samples``)."""
+        flat = self._flat or self._flatten()
+        X = np.asarray(X, dtype=np.float64)
+        n, n_features = X.shape
+        if n == 0:
+            return np.zeros(0)
+        # scikit-learn compares float32 inputs against float64 thresholds: do the same
+        xs = ((X - flat["mean"]) / flat["scale"]).astype(np.float32).astype(np.float64).ravel()
+        feature, threshold, child = flat["feature"], flat["threshold"], flat["child"]
+        row_offset = (np.arange(n, dtype=np.intp) * n_features)[None, :]
+        nodes = np.repeat(flat["roots"][:, None], n, axis=1)  # (trees, n)
+        for _ in range(flat["depth"]):
+            x = xs.take(row_offset + feature.take(nodes))
+            nodes = child.take(nodes) + (x > threshold.take(nodes))
+        # axis-0 reduction adds tree after tree, the order scikit-learn accumulates in
+        depths = np.add.reduce(flat["value"].take(nodes), axis=0)
+        den = flat["denominator"]
+        if den == 0:
+            return np.ones(n)
+        return np.asarray(2.0 ** (-depths / den))
+
+    def score_sklearn(self, X: Array) -> Array:
+        """Reference scores through scikit-learn itself (slow per call; used by tests)."""
+        if self.forest_ is None or self.scaler_ is None:
+            msg = "detector is not fitted"
+            raise RuntimeError(msg)
+        Xs = self.scaler_.transform(np.asarray(X, dtype=np.float64)).astype(np.float32)
+        return np.asarray(-self.forest_.score_samples(Xs))
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Per-feature training mean/std (for explanations) and calibration scores (for confidence)."""
+
+    mean: Array
+    std: Array
+    calibration_scores: Array  # sorted scores of held-out normal windows
+
+
+def quantile_threshold(scores: Array, q: float = 0.995) -> float:
+    """Threshold as a quantile of normal scores.
+
+    Examples
+    --------
+    >>> quantile_threshold(np.arange(101, dtype=float), 0.9)
+    90.0
+    """
+    if not 0.0 < q <= 1.0:
+        msg = f"quantile must be in (0, 1], got {q}"
+        raise ValueError(msg)
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), q))
+
+
+def confidence(scores: Array, calibration_scores: Array) -> Array:
+    """Share of held-out normal windows that scored below each score (an empirical CDF).
+
+    Examples
+    --------
+    >>> confidence(np.array([0.5, 10.0]), np.array([1.0, 2.0, 3.0, 4.0])).tolist()
+    [0.0, 1.0]
+    """
+    cal = np.asarray(calibration_scores, dtype=np.float64)
+    if len(cal) == 0:
+        return np.zeros(len(scores))
+    return np.searchsorted(cal, np.asarray(scores, dtype=np.float64), side="left") / len(cal)
+
+
+@dataclass
+class Artifact:
+    """Everything the consumer needs to score: written by `itap train`, read by `itap run`."""
+
+    detector: Any
+    feature_names: tuple[str, ...]
+    schema: dict[str, Any]
+    window: int
+    hop: int
+    threshold: float
+    stats: TrainStats
+    trained_at: str
+    training: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = 1

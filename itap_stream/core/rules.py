@@ -1,0 +1,328 @@
+"""Alert rules from YAML and the engine that turns scored windows into alerts.
+
+Rule types (the three of the original ITAP):
+
+``burst``
+    ``count`` anomalies of one device within ``within_s`` seconds of event time
+    (an anomaly exactly ``within_s`` before the latest one still counts).
+``dominant_family``
+    an anomaly whose summed share of ``families`` is at least ``min_share`` percent.
+``tag_route``
+    an anomaly whose window carries one of ``tags`` (a fault code the device reported);
+    with ``require_anomaly: false`` the tag alone is enough.
+
+Lifecycle: one condition (rule, device) fires once and is not repeated while it holds;
+it resolves at the first window of that device that ends ``resolve_after_s`` seconds
+or more after the device's latest anomaly. Time is the windows' event time, so the
+engine is deterministic and replayable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from itap_stream.core.explain import Explanation
+from itap_stream.errors import ConfigError
+
+__all__ = ["SEVERITIES", "Alert", "Rule", "RuleEngine", "ScoredWindow", "parse_duration", "rules_from_dict"]
+
+SEVERITIES: tuple[str, ...] = ("INFO", "WARNING", "CRITICAL")
+RULE_TYPES: tuple[str, ...] = ("burst", "dominant_family", "tag_route")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``30s``, ``10m``, ``2h``, ``1d``.
+
+    Examples
+    --------
+    >>> parse_duration("10m"), parse_duration(45), parse_duration("1.5h")
+    (600.0, 45.0, 5400.0)
+    """
+    if isinstance(value, bool):
+        msg = f"duration must be a number of seconds or like '30s', '10m', '2h'; got {value!r}"
+        raise ConfigError(msg)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+        for suffix in ("ms", "s", "m", "h", "d"):
+            if text.endswith(suffix):
+                number, factor = text[: -len(suffix)], units[suffix]
+                break
+        else:
+            number, factor = text, 1.0
+        try:
+            seconds = float(number) * factor
+        except ValueError:
+            msg = f"duration must be a number of seconds or like '30s', '10m', '2h'; got {value!r}"
+            raise ConfigError(msg) from None
+    if seconds < 0:
+        msg = f"duration must not be negative, got {value!r}"
+        raise ConfigError(msg)
+    return seconds
+
+
+def iso(ts: float) -> str:
+    """RFC 3339 UTC text of an epoch time, to the millisecond.
+
+    Examples
+    --------
+    >>> iso(0)
+    '1970-01-01T00:00:00.000Z'
+    """
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One alert rule; ``params`` holds the type-specific settings, validated here."""
+
+    name: str
+    type: str
+    severity: str
+    cause: str
+    route: str = "operations"
+    count: int = 0
+    within_s: float = 0.0
+    families: tuple[str, ...] = ()
+    min_share: float = 0.0
+    tags: tuple[str, ...] = ()
+    require_anomaly: bool = True
+
+    def __post_init__(self) -> None:
+        where = f"rule {self.name!r}"
+        if self.type not in RULE_TYPES:
+            msg = f"{where}: type {self.type!r} is not one of {', '.join(RULE_TYPES)}"
+            raise ConfigError(msg)
+        if self.severity not in SEVERITIES:
+            msg = f"{where}: severity {self.severity!r} is not one of {', '.join(SEVERITIES)}"
+            raise ConfigError(msg)
+        if self.type == "burst" and (self.count < 1 or self.within_s <= 0):
+            msg = f"{where}: burst needs count >= 1 and a positive 'within' duration"
+            raise ConfigError(msg)
+        if self.type == "dominant_family" and (not self.families or not 0 < self.min_share <= 100):
+            msg = f"{where}: dominant_family needs 'families' and 0 < min_share <= 100"
+            raise ConfigError(msg)
+        if self.type == "tag_route" and not self.tags:
+            msg = f"{where}: tag_route needs a non-empty 'tags' list"
+            raise ConfigError(msg)
+
+
+def rules_from_dict(data: Mapping[str, Any]) -> tuple[list[Rule], float]:
+    """Parse ``alert_rules.yaml``: returns the rules and ``resolve_after_s``.
+
+    Examples
+    --------
+    >>> rules, resolve = rules_from_dict({"resolve_after": "2m", "rules": [
+    ...     {"name": "b", "type": "burst", "count": 3, "within": "5m",
+    ...      "severity": "WARNING", "cause": "Repeated anomalies"}]})
+    >>> rules[0].within_s, resolve
+    (300.0, 120.0)
+    """
+    if not isinstance(data, Mapping) or not isinstance(data.get("rules"), list):
+        msg = "alert rules file must be a mapping with a 'rules' list"
+        raise ConfigError(msg)
+    resolve_after_s = parse_duration(data.get("resolve_after", "5m"))
+    known = {
+        "name", "type", "severity", "cause", "route", "count", "within", "families",
+        "min_share", "tags", "require_anomaly",
+    }  # fmt: skip
+    rules: list[Rule] = []
+    for i, raw in enumerate(data["rules"]):
+        if not isinstance(raw, Mapping) or "name" not in raw or "type" not in raw:
+            msg = f"alert rule #{i + 1} must be a mapping with at least 'name' and 'type'"
+            raise ConfigError(msg)
+        unknown = set(raw) - known
+        if unknown:
+            msg = f"rule {raw['name']!r}: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}"
+            raise ConfigError(msg)
+        try:
+            rule = Rule(
+                name=str(raw["name"]),
+                type=str(raw["type"]),
+                severity=str(raw.get("severity", "WARNING")).upper(),
+                cause=str(raw.get("cause", raw["name"])),
+                route=str(raw.get("route", "operations")),
+                count=int(raw.get("count", 0)),
+                within_s=parse_duration(raw.get("within", 0)),
+                families=tuple(str(f) for f in raw.get("families", ())),
+                min_share=float(raw.get("min_share", 0.0)),
+                tags=tuple(str(t) for t in raw.get("tags", ())),
+                require_anomaly=bool(raw.get("require_anomaly", True)),
+            )
+        except (TypeError, ValueError) as exc:
+            msg = f"rule {raw['name']!r}: {exc}"
+            raise ConfigError(msg) from exc
+        rules.append(rule)
+    names = [r.name for r in rules]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        msg = f"rule name(s) used more than once: {', '.join(dupes)}"
+        raise ConfigError(msg)
+    return rules, resolve_after_s
+
+
+@dataclass(frozen=True)
+class ScoredWindow:
+    """A scored window as the rule engine sees it."""
+
+    device_id: str
+    start_ts: float
+    end_ts: float
+    state: str
+    score: float
+    is_anomaly: bool
+    confidence: float = 0.0
+    explanation: Explanation | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class Alert:
+    """An alert transition (``firing`` or ``resolved``), as published and stored."""
+
+    id: str
+    rule: str
+    severity: str
+    device_id: str
+    state: str
+    window_start: float
+    window_end: float
+    score: float
+    confidence: float
+    root_cause: str
+    families: dict[str, float]
+    top_features: list[tuple[str, float]]
+    route: str
+    status: str
+    fired_at: float
+    resolved_at: float | None = None
+    anomalies: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "rule": self.rule,
+            "severity": self.severity,
+            "device_id": self.device_id,
+            "state": self.state,
+            "window_start": iso(self.window_start),
+            "window_end": iso(self.window_end),
+            "score": round(self.score, 6),
+            "confidence": round(self.confidence, 4),
+            "root_cause": self.root_cause,
+            "families": self.families,
+            "top_features": [[n, s] for n, s in self.top_features],
+            "route": self.route,
+            "status": self.status,
+            "fired_at": iso(self.fired_at),
+            "resolved_at": None if self.resolved_at is None else iso(self.resolved_at),
+            "anomalies": self.anomalies,
+        }
+
+
+@dataclass
+class _DeviceState:
+    anomaly_ts: deque[float] = field(default_factory=deque)
+    last_anomaly_ts: float = float("-inf")
+    open: dict[str, Alert] = field(default_factory=dict)
+
+
+class RuleEngine:
+    """Applies rules to scored windows in event-time order and tracks open alerts.
+
+    Examples
+    --------
+    >>> rules, _ = rules_from_dict({"rules": [{"name": "b", "type": "burst", "count": 2,
+    ...     "within": 60, "severity": "WARNING", "cause": "x"}]})
+    >>> eng = RuleEngine(rules, resolve_after_s=30)
+    >>> w = lambda t, a: ScoredWindow("D1", t - 4, t, "RUN", 0.7 if a else 0.4, a)
+    >>> [a.status for a in eng.evaluate([w(10, True), w(20, True), w(30, True)])]
+    ['firing']
+    >>> [a.status for a in eng.evaluate([w(55, False), w(60, False)])]
+    ['resolved']
+    """
+
+    def __init__(self, rules: Iterable[Rule], *, resolve_after_s: float = 300.0) -> None:
+        self.rules = list(rules)
+        self.resolve_after_s = resolve_after_s
+        self._max_within = max((r.within_s for r in self.rules if r.type == "burst"), default=0.0)
+        self._devices: dict[str, _DeviceState] = {}
+
+    def open_alerts(self) -> list[Alert]:
+        return [a for d in self._devices.values() for a in d.open.values()]
+
+    def _holds(self, rule: Rule, w: ScoredWindow, dev: _DeviceState) -> bool:
+        if rule.type == "burst":
+            if not w.is_anomaly:
+                return False
+            cutoff = w.end_ts - rule.within_s
+            return sum(1 for t in dev.anomaly_ts if t >= cutoff) >= rule.count
+        if rule.type == "dominant_family":
+            if not w.is_anomaly or w.explanation is None:
+                return False
+            share = sum(w.explanation.families.get(f, 0.0) for f in rule.families)
+            return share >= rule.min_share
+        # tag_route
+        if rule.require_anomaly and not w.is_anomaly:
+            return False
+        return any(t in rule.tags for t in w.tags)
+
+    def evaluate(self, windows: Iterable[ScoredWindow]) -> list[Alert]:
+        """Feed windows (event-time order per device); return the alert transitions they cause."""
+        changes: list[Alert] = []
+        for w in windows:
+            dev = self._devices.get(w.device_id)
+            if dev is None:
+                dev = self._devices[w.device_id] = _DeviceState()
+            if w.is_anomaly:
+                dev.anomaly_ts.append(w.end_ts)
+                dev.last_anomaly_ts = w.end_ts
+                cutoff = w.end_ts - self._max_within
+                while dev.anomaly_ts and dev.anomaly_ts[0] < cutoff:
+                    dev.anomaly_ts.popleft()
+            for rule in self.rules:
+                open_alert = dev.open.get(rule.name)
+                if self._holds(rule, w, dev):
+                    if open_alert is None:
+                        alert = self._fire(rule, w, dev)
+                        dev.open[rule.name] = alert
+                        changes.append(alert)
+                    else:
+                        open_alert.anomalies += 1
+                elif open_alert is not None and w.end_ts - dev.last_anomaly_ts >= self.resolve_after_s:
+                    del dev.open[rule.name]
+                    resolved = Alert(**{**open_alert.__dict__, "status": "resolved", "resolved_at": w.end_ts})
+                    changes.append(resolved)
+        return changes
+
+    def _fire(self, rule: Rule, w: ScoredWindow, dev: _DeviceState) -> Alert:
+        key = f"{w.device_id}|{rule.name}|{w.end_ts!r}".encode()
+        exp = w.explanation
+        count = 1
+        if rule.type == "burst":
+            count = sum(1 for t in dev.anomaly_ts if t >= w.end_ts - rule.within_s)
+        return Alert(
+            id=hashlib.sha1(key, usedforsecurity=False).hexdigest()[:16],
+            rule=rule.name,
+            severity=rule.severity,
+            device_id=w.device_id,
+            state=w.state,
+            window_start=w.start_ts,
+            window_end=w.end_ts,
+            score=w.score,
+            confidence=w.confidence,
+            root_cause=rule.cause,
+            families=dict(exp.families) if exp else {},
+            top_features=list(exp.top_features) if exp else [],
+            route=rule.route,
+            status="firing",
+            fired_at=w.end_ts,
+            anomalies=count,
+        )

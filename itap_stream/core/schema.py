@@ -1,0 +1,140 @@
+"""Sensor schema: which signals a device reports and which family each belongs to."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from itap_stream.errors import ConfigError
+
+__all__ = ["STATES", "SensorSchema", "Signal"]
+
+#: Operating states a reading may carry, in the order used for integer codes.
+STATES: tuple[str, ...] = ("RUN", "IDLE", "MAINT")
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One sensor channel.
+
+    Parameters
+    ----------
+    name
+        Column / JSON key, e.g. ``voltage_v`` (unit in the name).
+    family
+        Sensor family used to group explanations, e.g. ``Voltage``.
+    min, max
+        Physically valid range; values outside it are rejected as bad input.
+
+    Examples
+    --------
+    >>> Signal(name="temp_c", family="Temperature", min=-40, max=200).family
+    'Temperature'
+    """
+
+    name: str
+    family: str
+    min: float = -math.inf
+    max: float = math.inf
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            msg = f"signal name {self.name!r} must be a non-empty identifier (letters, digits, _)"
+            raise ConfigError(msg)
+        if not self.family:
+            msg = f"signal {self.name!r} needs a family"
+            raise ConfigError(msg)
+        if not self.min < self.max:
+            msg = f"signal {self.name!r}: min {self.min} must be below max {self.max}"
+            raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class SensorSchema:
+    """The ordered set of signals of a fleet.
+
+    Examples
+    --------
+    >>> s = SensorSchema.from_dict({"signals": [
+    ...     {"name": "rpm", "family": "RPM"}, {"name": "temp_c", "family": "Temperature"}]})
+    >>> s.names
+    ('rpm', 'temp_c')
+    >>> s.families
+    ('RPM', 'Temperature')
+    """
+
+    signals: tuple[Signal, ...]
+
+    def __post_init__(self) -> None:
+        if not self.signals:
+            msg = "sensor schema has no signals"
+            raise ConfigError(msg)
+        names = [s.name for s in self.signals]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            msg = f"sensor schema lists signal(s) more than once: {', '.join(dupes)}"
+            raise ConfigError(msg)
+        reserved = {"device_id", "ts", "state", "seq", "tag", "label"} & set(names)
+        if reserved:
+            msg = f"signal name(s) {sorted(reserved)} are reserved reading fields"
+            raise ConfigError(msg)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.signals)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Families in first-seen order, without repeats."""
+        return tuple(dict.fromkeys(s.family for s in self.signals))
+
+    def family_of(self, signal: str) -> str:
+        for s in self.signals:
+            if s.name == signal:
+                return s.family
+        msg = f"unknown signal {signal!r}; schema has {', '.join(self.names)}"
+        raise ConfigError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signals": [
+                {"name": s.name, "family": s.family, "min": s.min, "max": s.max, "unit": s.unit}
+                for s in self.signals
+            ]
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SensorSchema:
+        """Build a schema from the parsed ``sensors.yaml`` mapping."""
+        raw = data.get("signals") if isinstance(data, Mapping) else None
+        if not isinstance(raw, list):
+            msg = "sensor schema must have a 'signals' list"
+            raise ConfigError(msg)
+        signals = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, Mapping) or "name" not in item or "family" not in item:
+                msg = f"sensor schema signal #{i + 1} must be a mapping with 'name' and 'family'"
+                raise ConfigError(msg)
+            unknown = set(item) - {"name", "family", "min", "max", "unit"}
+            if unknown:
+                msg = f"signal {item['name']!r}: unknown key(s) {sorted(unknown)}"
+                raise ConfigError(msg)
+            try:
+                lo = float(item.get("min", -math.inf))
+                hi = float(item.get("max", math.inf))
+            except (TypeError, ValueError) as exc:
+                msg = f"signal {item['name']!r}: min/max must be numbers"
+                raise ConfigError(msg) from exc
+            signals.append(
+                Signal(
+                    name=str(item["name"]),
+                    family=str(item["family"]),
+                    min=lo,
+                    max=hi,
+                    unit=str(item.get("unit", "")),
+                )
+            )
+        return cls(signals=tuple(signals))

@@ -1,0 +1,197 @@
+"""Per-device ring buffers for the whole fleet, in one set of numpy arrays.
+
+Each device owns a slot: its last ``window`` readings live in row ``slot`` of shared
+arrays, so windows of many devices can be gathered and featured together. The
+buffers grow by doubling when new devices appear.
+
+Ordering rule (stated once, used by stream and batch alike): per device, a reading is
+accepted only when its timestamp is later than every reading accepted before it. A
+reading with the same timestamp as the latest one is a ``duplicate``; an earlier one
+is ``out_of_order``. Both are dropped from features and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from itap_stream.core.readings import Reading
+from itap_stream.core.schema import STATES
+
+__all__ = ["ACCEPTED", "DUE", "DUPLICATE", "OUT_OF_ORDER", "FleetWindows", "WindowBatch"]
+
+ACCEPTED = 0
+DUE = 1
+DUPLICATE = -1
+OUT_OF_ORDER = -2
+
+_STATE_CODE = {s: i for i, s in enumerate(STATES)}
+
+
+@dataclass
+class WindowBatch:
+    """Windows ready for featuring: ``values`` is ``(n, window, n_signals)``."""
+
+    device_ids: list[str]
+    start_ts: npt.NDArray[np.float64]
+    end_ts: npt.NDArray[np.float64]
+    values: npt.NDArray[np.float64]
+    states: npt.NDArray[np.int8]
+    labels: list[str | None] = field(default_factory=list)
+    tags: list[tuple[str, ...]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.device_ids)
+
+    @property
+    def last_states(self) -> list[str]:
+        return [STATES[c] for c in self.states[:, -1].tolist()] if len(self) else []
+
+
+class FleetWindows:
+    """Ring buffers of the last ``window`` readings of every device.
+
+    Parameters
+    ----------
+    n_signals
+        Values per reading.
+    window
+        Readings per window.
+    hop
+        A window is due every ``hop`` accepted readings once the first one is full.
+
+    Examples
+    --------
+    >>> from itap_stream.core.readings import Reading
+    >>> fw = FleetWindows(n_signals=1, window=3, hop=2)
+    >>> [fw.push(Reading("D1", t, "RUN", (float(t),))) for t in range(6)]
+    [0, 0, 1, 0, 1, 0]
+    >>> batch = fw.take_due()
+    >>> batch.values[:, :, 0].tolist()
+    [[0.0, 1.0, 2.0], [2.0, 3.0, 4.0]]
+    >>> fw.push(Reading("D1", 4, "RUN", (9.0,)))
+    -2
+    """
+
+    def __init__(self, n_signals: int, window: int = 32, hop: int = 4, *, capacity: int = 64) -> None:
+        if window < 2:
+            msg = f"window must be at least 2 readings, got {window}"
+            raise ValueError(msg)
+        if not 1 <= hop <= window:
+            msg = f"hop must be between 1 and window ({window}), got {hop}"
+            raise ValueError(msg)
+        self.n_signals = n_signals
+        self.window = window
+        self.hop = hop
+        self._slots: dict[str, int] = {}
+        self._cap = max(1, capacity)
+        self._values = np.full((self._cap, window, n_signals), np.nan)
+        self._states = np.zeros((self._cap, window), dtype=np.int8)
+        self._ts = np.zeros((self._cap, window))
+        self._labels = np.empty((self._cap, window), dtype=object)
+        self._tags = np.empty((self._cap, window), dtype=object)
+        self._count: list[int] = []  # accepted readings per slot
+        self._last_ts: list[float] = []
+        # chronological order of a full ring whose oldest element sits at position p
+        self._order = (np.arange(window)[None, :] + np.arange(window)[:, None]) % window
+        self._due_values: list[npt.NDArray[np.float64]] = []
+        self._due_states: list[npt.NDArray[np.int8]] = []
+        self._due_ts: list[npt.NDArray[np.float64]] = []
+        self._due_labels: list[str | None] = []
+        self._due_tags: list[tuple[str, ...]] = []
+        self._due_devices: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self._slots)
+
+    def last_ts(self, device_id: str) -> float | None:
+        slot = self._slots.get(device_id)
+        return None if slot is None else self._last_ts[slot]
+
+    def _grow(self) -> None:
+        cap = self._cap * 2
+        self._values = np.concatenate([self._values, np.full_like(self._values, np.nan)])
+        self._states = np.concatenate([self._states, np.zeros_like(self._states)])
+        self._ts = np.concatenate([self._ts, np.zeros_like(self._ts)])
+        self._labels = np.concatenate([self._labels, np.empty_like(self._labels)])
+        self._tags = np.concatenate([self._tags, np.empty_like(self._tags)])
+        self._cap = cap
+
+    def _slot(self, device_id: str) -> int:
+        slot = len(self._slots)
+        if slot >= self._cap:
+            self._grow()
+        self._slots[device_id] = slot
+        self._count.append(0)
+        self._last_ts.append(-np.inf)
+        return slot
+
+    def push(self, reading: Reading) -> int:
+        """Add a reading; returns `ACCEPTED`, `DUE` (a window closed), `DUPLICATE` or `OUT_OF_ORDER`."""
+        slot = self._slots.get(reading.device_id)
+        if slot is None:
+            slot = self._slot(reading.device_id)
+        last = self._last_ts[slot]
+        ts = reading.ts
+        if ts <= last:
+            return DUPLICATE if ts == last else OUT_OF_ORDER
+        self._last_ts[slot] = ts
+        n = self._count[slot]
+        pos = n % self.window
+        self._values[slot, pos] = reading.values
+        self._states[slot, pos] = _STATE_CODE[reading.state]
+        self._ts[slot, pos] = ts
+        self._labels[slot, pos] = reading.label
+        self._tags[slot, pos] = reading.tag
+        n += 1
+        self._count[slot] = n
+        if n >= self.window and (n - self.window) % self.hop == 0:
+            self._snapshot(slot, n % self.window, reading.device_id)
+            return DUE
+        return ACCEPTED
+
+    def _snapshot(self, slot: int, oldest: int, device_id: str) -> None:
+        order = self._order[oldest]
+        self._due_devices.append(device_id)
+        self._due_values.append(self._values[slot, order])
+        self._due_states.append(self._states[slot, order])
+        self._due_ts.append(self._ts[slot, order[[0, -1]]])
+        self._due_labels.append(self._labels[slot, order[-1]])
+        tags = self._tags[slot]
+        self._due_tags.append(tuple(t for t in dict.fromkeys(tags[order].tolist()) if t is not None))
+
+    def take_due(self) -> WindowBatch:
+        """Return the windows that closed since the last call, oldest first, and forget them."""
+        n = len(self._due_devices)
+        if n == 0:
+            batch = WindowBatch(
+                [],
+                np.zeros(0),
+                np.zeros(0),
+                np.zeros((0, self.window, self.n_signals)),
+                np.zeros((0, self.window), dtype=np.int8),
+            )
+            return batch
+        ts = np.stack(self._due_ts)
+        batch = WindowBatch(
+            device_ids=self._due_devices,
+            start_ts=ts[:, 0].copy(),
+            end_ts=ts[:, 1].copy(),
+            values=np.stack(self._due_values),
+            states=np.stack(self._due_states),
+            labels=self._due_labels,
+            tags=self._due_tags,
+        )
+        self._due_devices = []
+        self._due_values = []
+        self._due_states = []
+        self._due_ts = []
+        self._due_labels = []
+        self._due_tags = []
+        return batch

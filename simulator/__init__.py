@@ -1,0 +1,7 @@
+"""Telemetry simulator with fault injection (pure and seeded; transports apart)."""
+
+from __future__ import annotations
+
+from simulator.generator import FAULT_KINDS, Fault, FleetSimulation, default_faults, simulate
+
+__all__ = ["FAULT_KINDS", "Fault", "FleetSimulation", "default_faults", "simulate"]
