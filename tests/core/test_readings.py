@@ -1,0 +1,60 @@
+"""Decoding: every kind of bad payload becomes a Rejection with a reason; good ones pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from itap_stream.core.readings import decode
+
+
+def _ok(**over):
+    r = {"device_id": "D1", "ts": "2026-01-01T00:00:00Z", "state": "RUN", "rpm": 1500, "temp_c": 40.0,
+         "voltage_v": 230.0, "current_a": 10.0, "vibration_mm_s": 2.0}  # fmt: skip
+    r.update(over)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe", "invalid_utf8"),
+        (b"[]", "empty_batch"),
+        (b"42", "not_an_object"),
+        (json.dumps(_ok(device_id=None)).encode(), "missing_device_id"),
+        (json.dumps(_ok(device_id="D2")).encode(), "device_mismatch"),
+        (json.dumps(_ok(ts=None)).encode(), "missing_ts"),
+        (json.dumps(_ok(ts="yesterday")).encode(), "bad_ts"),
+        (json.dumps(_ok(state="BROKEN")).encode(), "unknown_state"),
+        (json.dumps(_ok(rpm="fast")).encode(), "wrong_type"),
+        (json.dumps(_ok(rpm=True)).encode(), "wrong_type"),
+        (b'{"device_id":"D1","ts":0,"rpm":NaN}', "non_finite"),
+        (b'{"device_id":"D1","ts":0,"rpm":Infinity}', "non_finite"),
+        (json.dumps(_ok(temp_c=9999)).encode(), "out_of_range"),
+    ],
+)
+def test_bad_payloads_are_rejected_with_reason(schema, payload, reason):
+    good, bad = decode(payload, schema, "D1")
+    assert good == []
+    assert [r.reason for r in bad] == [reason]
+
+
+def test_oversized_payload_is_refused_without_parsing(schema):
+    good, bad = decode(b"[" + b" " * 2000 + b"]", schema, "D1", max_bytes=1000)
+    assert good == [] and bad[0].reason == "oversized"
+
+
+def test_array_keeps_good_elements(schema):
+    payload = json.dumps([_ok(ts=1), _ok(ts=2, rpm="x"), _ok(ts=3, temp_c=None)]).encode()
+    good, bad = decode(payload, schema, "D1")
+    assert [r.ts for r in good] == [1.0, 3.0]
+    assert good[1].values[1] != good[1].values[1]  # dropout -> NaN
+    assert [r.reason for r in bad] == ["wrong_type"]
+
+
+def test_timestamps_epoch_and_rfc3339_agree(schema):
+    a, _ = decode(json.dumps(_ok(ts="2026-01-01T00:00:00+00:00")).encode(), schema, "D1")
+    b, _ = decode(json.dumps(_ok(ts=1767225600)).encode(), schema, "D1")
+    assert a[0].ts == b[0].ts == 1767225600.0

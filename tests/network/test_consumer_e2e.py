@@ -1,0 +1,133 @@
+"""End to end through a real broker: simulator readings in, alerts out, rows in SQLite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+
+import paho.mqtt.client as paho
+import pytest
+
+from itap_stream.adapters.metrics import Metrics
+from itap_stream.app.service import build_consumer
+from simulator import Fault, simulate
+from simulator.transport import publish
+
+pytestmark = pytest.mark.network
+
+
+class Subscriber:
+    """The test's own MQTT subscriber, collecting every message on a topic filter."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"t-sub-{time.monotonic_ns()}")
+        ready = threading.Event()
+        self.client.on_connect = lambda c, *_a: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *_a: ready.set()
+        self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload, bool(m.retain)))
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _start(settings, metrics=None):
+    consumer = build_consumer(settings, metrics=metrics or Metrics())
+    ready = threading.Event()
+    thread = threading.Thread(target=consumer.run, kwargs={"ready": ready}, daemon=True)
+    thread.start()
+    assert ready.wait(15)
+    return consumer, thread
+
+
+def _wait(pred, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_faulty_device_alerts_healthy_one_does_not_and_rows_are_stored(settings, tmp_path):
+    alerts = Subscriber(settings.broker_url, "itap/alerts/#")
+    metrics = Metrics()
+    consumer, thread = _start(settings, metrics)
+    sim = simulate(2, 900, seed=21, faults=[Fault("power_instability", "DEV-0002", 300, 600)], maint=False)
+    sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-1")
+    assert _wait(lambda: metrics.sample("itap_readings_received_total") >= sent)
+    consumer.stop()
+    thread.join(20)
+    assert not thread.is_alive()
+    assert _wait(lambda: len(alerts.messages) > 0, 5)
+    alerts.close()
+
+    devices = {json.loads(p)["device_id"] for _t, p, _r in alerts.messages}
+    assert devices == {"DEV-0002"}, f"alerts for {devices}"
+    first = json.loads(alerts.messages[0][1])
+    assert first["status"] == "firing" and first["families"] and first["top_features"]
+    assert abs(sum(first["families"].values()) - 100) < 0.1
+
+    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    try:
+        assert db.execute("select count(*) from readings").fetchone()[0] == sent
+        assert db.execute("select count(distinct device_id) from devices").fetchone()[0] == 2
+        assert db.execute("select count(*) from windows").fetchone()[0] > 0
+        anomalous = db.execute("select device_id, count(*) from anomalies group by device_id").fetchall()
+        assert [d for d, _n in anomalous] == ["DEV-0002"]
+        assert db.execute("select count(*) from alerts where device_id='DEV-0002'").fetchone()[0] >= 1
+    finally:
+        db.close()
+
+
+def test_bad_input_is_rejected_counted_and_the_next_reading_still_processed(settings):
+    dead = Subscriber(settings.broker_url, "itap/deadletter")
+    metrics = Metrics()
+    consumer, thread = _start(settings, metrics)
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="t-bad-pub")
+    host, port = settings.broker_url.removeprefix("mqtt://").split(":")
+    pub.connect(host, int(port))
+    pub.loop_start()
+    good = {"device_id": "DEV-0001", "ts": 1767225600, "state": "RUN", "rpm": 1500, "temp_c": 40,
+            "voltage_v": 230, "current_a": 10, "vibration_mm_s": 2}  # fmt: skip
+    bad = [
+        b"not json at all",
+        json.dumps(good | {"rpm": "fast"}).encode(),
+        json.dumps(good | {"device_id": "DEV-0099"}).encode(),
+    ]
+    for payload in bad:
+        pub.publish("itap/telemetry/DEV-0001", payload, qos=1).wait_for_publish(5)
+    pub.publish("itap/telemetry/DEV-0001", json.dumps(good), qos=1).wait_for_publish(5)
+    assert _wait(lambda: metrics.sample("itap_readings_processed_total") >= 1)
+    assert metrics.sample("itap_readings_rejected_total", reason="invalid_json") == 1
+    assert metrics.sample("itap_readings_rejected_total", reason="wrong_type") == 1
+    assert metrics.sample("itap_readings_rejected_total", reason="device_mismatch") == 1
+    assert _wait(lambda: len(dead.messages) == 3, 5)
+    reasons = sorted(json.loads(p)["reason"] for _t, p, _r in dead.messages)
+    assert reasons == ["device_mismatch", "invalid_json", "wrong_type"]
+    consumer.stop()
+    thread.join(20)
+    pub.disconnect()
+    pub.loop_stop()
+    dead.close()
+    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    assert db.execute("select count(*) from readings").fetchone()[0] == 1
+    db.close()
+
+
+def test_status_topic_has_birth_message_and_offline_on_stop(settings):
+    status_topic = f"itap/status/consumer/{settings.client_id}"
+    consumer, thread = _start(settings)
+    online = Subscriber(settings.broker_url, status_topic)
+    assert _wait(lambda: any(p == b"online" for _t, p, _r in online.messages), 5)
+    consumer.stop()
+    thread.join(20)
+    assert _wait(lambda: any(p == b"offline" for _t, p, _r in online.messages), 5)
+    online.close()

@@ -1,0 +1,112 @@
+"""`itap demo` runs to completion with both brokers; CLI commands and errors behave."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from itap_stream.cli import main
+from itap_stream.config import load
+from itap_stream.errors import ConfigError
+from simulator import simulate
+
+
+def _demo(tmp_path, *extra):
+    work = tmp_path / "demo"
+    proc = subprocess.run(  # noqa: S603 - our own CLI
+        [sys.executable, "-m", "itap_stream.cli", "demo", "--duration", "6", "--devices", "5", "--speed", "120",
+         "--workdir", str(work), *extra],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, work
+
+
+@pytest.mark.network
+@pytest.mark.skipif(shutil.which("mosquitto") is None and not __import__("pathlib").Path("/usr/sbin/mosquitto").exists(), reason="mosquitto not installed")
+def test_demo_with_mosquitto(tmp_path):
+    out, work = _demo(tmp_path)
+    assert "started mosquitto broker" in out
+    _check_demo(out, work)
+
+
+@pytest.mark.network
+def test_demo_with_embedded_broker(tmp_path):
+    out, work = _demo(tmp_path, "--embedded-broker")
+    assert "started embedded broker" in out
+    _check_demo(out, work)
+
+
+def _check_demo(out, work):
+    assert "training on 2 h of simulated normal operation" in out
+    assert "fleet:" in out and "database:" in out and "model:" in out
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["readings_stored"] == summary["readings_published"] > 0
+    assert summary["alerts"] >= 1
+    faulty = {f["device"] for f in summary["faults"]}
+    alerted = {d for d, s in summary["devices"].items() if s["anomalies"]}
+    assert alerted and alerted <= faulty
+    assert "Root cause:" in out and "Families:" in out
+    db = sqlite3.connect(work / "itap.db")
+    assert db.execute("select count(*) from alerts").fetchone()[0] == summary["alerts"]
+    db.close()
+
+
+def test_env_overrides_yaml_and_options_override_env(tmp_path):
+    env = {"ITAP_DB_URL": "sqlite:///env.db", "ITAP_QOS": "0", "ITAP_BROKER_URL": "mqtt://10.0.0.9:1884"}
+    s = load(None, env)
+    assert (s.db_url, s.qos, s.broker_url) == ("sqlite:///env.db", 0, "mqtt://10.0.0.9:1884")
+    assert load(None, env, db_url="sqlite:///cli.db").db_url == "sqlite:///cli.db"
+    with pytest.raises(ConfigError, match="ITAP_QOS"):
+        load(None, {"ITAP_QOS": "high"})
+
+
+def test_bad_yaml_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "itap.yaml"
+    bad.write_text("window: [unclosed\n")
+    assert main(["train", "--config", str(bad), "--csv", "x.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and "Traceback" not in err
+
+
+def test_train_from_csv_then_schema_mismatch_is_named(tmp_path, capsys):
+    csv = tmp_path / "normal.csv"
+    simulate(3, 1800, seed=4, maint=False).to_frame().to_csv(csv, index=False)
+    model = tmp_path / "m.joblib"
+    assert main(["train", "--csv", str(csv), "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "trained on 3 device(s)" in out and "threshold" in out and model.exists()
+
+    schema = tmp_path / "s.yaml"
+    schema.write_text("signals:\n  - {name: rpm, family: RPM}\n  - {name: pressure_bar, family: Pressure}\n")
+    cfg = tmp_path / "itap.yaml"
+    cfg.write_text(f"sensors_file: {schema}\nmodel_path: {model}\ndb_url: sqlite:///{tmp_path / 'x.db'}\nhttp_addr: ''\n")
+    assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "pressure_bar" in err and "Traceback" not in err
+
+
+def test_simulate_to_csv_is_deterministic_and_labelled(tmp_path, capsys):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    for p in (a, b):
+        assert main(["simulate", "--devices", "3", "--duration", "10m", "--seed", "9", "--faults", "overheat", "--out", str(p)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    text = a.read_text()
+    assert "overheat" in text and text.splitlines()[0].startswith("ts,device_id,state")
+
+
+def test_unreachable_broker_is_one_clear_error(tmp_path, capsys, model_file):
+    from itap_stream.adapters.broker import free_port
+
+    cfg = tmp_path / "itap.yaml"
+    cfg.write_text(f"model_path: {model_file}\ndb_url: sqlite:///{tmp_path / 'x.db'}\nhttp_addr: ''\n")
+    assert main(["run", "--config", str(cfg), "--broker", f"mqtt://127.0.0.1:{free_port()}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach MQTT broker" in err and "Traceback" not in err
