@@ -97,10 +97,17 @@ class Consumer:
             will=self._offline,
             birth=Will(status, b"online", qos=1, retain=True),
             clean_session=False,
-            on_connection=lambda up: self.metrics.connected.set(1 if up else 0),
+            on_connection=self._on_connection,
         )
+        self._was_connected = False
         self._names = schema.names
         self.batches = 0
+
+    def _on_connection(self, up: bool) -> None:
+        self.metrics.connected.set(1 if up else 0)
+        if up and self._was_connected:
+            self.metrics.reconnects.inc()
+        self._was_connected = self._was_connected or up
 
     # -- control
     def stop(self) -> None:

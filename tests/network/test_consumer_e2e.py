@@ -131,3 +131,30 @@ def test_status_topic_has_birth_message_and_offline_on_stop(settings):
     thread.join(20)
     assert _wait(lambda: any(p == b"offline" for _t, p, _r in online.messages), 5)
     online.close()
+
+
+def test_metrics_are_scraped_over_http_and_parse(settings):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from itap_stream.adapters.broker import free_port
+    from itap_stream.adapters.metrics import serve
+
+    metrics = Metrics()
+    consumer, thread = _start(settings, metrics)
+    server = serve(f"127.0.0.1:{free_port()}", metrics.registry)
+    try:
+        sim = simulate(1, 120, seed=2, maint=False)
+        sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-metrics")
+        assert _wait(lambda: metrics.sample("itap_readings_processed_total") >= sent)
+        host, port = server.server_address[:2]
+        body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+        samples = {s.name: s.value for fam in text_string_to_metric_families(body) for s in fam.samples}
+        assert samples["itap_readings_processed_total"] == sent
+        assert samples["itap_windows_scored_total"] > 0
+        assert samples["itap_mqtt_connected"] == 1
+    finally:
+        server.shutdown()
+        consumer.stop()
+        thread.join(20)

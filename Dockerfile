@@ -1,0 +1,25 @@
+# ITAP Stream consumer / simulator image. Build: docker build -t itap-stream .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    ITAP_CONFIG=/app/configs/itap.yaml \
+    ITAP_DB_URL=sqlite:////data/itap.db \
+    ITAP_MODEL_PATH=/models/current.joblib \
+    ITAP_HTTP_ADDR=0.0.0.0:9108
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY itap_stream ./itap_stream
+COPY simulator ./simulator
+COPY configs ./configs
+RUN pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --home /app itap \
+    && mkdir -p /data /models && chown itap /data /models
+
+USER itap
+VOLUME ["/data", "/models"]
+EXPOSE 9108
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
+  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:9108/metrics', timeout=4); sys.exit(0)"
+ENTRYPOINT ["itap"]
+CMD ["run"]
