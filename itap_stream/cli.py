@@ -70,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", default="10m", help="simulated event time, e.g. 600, 10m, 2h")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed", type=float, default=1.0, help="1 = real time, 60 = a minute per second, 0 = flat out")
-    p.add_argument("--faults", default="", help="comma list of " + ", ".join(("bearing_wear", "overheat", "power_instability", "sensor_dropout")))
-    p.add_argument("--fault-onset", default="40%", help="when faults start: seconds/duration or a percentage")
+    p.add_argument(
+        "--faults",
+        default="",
+        help="comma list of bearing_wear, overheat, power_instability, sensor_dropout; each may carry "
+        "settings, e.g. overheat:onset=10m:duration=20m:rate=4 or sensor_dropout:signal=rpm:rate=0.3",
+    )
+    p.add_argument("--fault-onset", default="40%", help="default onset: seconds/duration or a percentage of the run")
     p.add_argument("--out", help="write a CSV here instead of publishing")
     p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
     p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
@@ -148,22 +153,46 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.devices < 1:
         msg = "--devices must be at least 1"
         raise ConfigError(msg)
-    kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in FAULT_KINDS]
-    if unknown:
-        msg = f"unknown fault kind(s) {unknown}; choose from {', '.join(FAULT_KINDS)}"
-        raise ConfigError(msg)
-    onset = (
-        duration * float(args.fault_onset[:-1]) / 100.0 if args.fault_onset.endswith("%") else parse_duration(args.fault_onset)
-    )
+    specs = [k.strip() for k in args.faults.split(",") if k.strip()]
+
+    def when(text: str) -> float:
+        return duration * float(text[:-1]) / 100.0 if text.endswith("%") else parse_duration(text)
+
+    default_onset = when(args.fault_onset)
     faults = []
-    for k, kind in enumerate(kinds):
+    for k, spec in enumerate(specs):
+        kind, *opts = spec.split(":")
+        if kind not in FAULT_KINDS:
+            msg = f"unknown fault kind {kind!r}; choose from {', '.join(FAULT_KINDS)}"
+            raise ConfigError(msg)
         dev = args.devices - k
         if dev < 1:
-            msg = f"{len(kinds)} fault kinds need at least {len(kinds)} devices"
+            msg = f"{len(specs)} faults need at least {len(specs)} devices (fault k goes to the k-th last device)"
             raise ConfigError(msg)
-        faults.append(Fault(kind=kind, device=device_name(dev), onset_s=onset, duration_s=max(duration - onset, 1.0)))
-    sim = simulate(args.devices, duration, seed=args.seed, faults=faults)
+        kv = dict(o.split("=", 1) for o in opts if "=" in o)
+        bad = set(kv) - {"onset", "duration", "rate", "signal", "device"} or {o for o in opts if "=" not in o}
+        if bad:
+            msg = f"fault {spec!r}: unknown setting(s) {sorted(bad)}; use onset=, duration=, rate=, signal=, device="
+            raise ConfigError(msg)
+        onset = when(kv["onset"]) if "onset" in kv else default_onset
+        try:
+            faults.append(
+                Fault(
+                    kind=kind,
+                    device=kv.get("device", device_name(dev)),
+                    onset_s=onset,
+                    duration_s=when(kv["duration"]) if "duration" in kv else max(duration - onset, 1.0),
+                    rate=float(kv["rate"]) if "rate" in kv else None,
+                    signal=kv.get("signal", "temp_c"),
+                )
+            )
+        except ValueError as exc:
+            msg = f"fault {spec!r}: {exc}"
+            raise ConfigError(msg) from None
+    try:
+        sim = simulate(args.devices, duration, seed=args.seed, faults=faults)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     desc = ", ".join(f"{f.kind}@{f.device}" for f in faults) or "no faults"
     if args.out:
         n = write_csv(sim, args.out)

@@ -110,3 +110,36 @@ def test_unreachable_broker_is_one_clear_error(tmp_path, capsys, model_file):
     assert main(["run", "--config", str(cfg), "--broker", f"mqtt://127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err
     assert "cannot reach MQTT broker" in err and "Traceback" not in err
+
+
+def test_fault_onset_duration_and_rate_are_configurable(tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "f.csv"
+    spec = "sensor_dropout:onset=100:duration=200:rate=1.0:signal=rpm"
+    assert main(["simulate", "--devices", "2", "--duration", "400", "--faults", spec, "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    dev = df[df.device_id == "DEV-0002"].reset_index(drop=True)
+    t = dev.ts - dev.ts.iloc[0]
+    active = (t >= 100) & (t < 300)
+    assert (dev.label[active] == "sensor_dropout").all() and dev.label[~active].isna().all()
+    assert dev.rpm[active].isna().all() and dev.rpm[~active].notna().all()
+    assert main(["simulate", "--faults", "meltdown", "--out", str(out)]) == 2
+
+
+def test_train_from_the_store_with_a_time_range(tmp_path, capsys, schema):
+    from itap_stream.adapters.store import Store, StoreBatch
+
+    frame = simulate(3, 1800, seed=12, maint=False).to_frame()
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    store = Store(db, schema)
+    rows = frame.drop(columns=["seq"]).astype(object).where(frame.drop(columns=["seq"]).notna(), None)
+    store.write(StoreBatch(readings=rows.to_dict("records")))
+    store.dispose()
+    model = tmp_path / "m.joblib"
+    since = float(frame.ts.min()) + 600
+    assert main(["train", "--db", db, "--since", str(since), "--model", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert f"{(frame.ts >= since).sum():,} rows" in out and "2026-01-01T00:10:00.000Z" in out
+    assert main(["train", "--db", db, "--since", "2030-01-01T00:00:00Z", "--model", str(model)]) == 2
+    assert "holds no readings" in capsys.readouterr().err

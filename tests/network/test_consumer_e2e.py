@@ -158,3 +158,38 @@ def test_metrics_are_scraped_over_http_and_parse(settings):
         server.shutdown()
         consumer.stop()
         thread.join(20)
+
+
+def test_itap_run_stops_on_sigterm_with_everything_stored(settings, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = os.environ | {
+        "ITAP_BROKER_URL": settings.broker_url,
+        "ITAP_DB_URL": settings.db_url,
+        "ITAP_MODEL_PATH": settings.model_path,
+        "ITAP_CLIENT_ID": settings.client_id,
+        "ITAP_HTTP_ADDR": "",
+    }
+    status = Subscriber(settings.broker_url, f"itap/status/consumer/{settings.client_id}")
+    proc = subprocess.Popen([sys.executable, "-m", "itap_stream.cli", "run"], env=env, stderr=subprocess.PIPE, text=True)  # noqa: S603
+    try:
+        assert _wait(lambda: any(p == b"online" for _t, p, _r in status.messages), 20)
+        sim = simulate(3, 300, seed=8, maint=False)
+        sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-term")
+        time.sleep(1.0)  # let the broker hand everything over; SIGTERM mid-delivery is issue 5's chaos test
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        proc.wait(timeout=15)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    assert _wait(lambda: any(p == b"offline" for _t, p, _r in status.messages), 5)
+    status.close()
+    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    assert db.execute("select count(*) from readings").fetchone()[0] == sent
+    db.close()
