@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +122,3 @@ def load(path: str | Path) -> Artifact:
         msg = f"{p} does not contain an ITAP model artifact (found {type(obj).__name__})"
         raise ArtifactError(msg)
     return obj
-
-
-def describe(artifact: Artifact) -> dict[str, Any]:
-    """Small JSON-able summary for logs and metrics."""
-    d = asdict(artifact.stats)
-    return {
-        "trained_at": artifact.trained_at,
-        "threshold": artifact.threshold,
-        "features": len(artifact.feature_names),
-        "calibration_windows": len(d["calibration_scores"]),
-    }

@@ -87,7 +87,6 @@ def train_from_frame(
     threshold = det.calibrate(bw.features[cal_idx], quantile)
     cal_scores = np.sort(det.score(bw.features[cal_idx]))
     stats = TrainStats(mean=X_fit.mean(axis=0), std=X_fit.std(axis=0), calibration_scores=cal_scores)
-    used = df.iloc[np.unique(bw.end_row[idx])]
     report = TrainReport(
         devices=int(pd.unique(bw.device_ids[idx]).size),
         rows=len(df),
@@ -98,7 +97,6 @@ def train_from_frame(
         end=iso(float(df["ts"].max())),
         threshold=threshold,
     )
-    del used
     artifact = Artifact(
         detector=det,
         feature_names=feature_names(schema),

@@ -6,7 +6,6 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from itap_stream.adapters import artifacts
@@ -95,5 +94,4 @@ def train(
         df, schema, window=settings.window, hop=settings.hop, quantile=settings.threshold_quantile, seed=seed
     )
     manifest = artifacts.save(artifact, settings.model_path)
-    Path(settings.model_path).parent.mkdir(parents=True, exist_ok=True)
     return report, manifest
