@@ -72,7 +72,6 @@ class MqttLink:
         self.inbox = inbox
         self.birth = birth
         self.connected = threading.Event()
-        self.reconnects = 0
         self._ever_connected = False
         self._on_connection = on_connection
         c = paho.Client(
@@ -102,7 +101,6 @@ class MqttLink:
             log.error("broker %s:%s refused the connection: %s", self.address.host, self.address.port, rc)
             return
         if self._ever_connected:
-            self.reconnects += 1
             log.warning("reconnected to broker %s:%s", self.address.host, self.address.port)
         self._ever_connected = True
         for topic, qos in self.subscriptions:

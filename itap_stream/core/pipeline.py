@@ -58,9 +58,7 @@ def check_compatible(artifact: Artifact, schema: SensorSchema, window: int, hop:
             f"{list(schema.names)}; retrain with `itap train` or point --model at a matching artifact"
         )
         raise SchemaMismatch(msg)
-    if trained.families != schema.families or [s.family for s in trained.signals] != [
-        s.family for s in schema.signals
-    ]:
+    if [s.family for s in trained.signals] != [s.family for s in schema.signals]:
         msg = "model was trained with other signal families than the configured sensor schema; retrain"
         raise SchemaMismatch(msg)
     expected = feature_names(schema)
@@ -109,11 +107,6 @@ class Processor:
         self._families = feature_families(schema)
         self.alarm_k, self.alarm_n = alarm_k, alarm_n
         self._alarm_state: dict[str, int] = {}
-
-    def swap_model(self, artifact: Artifact) -> None:
-        """Use another (compatible) model from the next batch on; windows are kept."""
-        check_compatible(artifact, self.schema, self.windows.window, self.windows.hop)
-        self.artifact = artifact
 
     def process(self, readings: Sequence[Reading]) -> BatchResult:
         """Run one micro-batch of readings (arrival order) through the core."""
