@@ -32,13 +32,18 @@ __all__ = ["Store", "StoreBatch", "StoreWriter"]
 
 log = logging.getLogger(__name__)
 
+#: Column order of `StoreBatch.windows` rows.
+WINDOW_COLUMNS = ("device_id", "window_start", "window_end", "state", "score", "is_anomaly", "label")
+#: How often ``devices.last_seen`` is brought up to date.
+DEVICES_FLUSH_S = 5.0
+
 
 @dataclass
 class StoreBatch:
     """Rows of one micro-batch, written in one transaction."""
 
-    readings: list[dict[str, Any]] = field(default_factory=list)
-    windows: list[dict[str, Any]] = field(default_factory=list)
+    readings: list[Any] = field(default_factory=list)  # tuples in Store.reading_columns order, or mappings
+    windows: list[Any] = field(default_factory=list)  # tuples in WINDOW_COLUMNS order, or mappings
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     devices: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (first, last) ts
@@ -144,9 +149,15 @@ class Store:
             sa.Column("payload", sa.Text, nullable=False),  # the published JSON
             sa.UniqueConstraint("alert_id", "status", name="uq_alerts_id_status"),
         )
-        for t in (self.readings, self.windows, self.anomalies, self.alerts):
-            sa.Index(f"ix_{t.name}_device", t.c.device_id)
+        # readings, windows and anomalies are found by device through their unique
+        # (device_id, time) index; a second index on device_id alone only slows inserts
+        sa.Index("ix_alerts_device", self.alerts.c.device_id)
         self.metadata = md
+        self.reading_columns: tuple[str, ...] = ("device_id", "ts", "state", "seq", "tag", "label", *schema.names)
+        self.window_columns: tuple[str, ...] = WINDOW_COLUMNS
+        self._devices_seen: dict[str, list[float]] = {}  # device -> [first, last] as stored or pending
+        self._devices_dirty: set[str] = set()
+        self._devices_flushed = time.monotonic()
         self._create()
 
     def _create(self) -> None:
@@ -175,48 +186,97 @@ class Store:
             return pg_insert(table).on_conflict_do_nothing()
         return table.insert()
 
+    def _rows(self, table: sa.Table, columns: Sequence[str], rows: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if rows and isinstance(rows[0], Mapping):
+            return [tuple(r.get(c) for c in columns) for r in rows]
+        return list(rows)
+
+    def _insert_rows(self, conn: sa.Connection, table: sa.Table, columns: Sequence[str], rows: Sequence[Any]) -> int:
+        """Insert-or-ignore ``rows`` (tuples in ``columns`` order, or mappings); returns rows inserted.
+
+        On SQLite the rows go to the driver's ``executemany`` as plain tuples: SQLAlchemy's
+        per-row parameter processing costs more than SQLite's own insert.
+        """
+        tuples = self._rows(table, columns, rows)
+        if self.dialect == "sqlite":
+            sql = f"INSERT OR IGNORE INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            return conn.exec_driver_sql(sql, tuples).rowcount
+        return conn.execute(self._insert_ignore(table), [dict(zip(columns, t)) for t in tuples]).rowcount
+
     def write(self, batch: StoreBatch) -> int:
         """Write one micro-batch in one transaction; returns readings newly inserted."""
         inserted = 0
         try:
             with self.engine.begin() as conn:
                 if batch.readings:
-                    inserted = conn.execute(self._insert_ignore(self.readings), batch.readings).rowcount
-                for table, rows in (
-                    (self.windows, batch.windows),
-                    (self.anomalies, batch.anomalies),
-                    (self.alerts, batch.alerts),
-                ):
+                    inserted = self._insert_rows(conn, self.readings, self.reading_columns, batch.readings)
+                if batch.windows:
+                    self._insert_rows(conn, self.windows, self.window_columns, batch.windows)
+                for table, rows in ((self.anomalies, batch.anomalies), (self.alerts, batch.alerts)):
                     if rows:
                         conn.execute(self._insert_ignore(table), rows)
                 if batch.devices:
-                    self._upsert_devices(conn, batch.devices)
+                    self._note_devices(conn, batch.devices)
         except SQLAlchemyError as exc:
             msg = f"store write failed ({_safe_url(self.url)}): {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}"
             raise StoreError(msg) from exc
         return max(inserted, 0)
 
-    def _upsert_devices(self, conn: sa.Connection, devices: Mapping[str, tuple[float, float]]) -> None:
-        ids = list(devices)
-        known = {
-            row.device_id: (row.first_seen, row.last_seen)
-            for row in conn.execute(sa.select(self.devices).where(self.devices.c.device_id.in_(ids)))
-        }
-        new = [{"device_id": d, "first_seen": f, "last_seen": last} for d, (f, last) in devices.items() if d not in known]
-        if new:
-            conn.execute(self._insert_ignore(self.devices), new)
-        upd = [
-            {"d": d, "f": min(f, known[d][0]), "l": max(last, known[d][1])}
-            for d, (f, last) in devices.items()
-            if d in known
-        ]
-        if upd:
+    def _note_devices(self, conn: sa.Connection, devices: Mapping[str, tuple[float, float]]) -> None:
+        """Keep the devices table current: new devices at once, ``last_seen`` every few seconds.
+
+        Updating ``last_seen`` of every device in every micro-batch would double the
+        writes of a large fleet; the table is for operators, so a few seconds of lag is fine.
+        """
+        seen = self._devices_seen
+        fresh = [d for d in devices if d not in seen]
+        if fresh:
+            stored = {}
+            for chunk in range(0, len(fresh), 500):
+                ids = fresh[chunk : chunk + 500]
+                q = sa.select(self.devices).where(self.devices.c.device_id.in_(ids))
+                stored.update({row.device_id: [row.first_seen, row.last_seen] for row in conn.execute(q)})
+            new = [
+                {"device_id": d, "first_seen": devices[d][0], "last_seen": devices[d][1]} for d in fresh if d not in stored
+            ]
+            if new:
+                conn.execute(self._insert_ignore(self.devices), new)
+            for d in fresh:
+                seen[d] = stored.get(d) or [devices[d][0], devices[d][1]]
+        dirty = self._devices_dirty
+        for d, (first, last) in devices.items():
+            span = seen[d]
+            if first < span[0]:
+                span[0] = first
+                dirty.add(d)
+            if last > span[1]:
+                span[1] = last
+                dirty.add(d)
+        if dirty and time.monotonic() - self._devices_flushed >= DEVICES_FLUSH_S:
+            self._flush_devices(conn)
+
+    def _flush_devices(self, conn: sa.Connection) -> None:
+        rows = [{"d": d, "f": self._devices_seen[d][0], "l": self._devices_seen[d][1]} for d in self._devices_dirty]
+        if rows:
             conn.execute(
                 self.devices.update()
                 .where(self.devices.c.device_id == sa.bindparam("d"))
                 .values(first_seen=sa.bindparam("f"), last_seen=sa.bindparam("l")),
-                upd,
+                rows,
             )
+        self._devices_dirty = set()
+        self._devices_flushed = time.monotonic()
+
+    def flush_devices(self) -> None:
+        """Write pending ``last_seen`` updates now (the writer calls this when it stops)."""
+        if not self._devices_dirty:
+            return
+        try:
+            with self.engine.begin() as conn:
+                self._flush_devices(conn)
+        except SQLAlchemyError as exc:
+            msg = f"store write failed ({_safe_url(self.url)}): {exc}"
+            raise StoreError(msg) from exc
 
     def count(self, table: str, **where: Any) -> int:
         t = self.metadata.tables[table]
@@ -243,25 +303,16 @@ class Store:
             raise StoreError(msg) from exc
 
     def dispose(self) -> None:
+        self.flush_devices()
         self.engine.dispose()
 
 
-def reading_rows(readings: Iterable[Reading], names: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows for the readings table (NaN dropouts become NULL)."""
-    rows = []
-    for r in readings:
-        row: dict[str, Any] = {
-            "device_id": r.device_id,
-            "ts": r.ts,
-            "state": r.state,
-            "seq": r.seq,
-            "tag": r.tag,
-            "label": r.label,
-        }
-        for name, v in zip(names, r.values):
-            row[name] = None if v != v else v
-        rows.append(row)
-    return rows
+def reading_rows(readings: Iterable[Reading]) -> list[tuple[Any, ...]]:
+    """Rows for the readings table in `Store.reading_columns` order (NaN dropouts become NULL)."""
+    return [
+        (r.device_id, r.ts, r.state, r.seq, r.tag, r.label, *[None if v != v else v for v in r.values])
+        for r in readings
+    ]
 
 
 def anomaly_row(
@@ -325,6 +376,10 @@ class StoreWriter:
         while True:
             batch = self._q.get()
             if batch is None:
+                try:
+                    self.store.flush_devices()
+                except StoreError as exc:
+                    log.error("%s", exc)
                 self._q.task_done()
                 return
             delay = 0.05

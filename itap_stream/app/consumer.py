@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from itap_stream.adapters.metrics import Metrics
-from itap_stream.adapters.mqtt import Message, MqttLink, Will
+from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
 from itap_stream.adapters.store import Store, StoreBatch, StoreWriter, anomaly_row, reading_rows
 from itap_stream.config import Settings
 from itap_stream.core.model import Artifact
@@ -36,6 +35,9 @@ from itap_stream.core.schema import SensorSchema
 __all__ = ["Consumer"]
 
 log = logging.getLogger(__name__)
+
+#: At most one log line per rejection reason in this many seconds.
+LOG_EVERY_S = 10.0
 
 
 class Consumer:
@@ -83,7 +85,7 @@ class Consumer:
         )
         self.store = store
         self.writer = StoreWriter(store, on_written=lambda _b, dt: self.metrics.store_latency.observe(dt))
-        self.inbox: queue.Queue[Message] = queue.Queue(maxsize=settings.queue_max)
+        self.inbox = Inbox(maxsize=settings.queue_max)
         self.on_alert = on_alert
         self._stop = threading.Event()
         self._prefix_len = len(settings.topic_prefix) + len("/telemetry/")
@@ -100,7 +102,7 @@ class Consumer:
             on_connection=self._on_connection,
         )
         self._was_connected = False
-        self._names = schema.names
+        self._reject_log: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
         self.batches = 0
 
     def _on_connection(self, up: bool) -> None:
@@ -146,22 +148,9 @@ class Consumer:
 
     # -- the loop
     def _step(self, timeout_s: float) -> int:
-        try:
-            first = self.inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return 0
-        msgs = [first]
-        limit = self.settings.batch_max
-        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000.0
-        get = self.inbox.get_nowait
-        while len(msgs) < limit:
-            try:
-                msgs.append(get())
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.0005)
-        self.process_messages(msgs)
+        msgs = self.inbox.drain(self.settings.batch_max, timeout_s, self.settings.batch_wait_ms / 1000.0)
+        if msgs:
+            self.process_messages(msgs)
         return len(msgs)
 
     def process_messages(self, msgs: list[Message]) -> BatchResult:
@@ -169,7 +158,7 @@ class Consumer:
         m = self.metrics
         m.messages.inc(len(msgs))
         m.batch_size.observe(len(msgs))
-        m.queue_depth.set(self.inbox.qsize())
+        m.queue_depth.set(len(self.inbox))
         readings: list[Reading] = []
         plen = self._prefix_len
         max_bytes = self.settings.max_payload_bytes
@@ -223,7 +212,7 @@ class Consumer:
         return result
 
     def _rows(self, result: BatchResult, readings: list[Reading]) -> StoreBatch:
-        batch = StoreBatch(readings=reading_rows(readings, self._names))
+        batch = StoreBatch(readings=reading_rows(readings))
         devices: dict[str, tuple[float, float]] = {}
         for r in readings:
             seen = devices.get(r.device_id)
@@ -235,18 +224,7 @@ class Consumer:
             scores = result.scores.tolist()
             flags = result.is_anomaly.tolist()
             starts, ends = w.start_ts.tolist(), w.end_ts.tolist()
-            batch.windows = [
-                {
-                    "device_id": w.device_ids[i],
-                    "window_start": starts[i],
-                    "window_end": ends[i],
-                    "state": states[i],
-                    "score": scores[i],
-                    "is_anomaly": flags[i],
-                    "label": w.labels[i],
-                }
-                for i in range(len(w))
-            ]
+            batch.windows = list(zip(w.device_ids, starts, ends, states, scores, flags, w.labels))
             conf = result.confidence.tolist() if result.confidence is not None else [0.0] * len(w)
             for i, exp in result.explanations.items():
                 batch.anomalies.append(
@@ -257,7 +235,16 @@ class Consumer:
 
     def _dead_letter(self, topic: str, payload: bytes, rej: Rejection) -> None:
         self.metrics.rejected.labels(rej.reason).inc()
-        log.warning("rejected reading on %s: %s (%s)", topic, rej.reason, rej.detail)
+        # one log line per reason every LOG_EVERY_S: a device spewing bad data must not
+        # flood the log (every rejection still goes to the dead-letter topic and metric)
+        now = time.monotonic()
+        last, quiet = self._reject_log.get(rej.reason, (-LOG_EVERY_S, 0))
+        if now - last >= LOG_EVERY_S:
+            more = f" ({quiet} more '{rej.reason}' since the last report)" if quiet else ""
+            log.warning("rejected reading on %s: %s (%s)%s", topic, rej.reason, rej.detail, more)
+            self._reject_log[rej.reason] = (now, 0)
+        else:
+            self._reject_log[rej.reason] = (last, quiet + 1)
         body = {
             "topic": topic,
             "reason": rej.reason,

@@ -196,7 +196,7 @@ def _alert_watcher(url: str, topic: str, on_message: Callable[..., None]) -> pah
 def _wait_drained(consumer: Any, sent: int, received: Callable[[], int], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if received() >= sent and consumer.inbox.empty():
+        if received() >= sent and not len(consumer.inbox):
             break
         time.sleep(0.05)
     consumer.writer.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,6 +86,11 @@ class SensorSchema:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.signals)
+
+    @functools.cached_property
+    def bounds(self) -> tuple[tuple[str, float, float], ...]:
+        """``(name, min, max)`` per signal: what decoding checks every value against."""
+        return tuple((s.name, s.min, s.max) for s in self.signals)
 
     @property
     def families(self) -> tuple[str, ...]:

@@ -87,18 +87,17 @@ class FleetWindows:
         self.hop = hop
         self._slots: dict[str, int] = {}
         self._cap = max(1, capacity)
-        self._values = np.full((self._cap, window, n_signals), np.nan)
-        self._states = np.zeros((self._cap, window), dtype=np.int8)
-        self._ts = np.zeros((self._cap, window))
-        self._labels = np.empty((self._cap, window), dtype=object)
-        self._tags = np.empty((self._cap, window), dtype=object)
+        # one row per reading: the signal values, then ts, then the state code, so a
+        # reading is stored with one assignment and a window copied with one gather
+        self._buf = np.full((self._cap, window, n_signals + 2), np.nan)
+        self._labels: list[list[str | None]] = []  # per slot, ring of labels
+        self._tags: list[list[str | None]] = []  # per slot, ring of tags
+        self._tagged: list[int] = []  # per slot, readings in the ring that carry a tag
         self._count: list[int] = []  # accepted readings per slot
         self._last_ts: list[float] = []
         # chronological order of a full ring whose oldest element sits at position p
         self._order = (np.arange(window)[None, :] + np.arange(window)[:, None]) % window
-        self._due_values: list[npt.NDArray[np.float64]] = []
-        self._due_states: list[npt.NDArray[np.int8]] = []
-        self._due_ts: list[npt.NDArray[np.float64]] = []
+        self._due_rows: list[npt.NDArray[np.float64]] = []
         self._due_labels: list[str | None] = []
         self._due_tags: list[tuple[str, ...]] = []
         self._due_devices: list[str] = []
@@ -114,84 +113,80 @@ class FleetWindows:
         slot = self._slots.get(device_id)
         return None if slot is None else self._last_ts[slot]
 
-    def _grow(self) -> None:
-        cap = self._cap * 2
-        self._values = np.concatenate([self._values, np.full_like(self._values, np.nan)])
-        self._states = np.concatenate([self._states, np.zeros_like(self._states)])
-        self._ts = np.concatenate([self._ts, np.zeros_like(self._ts)])
-        self._labels = np.concatenate([self._labels, np.empty_like(self._labels)])
-        self._tags = np.concatenate([self._tags, np.empty_like(self._tags)])
-        self._cap = cap
-
     def _slot(self, device_id: str) -> int:
         slot = len(self._slots)
         if slot >= self._cap:
-            self._grow()
+            self._buf = np.concatenate([self._buf, np.full_like(self._buf, np.nan)])
+            self._cap *= 2
         self._slots[device_id] = slot
+        self._labels.append([None] * self.window)
+        self._tags.append([None] * self.window)
+        self._tagged.append(0)
         self._count.append(0)
         self._last_ts.append(-np.inf)
         return slot
 
     def push(self, reading: Reading) -> int:
         """Add a reading; returns `ACCEPTED`, `DUE` (a window closed), `DUPLICATE` or `OUT_OF_ORDER`."""
-        slot = self._slots.get(reading.device_id)
+        device_id, ts, state, values, _seq, tag, label = reading
+        slot = self._slots.get(device_id)
         if slot is None:
-            slot = self._slot(reading.device_id)
+            slot = self._slot(device_id)
         last = self._last_ts[slot]
-        ts = reading.ts
         if ts <= last:
             return DUPLICATE if ts == last else OUT_OF_ORDER
         self._last_ts[slot] = ts
         n = self._count[slot]
-        pos = n % self.window
-        self._values[slot, pos] = reading.values
-        self._states[slot, pos] = _STATE_CODE[reading.state]
-        self._ts[slot, pos] = ts
-        self._labels[slot, pos] = reading.label
-        self._tags[slot, pos] = reading.tag
+        window = self.window
+        pos = n % window
+        self._buf[slot, pos] = (*values, ts, _STATE_CODE[state])
+        self._labels[slot][pos] = label
+        tags = self._tags[slot]
+        if tag is not None or tags[pos] is not None:
+            self._tagged[slot] += (tag is not None) - (tags[pos] is not None)
+            tags[pos] = tag
         n += 1
         self._count[slot] = n
-        if n >= self.window and (n - self.window) % self.hop == 0:
-            self._snapshot(slot, n % self.window, reading.device_id)
+        if n >= window and (n - window) % self.hop == 0:
+            self._snapshot(slot, n % window, device_id)
             return DUE
         return ACCEPTED
 
     def _snapshot(self, slot: int, oldest: int, device_id: str) -> None:
         order = self._order[oldest]
         self._due_devices.append(device_id)
-        self._due_values.append(self._values[slot, order])
-        self._due_states.append(self._states[slot, order])
-        self._due_ts.append(self._ts[slot, order[[0, -1]]])
-        self._due_labels.append(self._labels[slot, order[-1]])
-        tags = self._tags[slot]
-        self._due_tags.append(tuple(t for t in dict.fromkeys(tags[order].tolist()) if t is not None))
+        self._due_rows.append(self._buf[slot, order])
+        self._due_labels.append(self._labels[slot][(oldest - 1) % self.window])
+        if self._tagged[slot]:
+            tags = self._tags[slot]
+            ordered = [tags[i] for i in order.tolist()]
+            self._due_tags.append(tuple(t for t in dict.fromkeys(ordered) if t is not None))
+        else:
+            self._due_tags.append(())
 
     def take_due(self) -> WindowBatch:
         """Return the windows that closed since the last call, oldest first, and forget them."""
-        n = len(self._due_devices)
-        if n == 0:
-            batch = WindowBatch(
+        s = self.n_signals
+        if not self._due_devices:
+            return WindowBatch(
                 [],
                 np.zeros(0),
                 np.zeros(0),
-                np.zeros((0, self.window, self.n_signals)),
+                np.zeros((0, self.window, s)),
                 np.zeros((0, self.window), dtype=np.int8),
             )
-            return batch
-        ts = np.stack(self._due_ts)
+        rows = np.stack(self._due_rows)  # (n, window, signals + 2)
         batch = WindowBatch(
             device_ids=self._due_devices,
-            start_ts=ts[:, 0].copy(),
-            end_ts=ts[:, 1].copy(),
-            values=np.stack(self._due_values),
-            states=np.stack(self._due_states),
+            start_ts=rows[:, 0, s].copy(),
+            end_ts=rows[:, -1, s].copy(),
+            values=np.ascontiguousarray(rows[:, :, :s]),
+            states=rows[:, :, s + 1].astype(np.int8),
             labels=self._due_labels,
             tags=self._due_tags,
         )
         self._due_devices = []
-        self._due_values = []
-        self._due_states = []
-        self._due_ts = []
+        self._due_rows = []
         self._due_labels = []
         self._due_tags = []
         return batch

@@ -1,0 +1,1 @@
+"""ITAP Stream benchmarks: ``python -m bench`` (see bench/README.md)."""
