@@ -85,6 +85,56 @@ class Inbox:
                 self._ready.wait(max(0.0, deadline - time.monotonic()))
 
 
+class _BufferedSocket:
+    """Serves paho's many small reads (1 byte of header, then the rest) from one large
+    ``recv``: a message costs no system call of its own, and paho's network thread
+    gives up the GIL once per socket read instead of several times per message."""
+
+    def __init__(self, sock: Any, chunk: int = 256 * 1024) -> None:
+        self._sock = sock
+        self._chunk = chunk
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        avail = len(self._buf) - self._pos
+        if avail == 0:
+            data = self._sock.recv(max(n, self._chunk))
+            if len(data) <= n:
+                return data
+            self._buf, self._pos, avail = data, 0, len(data)
+        take = min(n, avail)
+        out = self._buf[self._pos : self._pos + take]
+        self._pos += take
+        return out
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def pending(self) -> int:
+        # paho skips select() while this is non-zero (it is how it handles TLS buffers)
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return self.buffered() + inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _Client(paho.Client):
+    """paho's client with buffered socket reads (see `_BufferedSocket`)."""
+
+    def _create_socket(self) -> Any:
+        return _BufferedSocket(super()._create_socket())
+
+    def loop_read(self, max_packets: int = 1) -> Any:
+        rc = super().loop_read(max_packets)
+        sock = self._sock
+        while rc == paho.MQTT_ERR_SUCCESS and isinstance(sock, _BufferedSocket) and sock.buffered():
+            rc = super().loop_read(max_packets)
+            sock = self._sock
+        return rc
+
+
 @dataclass(frozen=True)
 class Will:
     topic: str
@@ -130,7 +180,7 @@ class MqttLink:
         self.connected = threading.Event()
         self._ever_connected = False
         self._on_connection = on_connection
-        c = paho.Client(
+        c = _Client(
             paho.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=clean_session,

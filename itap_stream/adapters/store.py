@@ -406,17 +406,3 @@ class StoreWriter:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join()
-
-
-def frame_to_arrays(df: pd.DataFrame, schema: SensorSchema) -> dict[str, np.ndarray]:
-    """Columns of a readings table as arrays in the order `core.batch` expects."""
-    from itap_stream.core.schema import STATES
-
-    codes = {s: i for i, s in enumerate(STATES)}
-    return {
-        "device_ids": df["device_id"].to_numpy(dtype=object),
-        "ts": df["ts"].to_numpy(dtype=np.float64),
-        "states": df["state"].map(codes).to_numpy(dtype=np.int8),
-        "values": df[list(schema.names)].to_numpy(dtype=np.float64, na_value=np.nan),
-        "labels": df["label"].to_numpy(dtype=object) if "label" in df else None,
-    }

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
 __all__ = ["summarize"]
 
@@ -34,15 +35,18 @@ def summarize(
     for d, f in zip(anomaly_devices, anomaly_families):
         fams.setdefault(d, Counter())[f] += 1
     devices: dict[str, Any] = {}
-    for d in sorted(set(dev.tolist())):
-        m = dev == d
-        devices[d] = {
-            "windows": int(m.sum()),
-            "anomalies": int(an[m].sum()),
-            "avg_score": round(float(sc[m].mean()), 4),
-            "p95_score": round(float(np.quantile(sc[m], 0.95)), 4),
-            "dominant_families": dict(fams.get(d, Counter()).most_common()),
-        }
+    if len(sc):
+        g = pd.DataFrame({"device": dev, "score": sc, "anomaly": an}).groupby("device", sort=True)
+        per = g.agg(windows=("score", "size"), anomalies=("anomaly", "sum"), avg=("score", "mean"))
+        p95 = g["score"].quantile(0.95)
+        for d, row in zip(per.index.tolist(), per.itertuples(index=False)):
+            devices[d] = {
+                "windows": int(row.windows),
+                "anomalies": int(row.anomalies),
+                "avg_score": round(float(row.avg), 4),
+                "p95_score": round(float(p95[d]), 4),
+                "dominant_families": dict(fams.get(d, Counter()).most_common()),
+            }
     fleet_fams: Counter[str] = Counter(anomaly_families)
     fleet = {
         "devices": len(devices),

@@ -8,15 +8,18 @@ equal those the live `Processor` produces reading by reading.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
 from itap_stream.core.features import extract
+from itap_stream.core.schema import STATES, SensorSchema
 
-__all__ = ["BatchWindows", "batch_windows"]
+__all__ = ["BatchWindows", "batch_windows", "frame_to_arrays"]
 
 
 @dataclass
@@ -32,6 +35,7 @@ class BatchWindows:
     any_label: npt.NDArray[np.bool_]  # some reading in the window carries a label
     any_maint: npt.NDArray[np.bool_]
     label: npt.NDArray[np.object_]  # label of the closing reading
+    tags: list[tuple[str, ...]]  # distinct tags of the window's readings, first seen first (as the stream)
     accepted: npt.NDArray[np.bool_]  # per input row: used for features
     duplicate: npt.NDArray[np.bool_]  # per input row: same ts as an earlier reading
 
@@ -48,10 +52,15 @@ def batch_windows(
     window: int,
     hop: int,
     labels: npt.ArrayLike | None = None,
+    tags: npt.ArrayLike | None = None,
     maint_code: int = 2,
-    chunk: int = 65_536,
+    chunk: int = 1024,
+    map_fn: Callable[..., Iterable[Any]] = map,
 ) -> BatchWindows:
     """Cut every window out of a table of readings (rows in arrival order).
+
+    ``map_fn`` runs the per-chunk feature work; pass an executor's ``map`` to spread
+    it over cores (numpy releases the GIL), the default runs it here.
 
     Examples
     --------
@@ -83,15 +92,28 @@ def batch_windows(
     is_end = (pos >= window) & ((pos - window) % hop == 0)
     ends = np.flatnonzero(is_end)  # positions in `rows`
     offsets = np.arange(-window + 1, 1)
-    feats = []
     any_label = np.zeros(len(ends), dtype=bool)
     any_maint = np.zeros(len(ends), dtype=bool)
-    has_label = np.array([x is not None and x == x for x in lab], dtype=bool) if n else np.zeros(0, bool)
-    for lo in range(0, len(ends), chunk):
+    has_label = pd.notna(lab) & (lab != None) if n else np.zeros(0, bool)  # noqa: E711 - elementwise
+
+    def features_of(lo: int) -> npt.NDArray[np.float64]:
+        # chunks of ~1k windows keep the temporaries in cache (3x faster than one big gather)
         idx = rows[ends[lo : lo + chunk, None] + offsets]  # (k, window) input rows
-        feats.append(extract(vals[idx], st[idx]))
         any_label[lo : lo + chunk] = has_label[idx].any(axis=1)
         any_maint[lo : lo + chunk] = (st[idx] == maint_code).any(axis=1)
+        return extract(vals[idx], st[idx])
+
+    feats = list(map_fn(features_of, range(0, len(ends), chunk)))
+    window_tags: list[tuple[str, ...]] = [()] * len(ends)
+    if tags is not None and len(ends):
+        tag_arr = np.asarray(tags, dtype=object)
+        has_tag = pd.notna(tag_arr) & (tag_arr != None)  # noqa: E711 - elementwise
+        if has_tag.any():
+            tagged_pos = np.cumsum(has_tag[rows])  # tagged readings up to each accepted position
+            before = np.concatenate([[0], tagged_pos])
+            for k in np.flatnonzero(tagged_pos[ends] - before[ends - window + 1]).tolist():
+                idx = rows[ends[k] - window + 1 : ends[k] + 1]
+                window_tags[k] = tuple(t for t in dict.fromkeys(tag_arr[idx].tolist()) if t is not None and t == t)
     n_feat = feats[0].shape[1] if feats else extract(np.zeros((0, window, vals.shape[1])), np.zeros((0, window))).shape[1]
     end_rows = rows[ends]
     start_rows = rows[ends - window + 1] if len(ends) else np.zeros(0, dtype=np.int64)
@@ -105,6 +127,19 @@ def batch_windows(
         any_label=any_label,
         any_maint=any_maint,
         label=lab[end_rows],
+        tags=window_tags,
         accepted=accepted,
         duplicate=duplicate,
     )
+
+
+def frame_to_arrays(df: pd.DataFrame, schema: SensorSchema) -> dict[str, np.ndarray]:
+    """Columns of a readings table (CSV or store) as the arrays `batch_windows` takes."""
+    return {
+        "device_ids": df["device_id"].to_numpy(dtype=object),
+        "ts": df["ts"].to_numpy(dtype=np.float64),
+        "states": pd.Categorical(df["state"], categories=STATES).codes.astype(np.int8),
+        "values": df[list(schema.names)].to_numpy(dtype=np.float64, na_value=np.nan),
+        "labels": df["label"].to_numpy(dtype=object) if "label" in df else None,
+        "tags": df["tag"].to_numpy(dtype=object) if "tag" in df else None,
+    }

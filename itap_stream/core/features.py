@@ -119,38 +119,47 @@ def extract(values: npt.NDArray[np.float64], states: npt.NDArray[np.integer]) ->
     """
     values = np.asarray(values, dtype=np.float64)
     n, w, s = values.shape
-    missing = np.isnan(values)
-    present = ~missing
-    n_present = present.sum(axis=1)  # (n, s)
-    sums = np.where(present, values, 0.0).sum(axis=1)
-    fill = np.divide(sums, n_present, out=np.zeros_like(sums), where=n_present > 0)
-    x = np.where(missing, fill[:, None, :], values) if missing.any() else values
+    n_stats = len(SIGNAL_STATS)
+    # (n, s, w): every statistic reduces along the contiguous axis, twice as fast as (n, w, s)
+    v = np.ascontiguousarray(values.transpose(0, 2, 1))
+    missing = np.isnan(v)
+    n_missing = missing.sum(axis=2)
+    if n_missing.any():
+        n_present = w - n_missing
+        sums = np.where(missing, 0.0, v).sum(axis=2)
+        fill = np.divide(sums, n_present, out=np.zeros_like(sums), where=n_present > 0)
+        x = np.where(missing, fill[:, :, None], v)
+    else:
+        x = v
 
-    mean = x.mean(axis=1)
-    centred = x - mean[:, None, :]
-    std = np.sqrt((centred * centred).mean(axis=1))
-    last = x[:, -1, :]
+    mean = x.mean(axis=2)
+    centred = x - mean[:, :, None]
+    std = np.sqrt(np.einsum("nsw,nsw->ns", centred, centred) / w)
     tc = np.arange(w, dtype=np.float64) - (w - 1) / 2.0
     denom = float(tc @ tc) if w > 1 else 1.0
-    slope = np.einsum("w,nws->ns", tc, x) / denom
-    delta = last - mean
-    zlast = np.divide(delta, std, out=np.zeros_like(delta), where=std > _EPS)
-    spec = np.abs(np.fft.rfft(centred, axis=1))[:, 1:, :]  # drop DC
-    if spec.shape[1]:
-        energy = (spec * spec).sum(axis=1) / w
-        freq = (spec.argmax(axis=1) + 1) / w
-        freq = np.where(energy > _EPS, freq, 0.0)
+    delta = x[:, :, -1] - mean
+    out = np.empty((n, s * n_stats + len(DEVICE_FEATURES)))
+    per = out[:, : s * n_stats].reshape(n, s, n_stats)
+    per[:, :, 0] = mean
+    per[:, :, 1] = std
+    per[:, :, 2] = x.min(axis=2)
+    per[:, :, 3] = x.max(axis=2)
+    per[:, :, 4] = (x @ tc) / denom
+    per[:, :, 5] = delta
+    per[:, :, 6] = np.divide(delta, std, out=np.zeros_like(delta), where=std > _EPS)
+    spec = np.fft.rfft(centred, axis=2)[:, :, 1:]  # drop DC
+    if spec.shape[2]:
+        power = spec.real * spec.real + spec.imag * spec.imag
+        energy = power.sum(axis=2) / w
+        per[:, :, 7] = energy
+        per[:, :, 8] = np.where(energy > _EPS, (power.argmax(axis=2) + 1) / w, 0.0)
     else:
-        energy = np.zeros((n, s))
-        freq = np.zeros((n, s))
-    per_signal = np.stack(
-        [mean, std, x.min(axis=1), x.max(axis=1), slope, delta, zlast, energy, freq, missing.sum(axis=1)],
-        axis=2,
-    )  # (n, s, stats)
+        per[:, :, 7] = 0.0
+        per[:, :, 8] = 0.0
+    per[:, :, 9] = n_missing
 
-    any_missing = missing.any(axis=2)  # (n, w)
-    streak = np.cumprod(any_missing[:, ::-1], axis=1).sum(axis=1)
+    any_missing = missing.any(axis=1)  # (n, w)
+    out[:, -2] = np.cumprod(any_missing[:, ::-1], axis=1).sum(axis=1)
     st = np.asarray(states)
-    transitions = (st[:, 1:] != st[:, :-1]).sum(axis=1) if w > 1 else np.zeros(n)
-    device = np.stack([streak, transitions], axis=1).astype(np.float64)
-    return np.concatenate([per_signal.reshape(n, s * len(SIGNAL_STATS)), device], axis=1)
+    out[:, -1] = (st[:, 1:] != st[:, :-1]).sum(axis=1) if w > 1 else 0.0
+    return out

@@ -8,23 +8,26 @@ no I/O; the caller stores and publishes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
 from itap_stream.core.explain import Explanation, explain
 from itap_stream.core.features import extract, feature_families, feature_names
 from itap_stream.core.model import Artifact, confidence
 from itap_stream.core.readings import Reading
 from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow
-from itap_stream.core.schema import SensorSchema
+from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.core.smoothing import smooth
 from itap_stream.core.window import DUPLICATE, FleetWindows, WindowBatch
+from itap_stream.core.batch import BatchWindows
 from itap_stream.errors import SchemaMismatch
 
-__all__ = ["BatchResult", "Processor", "check_compatible"]
+__all__ = ["Assessment", "BatchResult", "Processor", "TableResult", "assess", "check_compatible", "score_table"]
 
 #: Windows whose last reading is in one of these states are scored but never anomalous.
 QUIET_STATES = frozenset({"MAINT"})
@@ -123,32 +126,129 @@ class Processor:
         result.windows = batch
         if not len(batch):
             return result
-        art = self.artifact
         X = extract(batch.values, batch.states)
-        scores = art.detector.score(X)
         states = batch.last_states
-        quiet = np.fromiter((s in QUIET_STATES for s in states), dtype=bool, count=len(states))
-        raw = (scores >= art.threshold) & ~quiet
-        flags = smooth(batch.device_ids, raw, self._alarm_state, k=self.alarm_k, n=self.alarm_n)
-        conf = confidence(scores, art.stats.calibration_scores)
-        result.features, result.scores, result.is_anomaly, result.confidence = X, scores, flags, conf
-        idx = np.flatnonzero(flags)
-        if len(idx):
-            exps = explain(X[idx], art.stats.mean, art.stats.std, self._names, self._families)
-            result.explanations = dict(zip(idx.tolist(), exps))
-        scored = [
-            ScoredWindow(
-                device_id=batch.device_ids[i],
-                start_ts=float(batch.start_ts[i]),
-                end_ts=float(batch.end_ts[i]),
-                state=states[i],
-                score=float(scores[i]),
-                is_anomaly=bool(flags[i]),
-                confidence=float(conf[i]),
-                explanation=result.explanations.get(i),
-                tags=batch.tags[i],
-            )
-            for i in range(len(batch))
-        ]
+        a = assess(self.artifact, X, batch.device_ids, states, self._alarm_state, self.alarm_k, self.alarm_n,
+                   self._names, self._families)
+        result.features, result.scores, result.is_anomaly, result.confidence = X, a.scores, a.flags, a.confidence
+        result.explanations = a.explanations
+        scored = scored_windows(batch.device_ids, batch.start_ts, batch.end_ts, states, a, batch.tags)
         result.alerts = self.engine.evaluate(scored)
         return result
+
+
+@dataclass
+class Assessment:
+    """Scores, smoothed anomaly flags, confidences and explanations of some windows."""
+
+    scores: npt.NDArray[np.float64]
+    flags: npt.NDArray[np.bool_]
+    confidence: npt.NDArray[np.float64]
+    explanations: dict[int, Explanation]
+
+
+def assess(
+    artifact: Artifact,
+    X: npt.NDArray[np.float64],
+    device_ids: Sequence[str],
+    last_states: Sequence[str],
+    alarm_state: dict[str, int],
+    alarm_k: int,
+    alarm_n: int,
+    names: Sequence[str],
+    families: Sequence[str],
+    scores: npt.NDArray[np.float64] | None = None,
+) -> Assessment:
+    """Score feature rows, smooth per device (windows in event order per device), explain the anomalies.
+
+    The stream (`Processor`) and the batch path (`score_table`) both decide through here.
+    """
+    if scores is None:
+        scores = artifact.detector.score(X)
+    quiet = np.fromiter((s in QUIET_STATES for s in last_states), dtype=bool, count=len(last_states))
+    raw = (scores >= artifact.threshold) & ~quiet
+    flags = smooth(device_ids, raw, alarm_state, k=alarm_k, n=alarm_n)
+    conf = confidence(scores, artifact.stats.calibration_scores)
+    explanations: dict[int, Explanation] = {}
+    idx = np.flatnonzero(flags)
+    if len(idx):
+        exps = explain(X[idx], artifact.stats.mean, artifact.stats.std, names, families)
+        explanations = dict(zip(idx.tolist(), exps))
+    return Assessment(scores, flags, conf, explanations)
+
+
+def scored_windows(
+    device_ids: Sequence[str],
+    start_ts: npt.ArrayLike,
+    end_ts: npt.ArrayLike,
+    states: Sequence[str],
+    a: Assessment,
+    tags: Sequence[tuple[str, ...]] | None = None,
+    order: Sequence[int] | None = None,
+) -> list[ScoredWindow]:
+    """`ScoredWindow` objects for the rule engine (in ``order`` when given)."""
+    starts = np.asarray(start_ts, dtype=np.float64).tolist()
+    ends = np.asarray(end_ts, dtype=np.float64).tolist()
+    scores, flags, conf = a.scores.tolist(), a.flags.tolist(), a.confidence.tolist()
+    get = a.explanations.get
+    no_tags = [()] * len(ends) if tags is None else tags
+    return [
+        ScoredWindow(device_ids[i], starts[i], ends[i], states[i], scores[i], flags[i], conf[i], get(i), no_tags[i])
+        for i in (range(len(ends)) if order is None else order)
+    ]
+
+
+@dataclass
+class TableResult:
+    """Every window of a table, scored and explained, and the alerts a live run would have raised."""
+
+    windows: BatchWindows
+    assessment: Assessment
+    alerts: list[Alert]
+
+
+def score_table(
+    windows: BatchWindows,
+    artifact: Artifact,
+    engine: RuleEngine,
+    schema: SensorSchema,
+    *,
+    alarm_k: int = 3,
+    alarm_n: int = 4,
+    map_fn: Callable[..., Iterable[Any]] = map,
+    block: int = 2048,
+) -> TableResult:
+    """The batch path: the same scoring, smoothing, explanations and rules as `Processor`,
+    applied to all windows of a recording at once (windows are smoothed per device in
+    time order, and fed to the rules in event-time order)."""
+    n = len(windows)
+    states = [STATES[c] for c in windows.last_state.tolist()]
+    dev = windows.device_ids.tolist()
+    # smoothing and rules are causal per device: walk windows by device, then time
+    order = np.lexsort((windows.end_ts, pd.factorize(windows.device_ids)[0])) if n else np.zeros(0, dtype=np.intp)
+    X = windows.features[order]
+    blocks = list(map_fn(artifact.detector.score, [X[i : i + block] for i in range(0, n, block)]))
+    a_sorted = assess(
+        artifact, X, [dev[i] for i in order.tolist()], [states[i] for i in order.tolist()], {},
+        alarm_k, alarm_n, feature_names(schema), feature_families(schema),
+        scores=np.concatenate(blocks) if blocks else np.zeros(0),
+    )
+    # back to the input order of the windows
+    inv = np.empty(n, dtype=np.intp)
+    inv[order] = np.arange(n)
+    a = Assessment(
+        scores=a_sorted.scores[inv],
+        flags=a_sorted.flags[inv],
+        confidence=a_sorted.confidence[inv],
+        explanations={int(order[i]): e for i, e in a_sorted.explanations.items()},
+    )
+    # the rules need a device's windows only from its first anomaly (or tag) on: before
+    # that nothing can fire and nothing is open to resolve
+    codes = pd.factorize(windows.device_ids)[0] if n else np.zeros(0, dtype=np.intp)
+    eventful = a.flags | np.fromiter((bool(t) for t in windows.tags), dtype=bool, count=n) if n else a.flags
+    first = np.full(codes.max() + 1 if n else 0, np.inf)
+    np.minimum.at(first, codes[eventful], windows.end_ts[eventful])
+    relevant = windows.end_ts >= first[codes]
+    by_time = [i for i in np.argsort(windows.end_ts, kind="stable").tolist() if relevant[i]]
+    alerts = engine.evaluate(scored_windows(dev, windows.start_ts, windows.end_ts, states, a, order=by_time))
+    return TableResult(windows, a, alerts)

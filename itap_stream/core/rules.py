@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from itap_stream.core.explain import Explanation
 from itap_stream.errors import ConfigError
@@ -168,9 +168,8 @@ def rules_from_dict(data: Mapping[str, Any]) -> tuple[list[Rule], float]:
     return rules, resolve_after_s
 
 
-@dataclass(frozen=True)
-class ScoredWindow:
-    """A scored window as the rule engine sees it."""
+class ScoredWindow(NamedTuple):
+    """A scored window as the rule engine sees it (a named tuple: one is made per window)."""
 
     device_id: str
     start_ts: float
@@ -277,10 +276,13 @@ class RuleEngine:
     def evaluate(self, windows: Iterable[ScoredWindow]) -> list[Alert]:
         """Feed windows (event-time order per device); return the alert transitions they cause."""
         changes: list[Alert] = []
+        devices = self._devices
         for w in windows:
-            dev = self._devices.get(w.device_id)
+            dev = devices.get(w.device_id)
+            if not w.is_anomaly and not w.tags and (dev is None or not dev.open):
+                continue  # every rule needs an anomaly or a tag, and nothing is open to resolve
             if dev is None:
-                dev = self._devices[w.device_id] = _DeviceState()
+                dev = devices[w.device_id] = _DeviceState()
             if w.is_anomaly:
                 dev.anomaly_ts.append(w.end_ts)
                 dev.last_anomaly_ts = w.end_ts
