@@ -143,3 +143,37 @@ def test_train_from_the_store_with_a_time_range(tmp_path, capsys, schema):
     assert f"{(frame.ts >= since).sum():,} rows" in out and "2026-01-01T00:10:00.000Z" in out
     assert main(["train", "--db", db, "--since", "2030-01-01T00:00:00Z", "--model", str(model)]) == 2
     assert "holds no readings" in capsys.readouterr().err
+
+
+def test_score_a_csv_writes_alerts_and_summaries(tmp_path, capsys, model_file):
+    csv = tmp_path / "fleet.csv"
+    assert main(["simulate", "--devices", "4", "--duration", "40m", "--seed", "8", "--faults",
+                 "power_instability,bearing_wear", "--out", str(csv)]) == 0
+    out_dir = tmp_path / "artifacts"
+    windows = tmp_path / "windows.csv"
+    capsys.readouterr()
+    assert main(["score", "--csv", str(csv), "--model", str(model_file), "--out-dir", str(out_dir),
+                 "--windows-out", str(windows)]) == 0
+    out = capsys.readouterr().out
+    assert "scored 9,600 readings of 4 device(s)" in out
+    alerts = json.loads((out_dir / "alerts.json").read_text())
+    fired = {(a["device_id"], a["rule"]) for a in alerts if a["status"] == "firing"}
+    assert ("DEV-0004", "power_instability") in fired
+    assert ("DEV-0003", "bearing_wear") in fired
+    assert not {d for d, _ in fired} & {"DEV-0001", "DEV-0002"}
+    summary = json.loads((out_dir / "aggregate_summaries.json").read_text())
+    assert summary["fleet"]["devices"] == 4
+    assert summary["devices"]["DEV-0004"]["dominant_families"]
+    import pandas as pd
+
+    w = pd.read_csv(windows)
+    assert len(w) == summary["fleet"]["windows"] and set(w["is_anomaly"]) <= {0, 1}
+    assert w.loc[w["is_anomaly"] == 1, "dominant_family"].notna().all()
+
+
+def test_score_bad_csv_is_one_clear_error(tmp_path, capsys, model_file):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("device_id,ts,rpm\nD1,0,1\n")
+    assert main(["score", "--csv", str(csv), "--model", str(model_file), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks required column" in err and "Traceback" not in err

@@ -40,9 +40,6 @@ def build_consumer(
 
 def run_service(settings: Settings) -> None:
     """`itap run`: serve until SIGTERM / SIGINT, then drain and stop cleanly."""
-    import os, sys
-    if os.environ.get("ITAP_SWITCH"):
-        sys.setswitchinterval(float(os.environ["ITAP_SWITCH"]))
     metrics = Metrics()
     consumer = build_consumer(settings, metrics=metrics)
     server = serve(settings.http_addr, metrics.registry) if settings.http_addr else None

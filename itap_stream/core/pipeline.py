@@ -250,5 +250,5 @@ def score_table(
     np.minimum.at(first, codes[eventful], windows.end_ts[eventful])
     relevant = windows.end_ts >= first[codes]
     by_time = [i for i in np.argsort(windows.end_ts, kind="stable").tolist() if relevant[i]]
-    alerts = engine.evaluate(scored_windows(dev, windows.start_ts, windows.end_ts, states, a, order=by_time))
+    alerts = engine.evaluate(scored_windows(dev, windows.start_ts, windows.end_ts, states, a, windows.tags, by_time))
     return TableResult(windows, a, alerts)

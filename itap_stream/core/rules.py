@@ -19,6 +19,7 @@ engine is deterministic and replayable.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -295,7 +296,7 @@ class RuleEngine:
                     if open_alert is None:
                         alert = self._fire(rule, w, dev)
                         dev.open[rule.name] = alert
-                        changes.append(alert)
+                        changes.append(dataclasses.replace(alert))  # a snapshot: the open one keeps counting
                     else:
                         open_alert.anomalies += 1
                 elif open_alert is not None and w.end_ts - dev.last_anomaly_ts >= self.resolve_after_s:

@@ -58,3 +58,16 @@ def test_timestamps_epoch_and_rfc3339_agree(schema):
     a, _ = decode(json.dumps(_ok(ts="2026-01-01T00:00:00+00:00")).encode(), schema, "D1")
     b, _ = decode(json.dumps(_ok(ts=1767225600)).encode(), schema, "D1")
     assert a[0].ts == b[0].ts == 1767225600.0
+
+
+def test_nan_sent_by_a_python_device_is_non_finite_not_invalid_json(schema):
+    payload = json.dumps(_ok(rpm=float("nan"))).encode()  # json.dumps writes NaN
+    good, bad = decode(payload, schema, "D1")
+    assert good == [] and [r.reason for r in bad] == ["non_finite"]
+
+
+def test_integer_and_string_values_take_the_slow_path_correctly(schema):
+    good, bad = decode(json.dumps(_ok(rpm=1500, ts=1767225600)).encode(), schema, "D1")
+    assert not bad and good[0].values[0] == 1500.0 and good[0].ts == 1767225600.0
+    _, bad = decode(json.dumps(_ok(ts=float("inf"))).encode(), schema, "D1")
+    assert bad[0].reason == "bad_ts"
