@@ -580,7 +580,7 @@ def run_benchmark(scale: Scale, sections: Sequence[str] = SECTIONS, out: Path | 
                     b.pipeline("batched", array_messages(bsim, qos=1, per_message=50), 1)
                 if "latency" in sections:
                     ref = b.results.get("pipeline_qos1", {}).get("median", {}).get("msgs_per_s")
-                    rate = 0.5 * ref if ref else 2_000.0
+                    rate = 0.5 * ref if ref else float(os.environ.get("ITAP_BENCH_LATENCY_RATE", 2_000.0))
                     log(f"latency at {rate:,.0f} msgs/s (half the measured QoS 1 maximum)")
                     b.latency(rate, 1)
                 if "growth" in sections:

@@ -99,6 +99,8 @@ persistence false
 max_queued_messages 1000000
 max_queued_bytes 0
 max_inflight_messages 0
+# send small packets (alerts) at once instead of batching them (Nagle)
+set_tcp_nodelay true
 log_dest stderr
 log_type error
 log_type warning
