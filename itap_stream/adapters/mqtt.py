@@ -65,9 +65,11 @@ class Inbox:
         if not self._ready.is_set():
             self._ready.set()
 
-    def drain(self, max_items: int, wait_s: float, linger_s: float) -> list[Any]:
-        """Up to ``max_items``: wait at most ``wait_s`` for the first, then at most
-        ``linger_s`` more for the batch to fill."""
+    def drain(self, max_items: int, wait_s: float, linger_s: float, max_bytes: int = 0) -> list[Any]:
+        """Up to ``max_items`` messages: wait at most ``wait_s`` for the first, then at most
+        ``linger_s`` more for the batch to fill. With ``max_bytes``, the batch also ends
+        once its payloads reach that size (a batch of large array payloads stays small
+        in memory)."""
         items = self._items
         if not items:
             self._ready.clear()
@@ -76,14 +78,27 @@ class Inbox:
         out: list[Any] = []
         pop = items.popleft
         deadline = time.monotonic() + linger_s
+        size = 0
         while True:
             n = min(len(items), max_items - len(out))
-            out.extend(pop() for _ in range(n))
+            if max_bytes:
+                for _ in range(n):
+                    item = pop()
+                    out.append(item)
+                    size += len(item[1])
+                    if size >= max_bytes:
+                        return out
+            else:
+                out.extend(pop() for _ in range(n))
             if len(out) >= max_items or time.monotonic() >= deadline:
                 return out
             self._ready.clear()
             if not items:
                 self._ready.wait(max(0.0, deadline - time.monotonic()))
+
+
+#: Packets paho handles from the read buffer before it looks at its outgoing queue.
+READ_BURST = 64
 
 
 class _BufferedSocket:
@@ -135,11 +150,18 @@ class _Client(paho.Client):
         return _BufferedSocket(sock)
 
     def loop_read(self, max_packets: int = 1) -> Any:
+        # up to READ_BURST packets from the buffer per call: paho's loop then runs its
+        # select() (timeout 0 while data is buffered) and sends what waits, such as an
+        # alert, instead of finishing a whole 256 KiB read first
         rc = super().loop_read(max_packets)
         sock = self._sock
-        while rc == paho.MQTT_ERR_SUCCESS and isinstance(sock, _BufferedSocket) and sock.buffered():
+        burst = 1
+        while (
+            rc == paho.MQTT_ERR_SUCCESS and burst < READ_BURST and isinstance(sock, _BufferedSocket) and sock.buffered()
+        ):
             rc = super().loop_read(max_packets)
             sock = self._sock
+            burst += 1
         return rc
 
 

@@ -351,14 +351,19 @@ def _safe_url(url: str) -> str:
 class StoreWriter:
     """A thread that owns store writes, so they stay off the processing loop.
 
-    ``submit`` blocks when ``max_pending`` batches are waiting: a slow database slows
-    intake instead of growing memory. Errors are logged and retried with backoff;
-    a batch is never dropped while the writer runs.
+    ``submit`` blocks when ``max_pending`` batches or ``max_pending_rows`` rows are
+    waiting: a slow database slows intake instead of growing memory. Errors are logged
+    and retried with backoff; a batch is never dropped while the writer runs.
     """
 
-    def __init__(self, store: Store, *, max_pending: int = 64, on_written: Any = None) -> None:
+    def __init__(
+        self, store: Store, *, max_pending: int = 64, max_pending_rows: int = 100_000, on_written: Any = None
+    ) -> None:
         self.store = store
         self._q: queue.Queue[StoreBatch | None] = queue.Queue(maxsize=max_pending)
+        self._rows = 0
+        self._max_rows = max_pending_rows
+        self._room = threading.Condition()
         self._on_written = on_written
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name="itap-store-writer", daemon=True)
@@ -366,6 +371,10 @@ class StoreWriter:
 
     def submit(self, batch: StoreBatch) -> None:
         if len(batch) or batch.on_commit:
+            with self._room:
+                # one batch larger than the bound still goes (alone): never deadlock
+                self._room.wait_for(lambda: self._rows == 0 or self._rows + len(batch) <= self._max_rows)
+                self._rows += len(batch)
             self._q.put(batch)
 
     @property
@@ -397,6 +406,9 @@ class StoreWriter:
                     delay = min(delay * 2, 5.0)
             for fn in batch.on_commit:
                 fn()
+            with self._room:
+                self._rows -= len(batch)
+                self._room.notify_all()
             self._q.task_done()
 
     def flush(self) -> None:

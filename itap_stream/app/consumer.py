@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: At most one log line per rejection reason in this many seconds.
 LOG_EVERY_S = 10.0
+#: A micro-batch ends once its payloads reach this size (array payloads carry many readings).
+BATCH_MAX_BYTES = 1 << 20
 
 
 class Consumer:
@@ -148,7 +150,9 @@ class Consumer:
 
     # -- the loop
     def _step(self, timeout_s: float) -> int:
-        msgs = self.inbox.drain(self.settings.batch_max, timeout_s, self.settings.batch_wait_ms / 1000.0)
+        msgs = self.inbox.drain(
+            self.settings.batch_max, timeout_s, self.settings.batch_wait_ms / 1000.0, max_bytes=BATCH_MAX_BYTES
+        )
         if msgs:
             self.process_messages(msgs)
         return len(msgs)

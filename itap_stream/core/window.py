@@ -75,7 +75,7 @@ class FleetWindows:
     -2
     """
 
-    def __init__(self, n_signals: int, window: int = 32, hop: int = 4, *, capacity: int = 64) -> None:
+    def __init__(self, n_signals: int, window: int = 32, hop: int = 4, *, capacity: int = 4096) -> None:
         if window < 2:
             msg = f"window must be at least 2 readings, got {window}"
             raise ValueError(msg)
@@ -86,12 +86,14 @@ class FleetWindows:
         self.window = window
         self.hop = hop
         self._slots: dict[str, int] = {}
-        self._cap = max(1, capacity)
         # one row per reading: the signal values, then ts, then the state code, so a
-        # reading is stored with one assignment and a window copied with one gather
-        self._buf = np.full((self._cap, window, n_signals + 2), np.nan)
-        self._labels: list[list[str | None]] = []  # per slot, ring of labels
-        self._tags: list[list[str | None]] = []  # per slot, ring of tags
+        # reading is stored with one assignment and a window copied with one gather.
+        # Devices live in fixed-size blocks: a growing fleet adds a block instead of
+        # copying every buffer (no 3x peak while doubling, no unused half).
+        self._block = max(1, capacity)
+        self._blocks: list[npt.NDArray[np.float64]] = []
+        self._labels: list[str | None] = []  # per slot: label of the newest reading
+        self._tags: list[list[str | None] | None] = []  # per slot: ring of tags, made on the first tag
         self._tagged: list[int] = []  # per slot, readings in the ring that carry a tag
         self._count: list[int] = []  # accepted readings per slot
         self._last_ts: list[float] = []
@@ -115,12 +117,11 @@ class FleetWindows:
 
     def _slot(self, device_id: str) -> int:
         slot = len(self._slots)
-        if slot >= self._cap:
-            self._buf = np.concatenate([self._buf, np.full_like(self._buf, np.nan)])
-            self._cap *= 2
+        if slot >= len(self._blocks) * self._block:
+            self._blocks.append(np.full((self._block, self.window, self.n_signals + 2), np.nan))
         self._slots[device_id] = slot
-        self._labels.append([None] * self.window)
-        self._tags.append([None] * self.window)
+        self._labels.append(None)
+        self._tags.append(None)
         self._tagged.append(0)
         self._count.append(0)
         self._last_ts.append(-np.inf)
@@ -139,10 +140,12 @@ class FleetWindows:
         n = self._count[slot]
         window = self.window
         pos = n % window
-        self._buf[slot, pos] = (*values, ts, _STATE_CODE[state])
-        self._labels[slot][pos] = label
+        self._blocks[slot // self._block][slot % self._block, pos] = (*values, ts, _STATE_CODE[state])
+        self._labels[slot] = label
         tags = self._tags[slot]
-        if tag is not None or tags[pos] is not None:
+        if tags is None and tag is not None:
+            tags = self._tags[slot] = [None] * window
+        if tags is not None and (tag is not None or tags[pos] is not None):
             self._tagged[slot] += (tag is not None) - (tags[pos] is not None)
             tags[pos] = tag
         n += 1
@@ -155,10 +158,10 @@ class FleetWindows:
     def _snapshot(self, slot: int, oldest: int, device_id: str) -> None:
         order = self._order[oldest]
         self._due_devices.append(device_id)
-        self._due_rows.append(self._buf[slot, order])
-        self._due_labels.append(self._labels[slot][(oldest - 1) % self.window])
-        if self._tagged[slot]:
-            tags = self._tags[slot]
+        self._due_rows.append(self._blocks[slot // self._block][slot % self._block, order])
+        self._due_labels.append(self._labels[slot])
+        tags = self._tags[slot]
+        if self._tagged[slot] and tags is not None:
             ordered = [tags[i] for i in order.tolist()]
             self._due_tags.append(tuple(t for t in dict.fromkeys(ordered) if t is not None))
         else:
