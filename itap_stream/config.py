@@ -49,6 +49,8 @@ class Settings:
     threshold_quantile: float = 0.999
     alarm_k: int = 3
     alarm_n: int = 4
+    intake: str = "process"
+
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1, 2):
@@ -71,6 +73,9 @@ class Settings:
             raise ConfigError(msg)
         if not 1 <= self.alarm_k <= self.alarm_n:
             msg = f"alarm smoothing needs 1 <= alarm_k <= alarm_n, got {self.alarm_k} of {self.alarm_n}"
+            raise ConfigError(msg)
+        if self.intake not in ("process", "thread"):
+            msg = f"intake must be 'process' (MQTT intake in a child process) or 'thread', got {self.intake!r}"
             raise ConfigError(msg)
         parse_broker_url(self.broker_url)
 

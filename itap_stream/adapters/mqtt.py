@@ -31,41 +31,51 @@ Message = tuple[str, bytes, float]  # topic, payload, received at (time.time())
 
 
 class Inbox:
-    """A bounded FIFO between paho's network thread and the processing loop.
+    """A bounded FIFO of messages ``(topic, payload, received_at)`` between paho's network
+    thread and the processing loop.
 
     `queue.Queue` takes a lock and notifies a condition for every item; at tens of
     thousands of messages a second that is a measurable share of the consumer. Here
     `put` is a ``deque.append`` (atomic) and wakes the reader only when it sleeps, and
-    `drain` takes a whole micro-batch at once.
+    `drain` takes a whole micro-batch at once. The bound is in messages and in payload
+    bytes, so a backlog of large array payloads cannot take the memory of a small box.
 
     Examples
     --------
     >>> box = Inbox(maxsize=10)
     >>> for i in range(3):
-    ...     box.put(i)
-    >>> box.drain(max_items=2, wait_s=0.0, linger_s=0.0), len(box)
-    ([0, 1], 1)
+    ...     box.put(("t", b"x" * i, 0.0))
+    >>> [m[1] for m in box.drain(max_items=2, wait_s=0.0, linger_s=0.0)], len(box), box.pending_bytes
+    ([b'', b'x'], 1, 2)
     """
 
-    def __init__(self, maxsize: int = 100_000) -> None:
+    def __init__(self, maxsize: int = 100_000, max_bytes: int = 64 << 20) -> None:
         self.maxsize = maxsize
-        self._items: deque[Any] = deque()
+        self.max_bytes = max_bytes
+        self._items: deque[Message] = deque()
         self._ready = threading.Event()
+        self._in_bytes = 0  # written by the producer only
+        self._out_bytes = 0  # written by the consumer only
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, item: Any) -> None:
+    @property
+    def pending_bytes(self) -> int:
+        return self._in_bytes - self._out_bytes
+
+    def put(self, item: Message) -> None:
         """Append; blocks (polling every millisecond) while the inbox is full."""
         items = self._items
-        while len(items) >= self.maxsize:
+        while len(items) >= self.maxsize or (items and self._in_bytes - self._out_bytes >= self.max_bytes):
             self._ready.set()
             time.sleep(0.001)
         items.append(item)
+        self._in_bytes += len(item[1])
         if not self._ready.is_set():
             self._ready.set()
 
-    def drain(self, max_items: int, wait_s: float, linger_s: float, max_bytes: int = 0) -> list[Any]:
+    def drain(self, max_items: int, wait_s: float, linger_s: float, max_bytes: int = 0) -> list[Message]:
         """Up to ``max_items`` messages: wait at most ``wait_s`` for the first, then at most
         ``linger_s`` more for the batch to fill. With ``max_bytes``, the batch also ends
         once its payloads reach that size (a batch of large array payloads stays small
@@ -75,26 +85,26 @@ class Inbox:
             self._ready.clear()
             if not items and not self._ready.wait(wait_s):
                 return []
-        out: list[Any] = []
+        out: list[Message] = []
         pop = items.popleft
         deadline = time.monotonic() + linger_s
         size = 0
-        while True:
-            n = min(len(items), max_items - len(out))
-            if max_bytes:
-                for _ in range(n):
+        limit = max_bytes or 1 << 62
+        try:
+            while True:
+                for _ in range(min(len(items), max_items - len(out))):
                     item = pop()
                     out.append(item)
                     size += len(item[1])
-                    if size >= max_bytes:
+                    if size >= limit:
                         return out
-            else:
-                out.extend(pop() for _ in range(n))
-            if len(out) >= max_items or time.monotonic() >= deadline:
-                return out
-            self._ready.clear()
-            if not items:
-                self._ready.wait(max(0.0, deadline - time.monotonic()))
+                if len(out) >= max_items or time.monotonic() >= deadline:
+                    return out
+                self._ready.clear()
+                if not items:
+                    self._ready.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            self._out_bytes += size
 
 
 #: Packets paho handles from the read buffer before it looks at its outgoing queue.
@@ -201,8 +211,10 @@ class MqttLink:
         keepalive: int = 30,
         on_connection: Callable[[bool], None] | None = None,
         tls_ca: str | None = None,
+        announce: bool = True,
     ) -> None:
         self.address: BrokerAddress = parse_broker_url(url)
+        self._announce = announce  # publish ``birth`` on (re)connect; False until `announce()`
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self.inbox = inbox
@@ -241,7 +253,7 @@ class MqttLink:
         self._ever_connected = True
         for topic, qos in self.subscriptions:
             client.subscribe(topic, qos=qos)
-        if self.birth is not None:
+        if self.birth is not None and self._announce:
             client.publish(self.birth.topic, self.birth.payload, qos=self.birth.qos, retain=self.birth.retain)
         self.connected.set()
         if self._on_connection:
@@ -271,6 +283,13 @@ class MqttLink:
             self.client.loop_stop()
             msg = f"MQTT broker at {self.address.host}:{self.address.port} did not accept the connection within {timeout_s:.0f}s"
             raise BrokerError(msg)
+
+    def announce(self) -> None:
+        """Publish ``birth`` now and on every reconnect from here on (for a link whose
+        readiness depends on something else, such as the intake process)."""
+        self._announce = True
+        if self.birth is not None and self.connected.is_set():
+            self.publish(self.birth.topic, self.birth.payload, qos=self.birth.qos, retain=self.birth.retain)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)

@@ -24,6 +24,7 @@ from typing import Any
 
 from itap_stream.adapters.metrics import Metrics
 from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
+from itap_stream.adapters.receiver import Receiver
 from itap_stream.adapters.store import Store, StoreBatch, StoreWriter, anomaly_row, reading_rows
 from itap_stream.config import Settings
 from itap_stream.core.model import Artifact
@@ -31,6 +32,7 @@ from itap_stream.core.pipeline import BatchResult, Processor
 from itap_stream.core.readings import Reading, Rejection, decode
 from itap_stream.core.rules import RuleEngine
 from itap_stream.core.schema import SensorSchema
+from itap_stream.errors import BrokerError
 
 __all__ = ["Consumer"]
 
@@ -87,21 +89,38 @@ class Consumer:
         )
         self.store = store
         self.writer = StoreWriter(store, on_written=lambda _b, dt: self.metrics.store_latency.observe(dt))
-        self.inbox = Inbox(maxsize=settings.queue_max)
         self.on_alert = on_alert
         self._stop = threading.Event()
         self._prefix_len = len(settings.topic_prefix) + len("/telemetry/")
         status = settings.topic("status", "consumer", settings.client_id)
         self._offline = Will(status, b"offline", qos=1, retain=True)
+        subscriptions = [(settings.topic("telemetry", "+"), settings.qos)]
+        self.inbox: Inbox | Receiver
+        if settings.intake == "process":
+            # the child holds the subscription (and the persistent session under client_id);
+            # this process publishes alerts, dead letters and status on its own connection
+            self.inbox = Receiver(
+                settings.broker_url,
+                settings.client_id,
+                subscriptions,
+                on_connection=self._on_connection,
+                queue_max=settings.queue_max,
+                log_level=settings.log_level,
+            )
+            link_id, link_subs, link_inbox, on_link = f"{settings.client_id}-out", [], None, None
+        else:
+            self.inbox = Inbox(maxsize=settings.queue_max)
+            link_id, link_subs, link_inbox, on_link = settings.client_id, subscriptions, self.inbox, self._on_connection
         self.link = MqttLink(
             settings.broker_url,
-            settings.client_id,
-            subscriptions=[(settings.topic("telemetry", "+"), settings.qos)],
-            inbox=self.inbox,
+            link_id,
+            subscriptions=link_subs,
+            inbox=link_inbox,
             will=self._offline,
             birth=Will(status, b"online", qos=1, retain=True),
-            clean_session=False,
-            on_connection=self._on_connection,
+            clean_session=link_inbox is None,
+            on_connection=on_link,
+            announce=link_inbox is not None,  # "online" only once the intake process is subscribed
         )
         self._was_connected = False
         self._reject_log: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
@@ -125,6 +144,14 @@ class Consumer:
     def run(self, ready: threading.Event | None = None) -> None:
         """Connect and process until `stop` is called; everything received is stored."""
         self.link.start()
+        if isinstance(self.inbox, Receiver):
+            try:
+                self.inbox.start()
+            except BrokerError:
+                self.link.stop()
+                self.writer.close()
+                raise
+            self.link.announce()
         log.info(
             "consumer %s subscribed to %s on %s:%s",
             self.settings.client_id,
@@ -138,12 +165,19 @@ class Consumer:
             while not self._stop.is_set():
                 self._step(timeout_s=0.1)
             # stop intake, then drain what the broker already handed us
-            self.link.unsubscribe_all()
-            time.sleep(0.05)
-            while self._step(timeout_s=0.05):
-                pass
+            if isinstance(self.inbox, Receiver):
+                rest = self.inbox.stop()
+                for i in range(0, len(rest), self.settings.batch_max):
+                    self.process_messages(rest[i : i + self.settings.batch_max])
+            else:
+                self.link.unsubscribe_all()
+                time.sleep(0.05)
+                while self._step(timeout_s=0.05):
+                    pass
             self.writer.flush()
         finally:
+            if isinstance(self.inbox, Receiver) and not self.inbox.stopped:
+                self.inbox.stop(timeout_s=1.0)
             self.link.stop(final=self._offline)
             self.writer.close()
             log.info("consumer stopped after %d micro-batches", self.batches)
@@ -209,6 +243,10 @@ class Consumer:
             )
             if self.on_alert is not None:
                 self.on_alert(d)
+        if result.alerts:
+            # paho's network thread sends them; give it the GIL now rather than after the
+            # rest of this batch (otherwise an alert waits up to a 5 ms switch interval or more)
+            time.sleep(0.0005)
         oldest = min(t for _topic, _p, t in msgs)
         batch.on_commit.append(lambda: m.latency.observe(max(0.0, time.time() - oldest)))
         self.writer.submit(batch)

@@ -56,7 +56,9 @@ def _wait(pred, timeout=30.0):
     return False
 
 
-def test_faulty_device_alerts_healthy_one_does_not_and_rows_are_stored(settings, tmp_path):
+@pytest.mark.parametrize("intake", ["process", "thread"])
+def test_faulty_device_alerts_healthy_one_does_not_and_rows_are_stored(settings, tmp_path, intake):
+    settings = settings.replace(intake=intake)
     alerts = Subscriber(settings.broker_url, "itap/alerts/#")
     metrics = Metrics()
     consumer, thread = _start(settings, metrics)
@@ -193,3 +195,25 @@ def test_itap_run_stops_on_sigterm_with_everything_stored(settings, tmp_path):
     db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
     assert db.execute("select count(*) from readings").fetchone()[0] == sent
     db.close()
+
+
+def test_intake_process_hands_over_its_backlog_and_exits_on_stop(settings):
+    """The intake child holds the subscription: on stop it unsubscribes, hands over what it
+    received, and exits; "online" is announced only once it is subscribed."""
+    status = Subscriber(settings.broker_url, f"itap/status/consumer/{settings.client_id}")
+    metrics = Metrics()
+    consumer, thread = _start(settings.replace(intake="process"), metrics)
+    assert _wait(lambda: any(p == b"online" for _t, p, _r in status.messages), 10)
+    child = consumer.inbox._proc  # noqa: SLF001 - the test checks the process itself
+    assert child.is_alive()
+    sim = simulate(3, 400, seed=5, maint=False)
+    sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-handover")
+    consumer.stop()  # at once: part of the traffic is still in the child or the pipe
+    thread.join(20)
+    assert not thread.is_alive()
+    child.join(5)
+    assert not child.is_alive() and child.exitcode == 0
+    assert metrics.sample("itap_readings_received_total") == sent
+    assert metrics.sample("itap_mqtt_connected") == 1  # reported by the child while it ran
+    assert _wait(lambda: status.messages[-1][1] == b"offline", 5)
+    status.close()

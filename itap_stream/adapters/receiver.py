@@ -1,0 +1,202 @@
+"""Telemetry intake in a child process: paho's per-message Python work off the GIL.
+
+paho-mqtt spends about 25 µs of Python per received message (packet parsing, message
+objects, callbacks). In the consumer process that time competes for the GIL with
+decoding, scoring and the store writer, and the benchmark showed the consumer at half
+the bare subscriber's rate. Here a child process owns the subscribing connection (stable
+client id, persistent session) and hands micro-batches of raw messages
+``(topic, payload, received_at)`` to the consumer over a pipe; the consumer keeps its own
+connection for publishing alerts, dead letters and status.
+
+The child exits when the consumer asks it to (after unsubscribing and handing over
+everything it received) or when the pipe closes (the consumer died).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from itap_stream.adapters.mqtt import Inbox, Message, MqttLink
+from itap_stream.errors import BrokerError
+
+__all__ = ["Receiver"]
+
+log = logging.getLogger(__name__)
+
+
+class Receiver:
+    """The consumer's side of the intake process; `drain` has the `Inbox` signature.
+
+    Parameters
+    ----------
+    url, client_id, subscriptions
+        As for `MqttLink`; the child subscribes with ``clean_session=False``.
+    on_connection
+        Called in the consumer (from `drain`) when the intake connection goes up or down.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        subscriptions: Sequence[tuple[str, int]],
+        *,
+        on_connection: Callable[[bool], None] | None = None,
+        queue_max: int = 100_000,
+        log_level: str = "INFO",
+    ) -> None:
+        self._on_connection = on_connection
+        ctx = multiprocessing.get_context("spawn")  # no inherited threads or sockets
+        self._conn, child_end = ctx.Pipe(duplex=True)
+        params = {
+            "url": url,
+            "client_id": client_id,
+            "subscriptions": list(subscriptions),
+            "queue_max": queue_max,
+            "log_level": log_level,
+        }
+        self._proc = ctx.Process(target=_child_main, args=(child_end, params), name="itap-receiver", daemon=True)
+        self._child_end = child_end
+        self._carry: list[Message] = []
+        self.stopped = False
+
+    def __len__(self) -> int:
+        return len(self._carry)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the child and wait until it is subscribed; raises `BrokerError` if it cannot connect."""
+        self._proc.start()
+        self._child_end.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._conn.poll(left):
+                self._kill()
+                msg = f"the MQTT intake process did not connect within {timeout_s:.0f}s"
+                raise BrokerError(msg)
+            kind, data = self._recv()
+            if kind == "ready":
+                return
+            if kind == "error":
+                self._kill()
+                raise BrokerError(data)
+            self._handle(kind, data)
+
+    def _recv(self) -> tuple[str, Any]:
+        try:
+            return self._conn.recv()  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            self.stopped = True
+            return "gone", None
+
+    def _handle(self, kind: str, data: Any) -> None:
+        if kind == "conn" and self._on_connection is not None:
+            self._on_connection(bool(data))
+        elif kind == "stopped":
+            self.stopped = True
+        elif kind == "gone":
+            log.error("the MQTT intake process ended unexpectedly (exit code %s)", self._proc.exitcode)
+
+    def drain(self, max_items: int, wait_s: float, linger_s: float, max_bytes: int = 0) -> list[Message]:
+        """Up to ``max_items`` messages: wait at most ``wait_s`` for the first batch from the
+        child, then take further batches for at most ``linger_s``."""
+        out, self._carry = self._carry, []
+        size = sum(len(m[1]) for m in out)
+        deadline = time.monotonic() + linger_s if out else None
+        limit = max_bytes or 1 << 62
+        while len(out) < max_items and size < limit and not self.stopped:
+            timeout = wait_s if deadline is None else deadline - time.monotonic()
+            if timeout < 0 or not self._conn.poll(max(0.0, timeout)):
+                break
+            kind, data = self._recv()
+            if kind == "batch":
+                out.extend(data)
+                size += sum(len(m[1]) for m in data)
+                if deadline is None:
+                    deadline = time.monotonic() + linger_s
+            else:
+                self._handle(kind, data)
+        if len(out) > max_items:
+            out, self._carry = out[:max_items], out[max_items:]
+        return out
+
+    def stop(self, timeout_s: float = 5.0) -> list[Message]:
+        """Ask the child to unsubscribe and hand over what it holds; returns those messages."""
+        rest: list[Message] = []
+        if self._proc.is_alive() and not self.stopped:
+            try:
+                self._conn.send(("stop", None))
+            except (OSError, ValueError):
+                self.stopped = True
+            deadline = time.monotonic() + timeout_s
+            while not self.stopped and time.monotonic() < deadline:
+                rest += self.drain(1 << 30, wait_s=max(0.0, deadline - time.monotonic()), linger_s=0.0)
+        rest = self._carry + rest
+        self._carry = []
+        self._proc.join(timeout=timeout_s)
+        if self._proc.is_alive():
+            self._kill()
+        self._conn.close()
+        return rest
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout=5)
+
+
+def _child_main(conn: Any, params: dict[str, Any]) -> None:
+    """The intake process: paho into an `Inbox`, the inbox drained into the pipe."""
+    # the consumer decides when intake stops (it drains first); Ctrl-C reaches the whole
+    # process group, so the child must not die of it before the hand-over
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=params["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lock = threading.Lock()
+
+    def send(kind: str, data: Any) -> None:
+        with lock:
+            conn.send((kind, data))
+
+    inbox = Inbox(maxsize=params["queue_max"])
+    link = MqttLink(
+        params["url"],
+        params["client_id"],
+        subscriptions=params["subscriptions"],
+        inbox=inbox,
+        clean_session=False,
+        on_connection=lambda up: send("conn", up),
+    )
+    try:
+        link.start()
+    except BrokerError as exc:
+        send("error", str(exc))
+        return
+    send("ready", None)
+    try:
+        while True:
+            if conn.poll(0):
+                kind, _data = conn.recv()
+                if kind == "stop":
+                    break
+            batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
+            if batch:
+                send("batch", batch)
+        link.unsubscribe_all()
+        time.sleep(0.1)  # what the broker already sent is still arriving
+        while True:
+            batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
+            if not batch:
+                break
+            send("batch", batch)
+        send("stopped", None)
+    except (EOFError, OSError, BrokenPipeError):
+        pass  # the consumer is gone: nothing to hand over to
+    finally:
+        link.stop()
