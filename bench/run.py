@@ -179,10 +179,17 @@ class ConsumerProc:
             time.sleep(poll_s)
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-        return math.nan
+        """RSS of the consumer and its intake child together (shared pages counted twice)."""
+        total = 0.0
+        pids = [self.proc.pid]
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            except OSError:
+                continue
+            total += next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")), 0) / 1024.0
+        return total
 
     def stop(self) -> None:
         if self._conn is not None:
@@ -539,7 +546,7 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
             continue
         key = "rss_100k_devices_mb" if n == 100_000 else ""
         add(f"{n:,} devices: msgs/s (1 reading/msg, QoS 0)", f"{g['msgs_per_s']:,.0f}")
-        add(f"{n:,} devices: consumer RSS MB (bytes/device)", f"{g['rss_mb']:,.0f} ({g['bytes_per_device']:,.0f})", verdict(key) if key else "")
+        add(f"{n:,} devices: RSS MB, consumer + intake process (bytes/device)", f"{g['rss_mb']:,.0f} ({g['bytes_per_device']:,.0f})", verdict(key) if key else "")
     if "score" in med:
         add(f"`itap score` over a {scale.score_rows:,}-row CSV (rows/s)", f"{med['score']['rows_per_s']:,.0f}", verdict("score_rows_per_s"))
     w0 = max(len(r[0]) for r in rows)

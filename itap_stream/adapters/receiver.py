@@ -116,8 +116,9 @@ class Receiver:
                 break
             kind, data = self._recv()
             if kind == "batch":
-                out.extend(data)
-                size += sum(len(m[1]) for m in data)
+                msgs, nbytes = data
+                out.extend(msgs)
+                size += nbytes
                 if deadline is None:
                     deadline = time.monotonic() + linger_s
             else:
@@ -187,14 +188,14 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
                     break
             batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
             if batch:
-                send("batch", batch)
+                send("batch", (batch, sum(len(m[1]) for m in batch)))
         link.unsubscribe_all()
         time.sleep(0.1)  # what the broker already sent is still arriving
         while True:
             batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
             if not batch:
                 break
-            send("batch", batch)
+            send("batch", (batch, sum(len(m[1]) for m in batch)))
         send("stopped", None)
     except (EOFError, OSError, BrokenPipeError):
         pass  # the consumer is gone: nothing to hand over to

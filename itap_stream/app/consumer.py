@@ -255,11 +255,18 @@ class Consumer:
 
     def _rows(self, result: BatchResult, readings: list[Reading]) -> StoreBatch:
         batch = StoreBatch(readings=reading_rows(readings))
-        devices: dict[str, tuple[float, float]] = {}
+        span: dict[str, list[float]] = {}  # device -> [first, last] ts in this batch
+        get = span.get
         for r in readings:
-            seen = devices.get(r.device_id)
-            devices[r.device_id] = (r.ts, r.ts) if seen is None else (min(seen[0], r.ts), max(seen[1], r.ts))
-        batch.devices = devices
+            device_id, ts = r[0], r[1]
+            seen = get(device_id)
+            if seen is None:
+                span[device_id] = [ts, ts]
+            elif ts > seen[1]:
+                seen[1] = ts
+            elif ts < seen[0]:
+                seen[0] = ts
+        batch.devices = {d: (f, last) for d, (f, last) in span.items()}
         w = result.windows
         if w is not None and len(w) and result.scores is not None and result.is_anomaly is not None:
             states = w.last_states
