@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as paho
 
 from bench.feed import RawPublisher
@@ -178,9 +179,9 @@ class ConsumerProc:
                 raise RuntimeError(msg)
             time.sleep(poll_s)
 
-    def rss_mb(self) -> float:
-        """RSS of the consumer and its intake child together (shared pages counted twice)."""
-        total = 0.0
+    def rss_parts_mb(self) -> list[float]:
+        """RSS of the consumer, then of each of its child processes (intake, multiprocessing's tracker)."""
+        parts: list[float] = []
         pids = [self.proc.pid]
         for pid in pids:
             try:
@@ -188,8 +189,12 @@ class ConsumerProc:
                 pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
             except OSError:
                 continue
-            total += next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")), 0) / 1024.0
-        return total
+            parts.append(next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")), 0) / 1024.0)
+        return parts
+
+    def rss_mb(self) -> float:
+        """RSS of the consumer and its children together (shared pages counted twice)."""
+        return sum(self.rss_parts_mb())
 
     def stop(self) -> None:
         if self._conn is not None:
@@ -410,13 +415,16 @@ class Bench:
                     pub.send(measure_data)
                     t1 = c.wait_stored(warm.readings + measure.readings)
                     pub.close()
-                    rss = c.rss_mb()
+                    parts = c.rss_parts_mb()
+                    rss = sum(parts)
                     self.watcher.take_alerts()
                     return {
                         "msgs_per_s": measure.readings / (t1 - t0),
                         "rss_idle_mb": rss0,
                         "rss_warm_mb": rss_warm,
                         "rss_mb": rss,
+                        "rss_consumer_mb": parts[0] if parts else math.nan,
+                        "rss_children_mb": sum(parts[1:]),
                         "bytes_per_device": (rss - rss0) * 1024 * 1024 / n_dev,
                     }
                 finally:
@@ -455,6 +463,78 @@ class Bench:
             return {"rows_per_s": rows / dt, "seconds": dt}
 
         return self.repeat("score", once)
+
+
+def stage_costs(model: Path, workdir: Path, runs: int) -> dict[str, Any]:
+    """Where the time goes, in this process (no broker, no GIL contention): µs per reading
+    or per window of each stage of the consumer, the median of ``runs``."""
+    from itap_stream.adapters import artifacts
+    from itap_stream.adapters.store import Store, StoreBatch, reading_rows
+    from itap_stream.config import load
+    from itap_stream.core.features import extract
+    from itap_stream.core.pipeline import Processor
+    from itap_stream.core.readings import decode
+    from itap_stream.core.rules import RuleEngine
+    from itap_stream.core.window import FleetWindows
+    from bench.payloads import render_readings
+
+    settings = load(ROOT / "configs" / "itap.yaml", environ={})
+    schema = settings.schema()
+    rules, resolve_after = settings.rules()
+    art = artifacts.load(model)
+    n_dev, steps = 100, 200
+    sim = simulate(n_dev, float(steps), seed=6)
+    text = render_readings(sim)
+    singles = [(sim.device_ids[d], text[d][k].encode()) for k in range(steps) for d in range(n_dev)]
+    arrays = [(sim.device_ids[d], ("[" + ",".join(text[d][k : k + 50]) + "]").encode())
+              for k in range(0, steps, 50) for d in range(n_dev)]
+    readings = [r for dev, p in singles for r in decode(p, schema, dev)[0]]
+    n = len(readings)
+
+    def timed(fn: Callable[[], Any], per: int) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) / per * 1e6
+
+    def push_all() -> None:
+        fw = FleetWindows(len(schema.names), settings.window, settings.hop)
+        for r in readings:
+            fw.push(r)
+        fw.take_due()
+
+    def process_all() -> None:
+        proc = Processor(schema, art, RuleEngine(rules, resolve_after_s=resolve_after))
+        for i in range(0, n, 500):
+            proc.process(readings[i : i + 500])
+
+    values = np.stack([sim.values[k : k + settings.window].transpose(1, 0, 2) for k in range(0, 64, 8)]).reshape(-1, settings.window, len(schema.names))
+    values = np.nan_to_num(values, nan=1.0)
+    states = np.zeros(values.shape[:2], dtype=np.int8)
+    X = extract(values, states)
+    db = workdir / "stages.db"
+    rows = reading_rows(readings)
+
+    def store_all() -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+        store = Store(f"sqlite:///{db}", schema)
+        for i in range(0, n, 2048):
+            store.write(StoreBatch(readings=rows[i : i + 2048]))
+        store.dispose()
+
+    out: dict[str, list[float]] = {k: [] for k in (
+        "decode_single_us", "decode_array50_us", "window_push_us", "extract_us_per_window",
+        "score_us_per_window", "processor_us", "rows_us", "sqlite_write_us")}
+    for _ in range(runs):
+        out["decode_single_us"].append(timed(lambda: [decode(p, schema, d) for d, p in singles], n))
+        out["decode_array50_us"].append(timed(lambda: [decode(p, schema, d) for d, p in arrays], n))
+        out["window_push_us"].append(timed(push_all, n))
+        out["extract_us_per_window"].append(timed(lambda: [extract(values[i : i + 256], states[i : i + 256]) for i in range(0, len(values), 256)], len(values)))
+        out["score_us_per_window"].append(timed(lambda: [art.detector.score(X[i : i + 256]) for i in range(0, len(X), 256)], len(X)))
+        out["processor_us"].append(timed(process_all, n))
+        out["rows_us"].append(timed(lambda: reading_rows(readings), n))
+        out["sqlite_write_us"].append(timed(store_all, n))
+    return {"median": {k: statistics.median(v) for k, v in out.items()}, "runs": [dict(zip(out, vals)) for vals in zip(*out.values())]}
 
 
 def train_model(workdir: Path) -> Path:
@@ -549,6 +629,16 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
         add(f"{n:,} devices: RSS MB, consumer + intake process (bytes/device)", f"{g['rss_mb']:,.0f} ({g['bytes_per_device']:,.0f})", verdict(key) if key else "")
     if "score" in med:
         add(f"`itap score` over a {scale.score_rows:,}-row CSV (rows/s)", f"{med['score']['rows_per_s']:,.0f}", verdict("score_rows_per_s"))
+    if "stages" in med:
+        st = med["stages"]
+        add("in-process cost: decode, 1 reading/msg (µs/reading)", f"{st['decode_single_us']:.2f}")
+        add("in-process cost: decode, 50 readings/msg (µs/reading)", f"{st['decode_array50_us']:.2f}")
+        add("in-process cost: ring buffer push (µs/reading)", f"{st['window_push_us']:.2f}")
+        add("in-process cost: features (µs/window)", f"{st['extract_us_per_window']:.2f}")
+        add("in-process cost: score (µs/window)", f"{st['score_us_per_window']:.2f}")
+        add("in-process cost: Processor.process, all of the core (µs/reading)", f"{st['processor_us']:.2f}")
+        add("in-process cost: store rows (µs/reading)", f"{st['rows_us']:.2f}")
+        add("in-process cost: SQLite insert, 2048/transaction (µs/reading)", f"{st['sqlite_write_us']:.2f}")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"| {'measure'.ljust(w0)} | {'median'.rjust(w1)} | target |", f"|{'-' * (w0 + 2)}|{'-' * (w1 + 1)}:|--------|"]
@@ -556,10 +646,12 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
     return "\n".join(lines)
 
 
-SECTIONS = ("ceiling", "pipeline", "batched", "latency", "growth", "score")
+SECTIONS = ("ceiling", "pipeline", "batched", "latency", "growth", "score", "stages")
 
 
-def run_benchmark(scale: Scale, sections: Sequence[str] = SECTIONS, out: Path | None = None) -> dict[str, Any]:
+def run_benchmark(
+    scale: Scale, sections: Sequence[str] = SECTIONS, out: Path | None = None, *, merge: bool = False
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="itap-bench-") as tmp:
         workdir = Path(tmp)
@@ -594,8 +686,14 @@ def run_benchmark(scale: Scale, sections: Sequence[str] = SECTIONS, out: Path | 
                     b.growth(0)
                 if "score" in sections:
                     b.score()
+                if "stages" in sections:
+                    b.results["stages"] = stage_costs(model, workdir, scale.runs)
+                    log("stages: " + ", ".join(f"{k}={v:.2f}" for k, v in b.results["stages"]["median"].items()))
             finally:
                 watcher.close()
+    if merge and out is not None and out.exists():
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        b.results = {**previous.get("results", {}), **b.results}
     summary = summarize(b.results, scale)
     report = {
         "machine": machine(),
@@ -622,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, help="runs per figure (default 3; the median is reported)")
     p.add_argument("--only", help=f"comma list of sections: {', '.join(SECTIONS)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="JSON results file")
+    p.add_argument("--merge", action="store_true", help="keep the other sections' results already in --out")
     args = p.parse_args(argv)
     scale = QUICK if args.quick else FULL
     if args.runs:
@@ -633,5 +732,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         print("python -m bench: error: the benchmark needs the mosquitto binary (apt-get install mosquitto)", file=sys.stderr)
         return 2
-    run_benchmark(scale, sections, Path(args.out))
+    run_benchmark(scale, sections, Path(args.out), merge=args.merge)
     return 0

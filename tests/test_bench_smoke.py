@@ -35,3 +35,5 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     assert res["growth_100"]["median"]["rss_mb"] > 0
     assert "pipeline / ceiling, QoS 0" in proc.stdout and "| measure" in proc.stdout
     assert report["machine"]["cores"] >= 1
+    stages = res["stages"]["median"]
+    assert all(v > 0 for v in stages.values()) and "in-process cost: score" in proc.stdout

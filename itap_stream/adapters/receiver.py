@@ -29,6 +29,9 @@ __all__ = ["Receiver"]
 
 log = logging.getLogger(__name__)
 
+#: Payload bytes the intake process holds before paho stops reading the socket.
+CHILD_INBOX_BYTES = 4 << 20
+
 
 class Receiver:
     """The consumer's side of the intake process; `drain` has the `Inbox` signature.
@@ -165,7 +168,9 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
         with lock:
             conn.send((kind, data))
 
-    inbox = Inbox(maxsize=params["queue_max"])
+    # a small buffer: the pipe and the consumer's micro-batch hold the rest, and what the
+    # consumer cannot take yet should wait in the broker, not in this process's memory
+    inbox = Inbox(maxsize=params["queue_max"], max_bytes=CHILD_INBOX_BYTES)
     link = MqttLink(
         params["url"],
         params["client_id"],

@@ -357,7 +357,7 @@ class StoreWriter:
     """
 
     def __init__(
-        self, store: Store, *, max_pending: int = 64, max_pending_rows: int = 100_000, on_written: Any = None
+        self, store: Store, *, max_pending: int = 64, max_pending_rows: int = 50_000, on_written: Any = None
     ) -> None:
         self.store = store
         self._q: queue.Queue[StoreBatch | None] = queue.Queue(maxsize=max_pending)
