@@ -403,7 +403,10 @@ class Bench:
             warm_data, measure_data = warm.joined(), measure.joined()
             del warm.packets[:], measure.packets[:]
 
-            def once(_i: int, n_dev: int = n_dev) -> dict[str, float]:
+            def once(
+                _i: int, n_dev: int = n_dev, warm: Traffic = warm, measure: Traffic = measure,
+                warm_data: bytes = warm_data, measure_data: bytes = measure_data,
+            ) -> dict[str, float]:
                 c = start_consumer(self.broker, self.watcher, self.workdir, self.model, qos, f"growth{n_dev}")
                 try:
                     rss0 = c.rss_mb()
@@ -468,6 +471,7 @@ class Bench:
 def stage_costs(model: Path, workdir: Path, runs: int) -> dict[str, Any]:
     """Where the time goes, in this process (no broker, no GIL contention): µs per reading
     or per window of each stage of the consumer, the median of ``runs``."""
+    from bench.payloads import render_readings
     from itap_stream.adapters import artifacts
     from itap_stream.adapters.store import Store, StoreBatch, reading_rows
     from itap_stream.config import load
@@ -476,7 +480,6 @@ def stage_costs(model: Path, workdir: Path, runs: int) -> dict[str, Any]:
     from itap_stream.core.readings import decode
     from itap_stream.core.rules import RuleEngine
     from itap_stream.core.window import FleetWindows
-    from bench.payloads import render_readings
 
     settings = load(ROOT / "configs" / "itap.yaml", environ={})
     schema = settings.schema()

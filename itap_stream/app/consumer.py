@@ -211,7 +211,7 @@ class Consumer:
         m.received.inc(len(readings))
         result = self.processor.process(readings)
         m.processed.inc(len(result.accepted))
-        for r, reason in result.dropped:
+        for _r, reason in result.dropped:
             m.rejected.labels(reason).inc()
         n_win = result.n_windows
         if n_win:

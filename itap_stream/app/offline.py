@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,12 @@ import numpy as np
 import pandas as pd
 
 from itap_stream.adapters import artifacts
+from itap_stream.core.aggregate import summarize
 from itap_stream.core.batch import BatchWindows, batch_windows, frame_to_arrays
 from itap_stream.core.features import feature_names
-from itap_stream.core.aggregate import summarize
 from itap_stream.core.model import Artifact, IsolationForestDetector, TrainStats
 from itap_stream.core.pipeline import TableResult, check_compatible, score_table
-from itap_stream.core.rules import RuleEngine
-from itap_stream.core.rules import iso
+from itap_stream.core.rules import RuleEngine, iso
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import DataError
 
@@ -115,7 +114,7 @@ def train_from_frame(
         hop=hop,
         threshold=threshold,
         stats=stats,
-        trained_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
         training=report.to_dict() | {"quantile": quantile, "seed": seed},
         versions=artifacts.library_versions(),
     )

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from itap_stream.core.batch import BatchWindows
 from itap_stream.core.explain import Explanation, explain
 from itap_stream.core.features import extract, feature_families, feature_names
 from itap_stream.core.model import Artifact, confidence
@@ -24,7 +25,6 @@ from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.core.smoothing import smooth
 from itap_stream.core.window import DUPLICATE, FleetWindows, WindowBatch
-from itap_stream.core.batch import BatchWindows
 from itap_stream.errors import SchemaMismatch
 
 __all__ = ["Assessment", "BatchResult", "Processor", "TableResult", "assess", "check_compatible", "score_table"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -82,7 +82,7 @@ def parse_ts(value: Any) -> float:
     elif isinstance(value, str):
         dt = datetime.fromisoformat(value.strip())
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         ts = dt.timestamp()
     else:
         msg = f"ts must be a number or an RFC 3339 string, got {type(value).__name__}"
