@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
 #: A micro-batch ends once its payloads reach this size (array payloads carry many readings).
 BATCH_MAX_BYTES = 1 << 20
+#: Pause before a crashed intake process is replaced.
+INTAKE_RESTART_DELAY_S = 1.0
 
 
 class Consumer:
@@ -99,14 +101,7 @@ class Consumer:
         if settings.intake == "process":
             # the child holds the subscription (and the persistent session under client_id);
             # this process publishes alerts, dead letters and status on its own connection
-            self.inbox = Receiver(
-                settings.broker_url,
-                settings.client_id,
-                subscriptions,
-                on_connection=self._on_connection,
-                queue_max=settings.queue_max,
-                log_level=settings.log_level,
-            )
+            self.inbox = self._new_receiver()
             link_id, link_subs, link_inbox, on_link = f"{settings.client_id}-out", [], None, None
         else:
             self.inbox = Inbox(maxsize=settings.queue_max)
@@ -125,6 +120,41 @@ class Consumer:
         self._was_connected = False
         self._reject_log: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
         self.batches = 0
+        self.intake_restarts = 0
+
+    def _new_receiver(self) -> Receiver:
+        st = self.settings
+        return Receiver(
+            st.broker_url,
+            st.client_id,
+            [(st.topic("telemetry", "+"), st.qos)],
+            on_connection=self._on_connection,
+            queue_max=st.queue_max,
+            log_level=st.log_level,
+        )
+
+    def _restart_intake(self) -> None:
+        """The intake process died (killed, out of memory): start a new one. Its persistent
+        session makes the broker keep what arrived meanwhile (QoS 1)."""
+        self._on_connection(False)
+        log.error("MQTT intake process ended unexpectedly; starting a new one")
+        time.sleep(INTAKE_RESTART_DELAY_S)
+        old = self.inbox
+        assert isinstance(old, Receiver)
+        rest = old.stop(timeout_s=1.0)
+        if rest:
+            self.process_messages(rest)
+        receiver = self._new_receiver()
+        try:
+            receiver.start()
+        except BrokerError as exc:
+            log.error("cannot restart MQTT intake: %s; retrying", exc)
+            receiver.stop(timeout_s=1.0)
+            receiver.stopped = True  # the loop tries again
+            self.inbox = receiver
+            return
+        self.inbox = receiver
+        self.intake_restarts += 1
 
     def _on_connection(self, up: bool) -> None:
         self.metrics.connected.set(1 if up else 0)
@@ -164,6 +194,8 @@ class Consumer:
         try:
             while not self._stop.is_set():
                 self._step(timeout_s=0.1)
+                if isinstance(self.inbox, Receiver) and self.inbox.stopped and not self._stop.is_set():
+                    self._restart_intake()
             # stop intake, then drain what the broker already handed us
             if isinstance(self.inbox, Receiver):
                 rest = self.inbox.stop()

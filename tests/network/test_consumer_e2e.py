@@ -217,3 +217,31 @@ def test_intake_process_hands_over_its_backlog_and_exits_on_stop(settings):
     assert metrics.sample("itap_mqtt_connected") == 1  # reported by the child while it ran
     assert _wait(lambda: status.messages[-1][1] == b"offline", 5)
     status.close()
+
+
+def test_a_killed_intake_process_is_replaced_and_its_session_delivers_the_gap(settings):
+    import os
+    import signal
+
+    metrics = Metrics()
+    consumer, thread = _start(settings.replace(intake="process", qos=1), metrics)
+    try:
+        first = publish(simulate(2, 200, seed=6, maint=False), settings.broker_url, speed=0, qos=1, client_id="t-sim-k1")
+        assert _wait(lambda: metrics.sample("itap_readings_received_total") >= first)
+        child = consumer.inbox._proc  # noqa: SLF001 - the test kills the process itself
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(5)
+        # published while no intake process runs: the broker keeps them in the consumer's session
+        sim = simulate(2, 300, seed=7, maint=False)
+        sim.ts = sim.ts + 10_000.0
+        gap = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-k2")
+        assert _wait(lambda: consumer.intake_restarts == 1, 20)
+        assert consumer.inbox._proc.pid != child.pid  # noqa: SLF001
+        assert _wait(lambda: metrics.sample("itap_readings_received_total") >= first + gap, 20)
+        assert metrics.sample("itap_mqtt_reconnects_total") >= 1
+    finally:
+        consumer.stop()
+        thread.join(20)
+    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    assert db.execute("select count(*) from readings").fetchone()[0] == first + gap
+    db.close()
