@@ -23,6 +23,7 @@ EPILOGS = {
     "demo": "example:\n  itap demo                      # ~1 minute, broker included\n  itap demo --duration 20 --devices 4 --broker mqtt://127.0.0.1:1883",
     "run": "example:\n  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
     "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
+    "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n  itap alerts --severity CRITICAL --device DEV-0007\n  itap alerts --json --count 10 --timeout 60 | jq .rule",
     "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
     "train": "examples:\n  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n  itap train --csv data/normal.csv --model models/current.joblib",
 }
@@ -93,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="where to write the artifact (default: configured model_path)")
     p.add_argument("--schema", help="sensor schema YAML (default: configured sensors_file)")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("alerts", help="print alerts live from the broker", epilog=EPILOGS["alerts"], formatter_class=fmt)
+    _common(p)
+    p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
+    p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+    p.add_argument("--device", action="append", default=[], help="only this device (repeat for more)")
+    p.add_argument("--severity", action="append", default=[], help="only this severity: INFO, WARNING, CRITICAL (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON alert per line, for machines")
+    p.add_argument("--count", type=int, help="exit after this many alerts")
+    p.add_argument("--timeout", help="exit after this long, e.g. 60 or 10m (default: run until Ctrl-C)")
+    p.add_argument("--no-colour", action="store_true", help="no ANSI colours even on a terminal")
 
     p = sub.add_parser(
         "score", help="score a readings CSV in batch (same features, model and rules as the stream)",
@@ -284,7 +296,34 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+def _cmd_alerts(args: argparse.Namespace) -> int:
+    from itap_stream.app.watch import watch_alerts
+
+    settings = _settings(args)
+    bad = {s.upper() for s in args.severity} - {"INFO", "WARNING", "CRITICAL"}
+    if bad:
+        msg = f"unknown severity {sorted(bad)}; use INFO, WARNING or CRITICAL"
+        raise ConfigError(msg)
+    if args.count is not None and args.count < 1:
+        msg = "--count must be at least 1"
+        raise ConfigError(msg)
+    if not args.json:
+        what = ", ".join(args.device) or "all devices"
+        print(f"listening for alerts of {what} on {settings.broker_url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    watch_alerts(
+        settings,
+        sys.stdout,
+        devices=args.device,
+        severities=args.severity,
+        as_json=args.json,
+        colour=sys.stdout.isatty() and not args.no_colour and not os.environ.get("NO_COLOR"),
+        count=args.count,
+        timeout_s=parse_duration(args.timeout) if args.timeout else None,
+    )
+    return 0
+
+
+COMMANDS = {"alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
