@@ -24,6 +24,7 @@ EPILOGS = {
     "run": "example:\n  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
     "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
     "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n  itap alerts --severity CRITICAL --device DEV-0007\n  itap alerts --json --count 10 --timeout 60 | jq .rule",
+    "validate": "examples:\n  itap validate data/fleet.csv\n  itap validate data/plant.csv --schema configs/plant-sensors.yaml --out reports/plant-quality.json",
     "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
     "train": "examples:\n  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n  itap train --csv data/normal.csv --model models/current.joblib",
 }
@@ -105,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="exit after this many alerts")
     p.add_argument("--timeout", help="exit after this long, e.g. 60 or 10m (default: run until Ctrl-C)")
     p.add_argument("--no-colour", action="store_true", help="no ANSI colours even on a terminal")
+
+    p = sub.add_parser(
+        "validate", help="data-quality report of a readings CSV (exit 1 when unusable)",
+        epilog=EPILOGS["validate"], formatter_class=fmt,
+    )
+    _common(p)
+    p.add_argument("csv", help="readings CSV")
+    p.add_argument("--schema", help="sensor schema YAML (default: configured sensors_file)")
+    p.add_argument("--out", help="write the full report as JSON here")
 
     p = sub.add_parser(
         "score", help="score a readings CSV in batch (same features, model and rules as the stream)",
@@ -323,7 +333,26 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from itap_stream.app.validate import format_report, validate_csv
+    from itap_stream.config import load_yaml
+    from itap_stream.core.schema import SensorSchema
+
+    settings = _settings(args)
+    schema = SensorSchema.from_dict(load_yaml(args.schema, what="sensor schema")) if args.schema else settings.schema()
+    report = validate_csv(args.csv, schema)
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"report written to {args.out}")
+    return 0 if report["usable"] else 1
+
+
+COMMANDS = {"validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
