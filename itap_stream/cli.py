@@ -24,6 +24,7 @@ EPILOGS = {
     "run": "example:\n  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
     "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
     "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n  itap alerts --severity CRITICAL --device DEV-0007\n  itap alerts --json --count 10 --timeout 60 | jq .rule",
+    "ingest": "examples:\n  itap ingest data/fleet.csv --db sqlite:///plant.db\n  itap ingest data/history.csv --db postgresql://postgres@127.0.0.1/itap --rejected reports/bad_rows.csv",
     "validate": "examples:\n  itap validate data/fleet.csv\n  itap validate data/plant.csv --schema configs/plant-sensors.yaml --out reports/plant-quality.json",
     "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
     "train": "examples:\n  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n  itap train --csv data/normal.csv --model models/current.joblib",
@@ -106,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="exit after this many alerts")
     p.add_argument("--timeout", help="exit after this long, e.g. 60 or 10m (default: run until Ctrl-C)")
     p.add_argument("--no-colour", action="store_true", help="no ANSI colours even on a terminal")
+
+    p = sub.add_parser(
+        "ingest", help="load a readings CSV into the store (idempotent; bad rows to a report)",
+        epilog=EPILOGS["ingest"], formatter_class=fmt,
+    )
+    _common(p)
+    p.add_argument("csv", help="readings CSV")
+    p.add_argument("--db", help="store URL (default: configured db_url)")
+    p.add_argument("--schema", help="sensor schema YAML (default: configured sensors_file)")
+    p.add_argument("--rejected", help="CSV for rejected rows with their reason (default: FILE.rejected.csv)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
 
     p = sub.add_parser(
         "validate", help="data-quality report of a readings CSV (exit 1 when unusable)",
@@ -352,7 +364,29 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report["usable"] else 1
 
 
-COMMANDS = {"validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from itap_stream.adapters.store import Store
+    from itap_stream.app.ingest import ingest_csv, print_progress
+    from itap_stream.config import load_yaml
+    from itap_stream.core.schema import SensorSchema
+
+    settings = _settings(args)
+    schema = SensorSchema.from_dict(load_yaml(args.schema, what="sensor schema")) if args.schema else settings.schema()
+    store = Store(settings.db_url, schema)
+    try:
+        rep = ingest_csv(args.csv, store, report_path=args.rejected, progress=None if args.quiet else print_progress)
+    finally:
+        store.dispose()
+    reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(rep.reasons.items()))
+    print(
+        f"read {rep.rows:,} rows: inserted {rep.inserted:,}, already stored {rep.already_stored:,}, "
+        f"rejected {rep.rejected:,}" + (f" ({reasons}; rows and reasons in {rep.report_path})" if rep.rejected else "")
+        + f"\nstore: {settings.db_url}"
+    )
+    return 0
+
+
+COMMANDS = {"ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

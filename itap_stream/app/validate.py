@@ -19,14 +19,14 @@ import pandas as pd
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import DataError
 
-__all__ = ["GAP_FACTOR", "format_report", "validate_csv"]
+__all__ = ["GAP_FACTOR", "format_report", "parse_ts_column", "validate_csv"]
 
 #: A step between two readings of a device larger than this many times the device's
 #: median step is reported as a gap.
 GAP_FACTOR = 3.0
 
 
-def _parse_ts(raw: pd.Series) -> pd.Series:
+def parse_ts_column(raw: pd.Series) -> pd.Series:
     """Epoch seconds from numbers or RFC 3339 text; NaN where neither."""
     num = pd.to_numeric(raw, errors="coerce")
     text = raw[num.isna() & raw.notna()]
@@ -57,7 +57,7 @@ def validate_csv(path: str | Path, schema: SensorSchema) -> dict[str, Any]:
     if not len(df):
         reasons.append("the file has no rows")
     if "device_id" in df.columns and "ts" in df.columns and len(df):
-        ts = _parse_ts(df["ts"])
+        ts = parse_ts_column(df["ts"])
         dev = df["device_id"]
         ok = ts.notna() & dev.notna()
         report["rows_without_device"] = int(dev.isna().sum())
