@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", help="sensor schema YAML (default: configured sensors_file)")
     p.add_argument("--out-dir", default="artifacts", help="where alerts.json and aggregate_summaries.json go")
     p.add_argument("--windows-out", help="also write every scored window (score, flag, family) to this CSV")
+    p.add_argument(
+        "--rows-out",
+        help="also write one row per input reading, in input order: score and anomaly (0/1) as a live run "
+        "would have decided at that reading; warmup=1 before a device's first full window",
+    )
     return parser
 
 
@@ -291,7 +296,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from itap_stream.core.schema import SensorSchema
 
     settings = _settings(args)
-    schema = SensorSchema.from_dict(load_yaml(args.schema, what="sensor schema")) if args.schema else settings.schema()
     rules, resolve_after_s = settings.rules()
     t0 = time.perf_counter()
 
@@ -299,6 +303,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {text}", file=sys.stderr, flush=True)
 
     artifact = artifacts.load(settings.model_path)
+    # the model knows the sensor set it was trained on; --schema overrides (and is checked)
+    schema = SensorSchema.from_dict(
+        load_yaml(args.schema, what="sensor schema") if args.schema else artifact.schema
+    )
     step(f"reading {args.csv} ...")
     df = read_readings(args.csv, schema)
     step(f"read {len(df):,} readings; windowing, featuring and scoring ...")
@@ -308,6 +316,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     )
     step(f"scored {len(result.windows):,} windows; writing results to {args.out_dir} ...")
     rep = write_score_outputs(df, result, args.out_dir, windows_out=args.windows_out)
+    if args.rows_out:
+        from pathlib import Path
+
+        from itap_stream.app.offline import row_decisions
+
+        Path(args.rows_out).parent.mkdir(parents=True, exist_ok=True)
+        row_decisions(df, result).to_csv(args.rows_out, index=False)
+        rep.files["rows"] = args.rows_out
     dt = time.perf_counter() - t0
     print(
         f"scored {rep.rows:,} readings of {rep.devices} device(s) in {dt:.1f}s ({rep.rows / max(dt, 1e-9):,.0f} rows/s): "

@@ -1,8 +1,10 @@
 """CSV files of readings: one row per reading, a column per signal.
 
-Required columns: ``device_id``, ``ts`` (epoch seconds or RFC 3339) and every signal
-of the schema. Optional: ``state`` (default RUN), ``seq``, ``tag``, ``label``.
-Empty cells are dropouts.
+Required columns: ``ts`` (epoch seconds or RFC 3339) and every signal of the schema.
+Optional: ``device_id`` (absent: the whole file is one device, named after the file),
+``state`` (default RUN), ``seq``, ``tag``, ``label``. Empty cells are dropouts. A schema
+may map other column names (``timestamp_column``, ``device_column``, a signal's
+``column``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,19 @@ def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         msg = f"cannot parse CSV {p}: {exc}"
         raise DataError(msg) from exc
+    renames = schema.csv_renames()
+    if renames:
+        df = df.rename(columns=renames)
+    if "device_id" not in df.columns and "ts" in df.columns:
+        # a recording of one machine: a timestamp column and one column per signal
+        df["device_id"] = p.stem
     required = ["device_id", "ts", *schema.names]
     missing = [c for c in required if c not in df.columns]
     if missing:
         msg = f"CSV {p} lacks required column(s) {missing}; it has {list(df.columns)}"
         raise DataError(msg)
+    if not pd.api.types.is_string_dtype(df["device_id"]) and not df["device_id"].isna().any():
+        df["device_id"] = df["device_id"].astype(str)
     if df["device_id"].isna().any():
         msg = f"CSV {p}: {int(df['device_id'].isna().sum())} row(s) have no device_id"
         raise DataError(msg)

@@ -25,7 +25,7 @@ from itap_stream.core.rules import RuleEngine, iso
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import DataError
 
-__all__ = ["ScoreReport", "TrainReport", "score_frame", "train_from_frame", "windows_of_frame", "write_score_outputs"]
+__all__ = ["ScoreReport", "TrainReport", "row_decisions", "score_frame", "train_from_frame", "windows_of_frame", "write_score_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -202,4 +202,44 @@ def write_score_outputs(
         duplicates=int(bw.duplicate.sum()),
         out_of_order=int((~bw.accepted & ~bw.duplicate).sum()),
         files=files,
+    )
+
+
+def row_decisions(df: pd.DataFrame, result: TableResult) -> pd.DataFrame:
+    """One row per input reading, in input order: the decision a live consumer would have
+    held at that reading (causal).
+
+    A reading gets the score and the smoothed flag of the latest window of its device that
+    closed at or before it. Readings before the device's first full window are
+    ``warmup`` (score empty, anomaly 0): there is nothing yet to judge them by. Readings the
+    ordering rule drops (a repeated or older time) are marked ``dropped`` and carry the
+    decision in force.
+    """
+    bw, a = result.windows, result.assessment
+    n = len(df)
+    codes, uniques = pd.factorize(df["device_id"].to_numpy(dtype=object))
+    win_codes = pd.Index(uniques).get_indexer(bw.device_ids) if len(bw) else np.zeros(0, dtype=np.intp)
+    stride = n + 1
+    win_keys = win_codes.astype(np.int64) * stride + bw.end_row
+    order = np.argsort(win_keys, kind="stable")
+    sorted_keys = win_keys[order]
+    row_keys = codes.astype(np.int64) * stride + np.arange(n)
+    j = np.searchsorted(sorted_keys, row_keys, side="right") - 1
+    has = j >= 0
+    has[has] = (sorted_keys[j[has]] // stride) == codes[has]
+    win = np.where(has, order[np.maximum(j, 0)], -1)
+    score = np.full(n, np.nan)
+    score[has] = a.scores[win[has]]
+    anomaly = np.zeros(n, dtype=np.int8)
+    anomaly[has] = a.flags[win[has]]
+    return pd.DataFrame(
+        {
+            "row": np.arange(n),
+            "device_id": df["device_id"].to_numpy(),
+            "ts": df["ts"].to_numpy(dtype=np.float64),
+            "score": np.round(score, 6),
+            "anomaly": anomaly,
+            "warmup": (~has).astype(np.int8),
+            "dropped": (~bw.accepted).astype(np.int8),
+        }
     )

@@ -40,6 +40,7 @@ class Signal:
     min: float = -math.inf
     max: float = math.inf
     unit: str = ""
+    column: str = ""  # CSV column holding this signal, when it is not ``name``
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
@@ -68,6 +69,9 @@ class SensorSchema:
     """
 
     signals: tuple[Signal, ...]
+    #: CSV columns of the reading fields, for files that name them otherwise
+    timestamp_column: str = "ts"
+    device_column: str = "device_id"
 
     def __post_init__(self) -> None:
         if not self.signals:
@@ -105,12 +109,27 @@ class SensorSchema:
         raise ConfigError(msg)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "signals": [
                 {"name": s.name, "family": s.family, "min": s.min, "max": s.max, "unit": s.unit}
+                | ({"column": s.column} if s.column else {})
                 for s in self.signals
             ]
         }
+        if self.timestamp_column != "ts":
+            out["timestamp_column"] = self.timestamp_column
+        if self.device_column != "device_id":
+            out["device_column"] = self.device_column
+        return out
+
+    def csv_renames(self) -> dict[str, str]:
+        """CSV column -> reading field, for the columns this schema names otherwise."""
+        renames = {s.column: s.name for s in self.signals if s.column and s.column != s.name}
+        if self.timestamp_column != "ts":
+            renames[self.timestamp_column] = "ts"
+        if self.device_column != "device_id":
+            renames[self.device_column] = "device_id"
+        return renames
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SensorSchema:
@@ -124,7 +143,7 @@ class SensorSchema:
             if not isinstance(item, Mapping) or "name" not in item or "family" not in item:
                 msg = f"sensor schema signal #{i + 1} must be a mapping with 'name' and 'family'"
                 raise ConfigError(msg)
-            unknown = set(item) - {"name", "family", "min", "max", "unit"}
+            unknown = set(item) - {"name", "family", "min", "max", "unit", "column"}
             if unknown:
                 msg = f"signal {item['name']!r}: unknown key(s) {sorted(unknown)}"
                 raise ConfigError(msg)
@@ -141,6 +160,15 @@ class SensorSchema:
                     min=lo,
                     max=hi,
                     unit=str(item.get("unit", "")),
+                    column=str(item.get("column", "")),
                 )
             )
-        return cls(signals=tuple(signals))
+        extra = set(data) - {"signals", "timestamp_column", "device_column"}
+        if extra:
+            msg = f"sensor schema: unknown key(s) {sorted(extra)}; known: signals, timestamp_column, device_column"
+            raise ConfigError(msg)
+        return cls(
+            signals=tuple(signals),
+            timestamp_column=str(data.get("timestamp_column", "ts")),
+            device_column=str(data.get("device_column", "device_id")),
+        )
