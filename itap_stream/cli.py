@@ -287,6 +287,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     import time
+    from pathlib import Path
 
     from itap_stream.adapters import artifacts
     from itap_stream.adapters.csvio import read_readings
@@ -315,10 +316,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         window=settings.window, hop=settings.hop, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
     )
     step(f"scored {len(result.windows):,} windows; writing results to {args.out_dir} ...")
-    rep = write_score_outputs(df, result, args.out_dir, windows_out=args.windows_out)
+    rep = write_score_outputs(df, result, args.out_dir, windows_out=args.windows_out, threshold=artifact.threshold)
     if args.rows_out:
-        from pathlib import Path
-
         from itap_stream.app.offline import row_decisions
 
         Path(args.rows_out).parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +330,20 @@ def _cmd_score(args: argparse.Namespace) -> int:
         + (f"; {rep.duplicates:,} duplicate and {rep.out_of_order:,} out-of-order readings skipped" if rep.duplicates or rep.out_of_order else "")
         + "\n" + "\n".join(f"  {k}: {v}" for k, v in rep.files.items())
     )
+    if "metrics" in rep.files:
+        import json
+
+        m = json.loads(Path(rep.files["metrics"]).read_text(encoding="utf-8"))
+        print(
+            f"quality at the model threshold {m['threshold']:.4f} (smoothed): precision {m['precision']:.3f} "
+            f"recall {m['recall']:.3f} F1 {m['f1']:.3f} ROC AUC {m['roc_auc'] if m['roc_auc'] is None else round(m['roc_auc'], 3)}; "
+            f"median detection delay {m['detection_delay_windows_median']} windows; "
+            f"false alerts per healthy device-day {m['false_alerts_per_healthy_device_day']}"
+        )
+        print("  recall by fault: " + (", ".join(f"{k} {v:.2f}" for k, v in m["recall_by_fault"].items()) or "-"))
+        print("  raw-score sweep (threshold: precision / recall / F1):")
+        for r in m["sweep"][:: max(1, len(m["sweep"]) // 8)]:
+            print(f"    {r['threshold']:.4f}: {r['precision']:.3f} / {r['recall']:.3f} / {r['f1']:.3f}")
     return 0
 
 

@@ -166,6 +166,12 @@ def test_score_a_csv_writes_alerts_and_summaries(tmp_path, capsys, model_file):
     assert summary["devices"]["DEV-0004"]["dominant_families"]
     import pandas as pd
 
+    metrics = json.loads((out_dir / "metrics.json").read_text())  # the simulator labels its faults
+    assert set(metrics["recall_by_fault"]) == {"power_instability", "bearing_wear"}
+    assert metrics["roc_auc"] > 0.8 and metrics["false_alerts_on_healthy_devices"] == 0
+    top = json.loads((out_dir / "explanations_top.json").read_text())
+    assert top["fleet"]["anomalies"] == sum(d["anomalies"] for d in top["devices"].values()) > 0
+    assert "quality at the model threshold" in out and "recall by fault" in out
     w = pd.read_csv(windows)
     assert len(w) == summary["fleet"]["windows"] and set(w["is_anomaly"]) <= {0, 1}
     assert w.loc[w["is_anomaly"] == 1, "dominant_family"].notna().all()

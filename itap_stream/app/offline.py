@@ -156,8 +156,35 @@ def score_frame(
         return score_table(bw, artifact, engine, schema, alarm_k=alarm_k, alarm_n=alarm_n, map_fn=pool.map)
 
 
+def _top_explanations(device_ids: Any, explanations: dict[int, Any], top: int = 5) -> dict[str, Any]:
+    """Which families dominate and which features explain the anomalies, per device and fleet."""
+    def block(items: list[Any]) -> dict[str, Any]:
+        fams: dict[str, int] = {}
+        feats: dict[str, list[float]] = {}
+        for e in items:
+            fams[e.dominant_family] = fams.get(e.dominant_family, 0) + 1
+            for name, share in e.top_features:
+                feats.setdefault(name, []).append(share)
+        ranked = sorted(feats.items(), key=lambda kv: (-len(kv[1]), -float(np.mean(kv[1]))))[:top]
+        return {
+            "anomalies": len(items),
+            "dominant_families": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
+            "top_features": [{"feature": n, "anomalies": len(v), "mean_share": round(float(np.mean(v)), 2)} for n, v in ranked],
+        }
+
+    per_dev: dict[str, list[Any]] = {}
+    for i, e in sorted(explanations.items()):
+        per_dev.setdefault(str(device_ids[i]), []).append(e)
+    return {"fleet": block([e for _i, e in sorted(explanations.items())]), "devices": {d: block(v) for d, v in sorted(per_dev.items())}}
+
+
 def write_score_outputs(
-    df: pd.DataFrame, result: TableResult, out_dir: str | Path, *, windows_out: str | Path | None = None
+    df: pd.DataFrame,
+    result: TableResult,
+    out_dir: str | Path,
+    *,
+    windows_out: str | Path | None = None,
+    threshold: float = float("nan"),
 ) -> ScoreReport:
     """``alerts.json`` and ``aggregate_summaries.json`` in ``out_dir``; every scored window
     to ``windows_out`` (CSV) when given."""
@@ -188,6 +215,17 @@ def write_score_outputs(
         frame.to_csv(windows_out, index=False)
         files["windows"] = str(windows_out)
     Path(files["alerts"]).write_text(json.dumps([al.to_dict() for al in result.alerts], indent=1) + "\n", encoding="utf-8")
+    alert_dicts = [al.to_dict() for al in result.alerts]
+    if any(isinstance(x, str) and x for x in bw.label.tolist()):
+        from itap_stream.core.quality import quality_report
+
+        metrics = quality_report(
+            bw.device_ids.tolist(), bw.end_ts, bw.label.tolist(), a.scores, a.flags, threshold, alert_dicts
+        )
+        files["metrics"] = str(out / "metrics.json")
+        Path(files["metrics"]).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    files["explanations"] = str(out / "explanations_top.json")
+    Path(files["explanations"]).write_text(json.dumps(_top_explanations(bw.device_ids, a.explanations), indent=1) + "\n", encoding="utf-8")
     idx = sorted(a.explanations)
     summary = summarize(
         bw.device_ids, a.scores, a.flags, [bw.device_ids[i] for i in idx], [a.explanations[i].dominant_family for i in idx]
