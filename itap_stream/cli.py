@@ -24,6 +24,7 @@ EPILOGS = {
     "run": "example:\n  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
     "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
     "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n  itap alerts --severity CRITICAL --device DEV-0007\n  itap alerts --json --count 10 --timeout 60 | jq .rule",
+    "evaluate": "examples:\n  itap evaluate --db sqlite:///itap-demo/itap.db\n  itap evaluate --db sqlite:///plant.db --since 2026-01-01T00:00:00Z --out reports/live-metrics.json",
     "ingest": "examples:\n  itap ingest data/fleet.csv --db sqlite:///plant.db\n  itap ingest data/history.csv --db postgresql://postgres@127.0.0.1/itap --rejected reports/bad_rows.csv",
     "validate": "examples:\n  itap validate data/fleet.csv\n  itap validate data/plant.csv --schema configs/plant-sensors.yaml --out reports/plant-quality.json",
     "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
@@ -107,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="exit after this many alerts")
     p.add_argument("--timeout", help="exit after this long, e.g. 60 or 10m (default: run until Ctrl-C)")
     p.add_argument("--no-colour", action="store_true", help="no ANSI colours even on a terminal")
+
+    p = sub.add_parser(
+        "evaluate", help="detection quality of a stored live run (labels from the simulator)",
+        epilog=EPILOGS["evaluate"], formatter_class=fmt,
+    )
+    _common(p)
+    p.add_argument("--db", help="store URL (default: configured db_url)")
+    p.add_argument("--since", help="only windows ending at or after this time (RFC 3339 or epoch s)")
+    p.add_argument("--until", help="only windows ending before this time")
+    p.add_argument("--out", help="write metrics.json here")
 
     p = sub.add_parser(
         "ingest", help="load a readings CSV into the store (idempotent; bad rows to a report)",
@@ -415,7 +426,51 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from itap_stream.adapters.store import Store
+    from itap_stream.core.quality import quality_report
+    from itap_stream.errors import DataError
+
+    settings = _settings(args)
+    store = Store(settings.db_url, settings.schema())
+    since, until = _time_arg(args.since, "--since"), _time_arg(args.until, "--until")
+    try:
+        w = store.read_frame("windows", since=since, until=until)
+        alerts = store.read_frame("alerts", since=since, until=until)
+    finally:
+        store.dispose()
+    if w.empty:
+        msg = f"the store {settings.db_url} holds no scored windows in that time range; run `itap run` (or `itap demo`) first"
+        raise DataError(msg)
+    labels = [x if isinstance(x, str) else None for x in w["label"].tolist()]
+    if not any(labels):
+        msg = "the stored windows carry no labels (only simulator or replayed data has them): nothing to evaluate against"
+        raise DataError(msg)
+    report = quality_report(
+        w["device_id"].tolist(), w["window_end"], labels, w["score"], w["is_anomaly"].astype(bool),
+        float("nan"), [json.loads(p) for p in alerts["payload"]] if len(alerts) else [],
+    )
+    report.pop("threshold")
+    print(
+        f"{report['windows']:,} stored windows of {w['device_id'].nunique()} device(s): precision {report['precision']:.3f} "
+        f"recall {report['recall']:.3f} F1 {report['f1']:.3f} ROC AUC {report['roc_auc'] if report['roc_auc'] is None else round(report['roc_auc'], 3)}\n"
+        f"  recall by fault: " + (", ".join(f"{k} {v:.2f}" for k, v in report["recall_by_fault"].items()) or "-") + "\n"
+        f"  median detection delay {report['detection_delay_windows_median']} windows "
+        f"({report['detection_delay_s_median']} s); faults detected {report['faults_detected']}, missed {report['faults_missed']}\n"
+        f"  false alerts on healthy devices {report['false_alerts_on_healthy_devices']} "
+        f"({report['false_alerts_per_healthy_device_day']} per device-day)"
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+COMMANDS = {"evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -245,3 +245,23 @@ def test_a_killed_intake_process_is_replaced_and_its_session_delivers_the_gap(se
     db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
     assert db.execute("select count(*) from readings").fetchone()[0] == first + gap
     db.close()
+
+
+def test_evaluate_a_stored_live_run(settings, tmp_path, capsys):
+    from itap_stream.cli import main
+
+    metrics = Metrics()
+    consumer, thread = _start(settings, metrics)
+    sim = simulate(3, 1200, seed=23, faults=[Fault("power_instability", "DEV-0003", 600, 600)], maint=False)
+    sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-eval")
+    assert _wait(lambda: metrics.sample("itap_readings_received_total") >= sent)
+    consumer.stop()
+    thread.join(20)
+    out = tmp_path / "live.json"
+    assert main(["evaluate", "--db", settings.db_url, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert set(r["recall_by_fault"]) == {"power_instability"} and r["recall_by_fault"]["power_instability"] > 0.8
+    assert r["faults_detected"] == 1 and r["healthy_devices"] == 2
+    assert r["windows"] == metrics.sample("itap_windows_scored_total")
+    assert "recall by fault: power_instability" in text
