@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = [
         ("detector", "isolation_forest (default)", ""),
-        ("window F1 (smoothed flags)", f"{med['f1']:.3f}", f">= {TARGETS['f1']} {'met' if med['f1'] >= TARGETS['f1'] else 'NOT met'}"),
+        ("window F1 (smoothed flags)", f"{med['f1']:.4f}", f">= {TARGETS['f1']} {'met' if med['f1'] >= TARGETS['f1'] else 'NOT met'}"),
         ("precision / recall", f"{med['precision']:.3f} / {med['recall']:.3f}", ""),
     ]
     for k, v in med["recall_by_fault"].items():
