@@ -10,8 +10,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 
-from itap_stream.config import parse_broker_url
-from itap_stream.errors import BrokerError
+from itap_stream.adapters.mqtt import connect_client
 from simulator.generator import FleetSimulation
 
 __all__ = ["publish", "write_csv"]
@@ -35,20 +34,12 @@ def publish(
     ``speed`` accelerates event time (60 = one simulated minute per second; 0 = as fast
     as possible). Returns the number of readings published, all acknowledged for QoS 1.
     """
-    addr = parse_broker_url(url)
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
-    client.max_queued_messages_set(0)
-    client.max_inflight_messages_set(200)
-    if addr.username:
-        client.username_pw_set(addr.username, addr.password)
-    if addr.tls:
-        client.tls_set()
-    try:
-        client.connect(addr.host, addr.port, keepalive=30)
-    except OSError as exc:
-        msg = f"simulator cannot reach MQTT broker at {addr.host}:{addr.port}: {exc}"
-        raise BrokerError(msg) from exc
-    client.loop_start()
+
+    def limits(c: paho.Client) -> None:
+        c.max_queued_messages_set(0)
+        c.max_inflight_messages_set(200)
+
+    client = connect_client(url, client_id, setup=limits, what="simulator")
     steps = len(sim.ts)
     interval = float(sim.ts[1] - sim.ts[0]) if steps > 1 else 1.0
     t0 = time.monotonic()

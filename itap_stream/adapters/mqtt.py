@@ -23,7 +23,7 @@ import paho.mqtt.client as paho
 from itap_stream.config import BrokerAddress, parse_broker_url
 from itap_stream.errors import BrokerError
 
-__all__ = ["Inbox", "Message", "MqttLink", "Will"]
+__all__ = ["Inbox", "Message", "MqttLink", "Will", "connect_client"]
 
 log = logging.getLogger(__name__)
 
@@ -309,3 +309,26 @@ class MqttLink:
                 log.warning("could not publish %s before disconnecting", final.topic)
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def connect_client(
+    url: str, client_id: str, *, setup: Callable[[paho.Client], None] | None = None, what: str = ""
+) -> paho.Client:
+    """A plain paho client for short-lived tools (simulator, `itap alerts`): credentials and
+    TLS from the URL, ``setup`` (callbacks, limits) applied before connecting, network
+    thread started; `BrokerError` when the broker cannot be reached."""
+    addr = parse_broker_url(url)
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    if addr.username:
+        client.username_pw_set(addr.username, addr.password)
+    if addr.tls:
+        client.tls_set()
+    if setup is not None:
+        setup(client)
+    try:
+        client.connect(addr.host, addr.port, keepalive=30)
+    except OSError as exc:
+        msg = f"{what + ' ' if what else ''}cannot reach MQTT broker at {addr.host}:{addr.port}: {exc}"
+        raise BrokerError(msg) from exc
+    client.loop_start()
+    return client

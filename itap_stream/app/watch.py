@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 import paho.mqtt.client as paho
 
+from itap_stream.adapters.mqtt import connect_client
 from itap_stream.app.render import format_alert
 from itap_stream.config import Settings, parse_broker_url
 from itap_stream.errors import BrokerError
@@ -66,20 +67,12 @@ def watch_alerts(
             if count is not None and printed >= count:
                 done.set()
 
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"itap-alerts-{time.time_ns()}", protocol=paho.MQTTv311)
-    if addr.username:
-        client.username_pw_set(addr.username, addr.password)
-    if addr.tls:
-        client.tls_set()
-    client.on_message = on_message
-    client.on_connect = lambda c, *_a: c.subscribe([(t, 1) for t in topics])
-    client.on_subscribe = lambda *_a: subscribed.set()
-    try:
-        client.connect(addr.host, addr.port, keepalive=30)
-    except OSError as exc:
-        msg = f"cannot reach MQTT broker at {addr.host}:{addr.port}: {exc}"
-        raise BrokerError(msg) from exc
-    client.loop_start()
+    def setup(c: paho.Client) -> None:
+        c.on_message = on_message
+        c.on_connect = lambda c, *_a: c.subscribe([(t, 1) for t in topics])
+        c.on_subscribe = lambda *_a: subscribed.set()
+
+    client = connect_client(settings.broker_url, f"itap-alerts-{time.time_ns()}", setup=setup)
     try:
         if not subscribed.wait(10):
             msg = f"MQTT broker at {addr.host}:{addr.port} did not confirm the subscription"
