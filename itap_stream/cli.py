@@ -171,6 +171,16 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load(args.config, os.environ, **over)
 
 
+def _schema_option(args: argparse.Namespace, settings: Settings) -> Any:
+    """The sensor schema from ``--schema`` when given, else the configured one."""
+    from itap_stream.config import load_yaml
+    from itap_stream.core.schema import SensorSchema
+
+    if getattr(args, "schema", None):
+        return SensorSchema.from_dict(load_yaml(args.schema, what="sensor schema"))
+    return settings.schema()
+
+
 def _time_arg(value: str | None, name: str) -> float | None:
     if value is None:
         return None
@@ -390,11 +400,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from itap_stream.app.validate import format_report, validate_csv
-    from itap_stream.config import load_yaml
-    from itap_stream.core.schema import SensorSchema
 
     settings = _settings(args)
-    schema = SensorSchema.from_dict(load_yaml(args.schema, what="sensor schema")) if args.schema else settings.schema()
+    schema = _schema_option(args, settings)
     report = validate_csv(args.csv, schema)
     print(format_report(report))
     if args.out:
@@ -407,11 +415,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from itap_stream.adapters.store import Store
     from itap_stream.app.ingest import ingest_csv, print_progress
-    from itap_stream.config import load_yaml
-    from itap_stream.core.schema import SensorSchema
 
     settings = _settings(args)
-    schema = SensorSchema.from_dict(load_yaml(args.schema, what="sensor schema")) if args.schema else settings.schema()
+    schema = _schema_option(args, settings)
     store = Store(settings.db_url, schema)
     try:
         rep = ingest_csv(args.csv, store, report_path=args.rejected, progress=None if args.quiet else print_progress)

@@ -47,6 +47,18 @@ def _start(settings, metrics=None):
     return consumer, thread
 
 
+def _run_through(settings, sim, client_id, metrics=None):
+    """Start a consumer, publish ``sim`` at QoS 1, wait until it has all of it, stop it."""
+    metrics = metrics or Metrics()
+    consumer, thread = _start(settings, metrics)
+    sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id=client_id)
+    assert _wait(lambda: metrics.sample("itap_readings_received_total") >= sent)
+    consumer.stop()
+    thread.join(20)
+    assert not thread.is_alive()
+    return sent, metrics
+
+
 def _wait(pred, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,14 +72,8 @@ def _wait(pred, timeout=30.0):
 def test_faulty_device_alerts_healthy_one_does_not_and_rows_are_stored(settings, tmp_path, intake):
     settings = settings.replace(intake=intake)
     alerts = Subscriber(settings.broker_url, "itap/alerts/#")
-    metrics = Metrics()
-    consumer, thread = _start(settings, metrics)
     sim = simulate(2, 900, seed=21, faults=[Fault("power_instability", "DEV-0002", 300, 600)], maint=False)
-    sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-1")
-    assert _wait(lambda: metrics.sample("itap_readings_received_total") >= sent)
-    consumer.stop()
-    thread.join(20)
-    assert not thread.is_alive()
+    sent, metrics = _run_through(settings, sim, "t-sim-1")
     assert _wait(lambda: len(alerts.messages) > 0, 5)
     alerts.close()
 
@@ -250,13 +256,8 @@ def test_a_killed_intake_process_is_replaced_and_its_session_delivers_the_gap(se
 def test_evaluate_a_stored_live_run(settings, tmp_path, capsys):
     from itap_stream.cli import main
 
-    metrics = Metrics()
-    consumer, thread = _start(settings, metrics)
     sim = simulate(3, 1200, seed=23, faults=[Fault("power_instability", "DEV-0003", 600, 600)], maint=False)
-    sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-eval")
-    assert _wait(lambda: metrics.sample("itap_readings_received_total") >= sent)
-    consumer.stop()
-    thread.join(20)
+    _sent, metrics = _run_through(settings, sim, "t-sim-eval")
     out = tmp_path / "live.json"
     assert main(["evaluate", "--db", settings.db_url, "--out", str(out)]) == 0
     text = capsys.readouterr().out
