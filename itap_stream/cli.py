@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="where to write the artifact (default: configured model_path)")
     p.add_argument("--schema", help="sensor schema YAML (default: configured sensors_file)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--detector", help="isolation_forest (default), pca (Hotelling T² + SPE chart), hst (river Half-Space Trees) "
+        "or ensemble (env ITAP_DETECTOR, config detector)",
+    )
+    p.add_argument("--quantile", type=float, help="threshold: this quantile of held-out normal scores (config threshold_quantile)")
+    p.add_argument(
+        "--recall-target", type=float,
+        help="when the data has labelled faults: the threshold with the best precision at this recall (default: best F1)",
+    )
 
     p = sub.add_parser("alerts", help="print alerts live from the broker", epilog=EPILOGS["alerts"], formatter_class=fmt)
     _common(p)
@@ -166,6 +175,9 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
         "topic_prefix": getattr(args, "topic_prefix", None),
         "http_addr": getattr(args, "http", None),
         "log_level": getattr(args, "log_level", None),
+        "detector": getattr(args, "detector", None),
+        "threshold_quantile": getattr(args, "quantile", None),
+        "recall_target": getattr(args, "recall_target", None),
     }
     over.update(extra)
     return load(args.config, os.environ, **over)
@@ -301,8 +313,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"trained on {report.devices} device(s), {report.rows:,} rows, {report.windows:,} normal windows "
         f"({report.train_windows:,} fit, {report.calibration_windows:,} calibration), {report.start} .. {report.end}\n"
-        f"threshold {report.threshold:.4f}; model written to {settings.model_path} (sha256 {manifest['sha256'][:12]}…)"
+        f"detector {manifest['detector']}; threshold {report.threshold:.4f} ({report.threshold_by}); "
+        f"model written to {settings.model_path} (sha256 {manifest['sha256'][:12]}…)"
     )
+    if report.sweep:
+        print("  sweep over the labelled windows (threshold: precision / recall / F1, smoothed):")
+        step = max(1, len(report.sweep) // 10)
+        shown = [r for i, r in enumerate(report.sweep) if i % step == 0 or r["threshold"] == report.threshold]
+        for r in shown:
+            mark = "  <- chosen" if r["threshold"] == report.threshold else ""
+            print(f"    {r['threshold']:.4f}: {r['precision']:.3f} / {r['recall']:.3f} / {r['f1']:.3f}{mark}")
     return 0
 
 
@@ -335,6 +355,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     result = score_frame(
         df, schema, artifact, RuleEngine(rules, resolve_after_s=resolve_after_s),
         window=settings.window, hop=settings.hop, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
+        drift_delta=settings.drift_delta,
     )
     step(f"scored {len(result.windows):,} windows; writing results to {args.out_dir} ...")
     rep = write_score_outputs(df, result, args.out_dir, windows_out=args.windows_out, threshold=artifact.threshold)
@@ -348,6 +369,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     print(
         f"scored {rep.rows:,} readings of {rep.devices} device(s) in {dt:.1f}s ({rep.rows / max(dt, 1e-9):,.0f} rows/s): "
         f"{rep.windows:,} windows, {rep.anomalies:,} anomalous, {rep.alerts} alert(s) fired"
+        + (f", {rep.drift_events} model_drift event(s): retraining suggested" if rep.drift_events else "")
         + (f"; {rep.duplicates:,} duplicate and {rep.out_of_order:,} out-of-order readings skipped" if rep.duplicates or rep.out_of_order else "")
         + "\n" + "\n".join(f"  {k}: {v}" for k, v in rep.files.items())
     )
@@ -467,7 +489,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         f"  median detection delay {report['detection_delay_windows_median']} windows "
         f"({report['detection_delay_s_median']} s); faults detected {report['faults_detected']}, missed {report['faults_missed']}\n"
         f"  false alerts on healthy devices {report['false_alerts_on_healthy_devices']} "
-        f"({report['false_alerts_per_healthy_device_day']} per device-day)"
+        f"({report['false_alerts_per_healthy_device_day']} per device-day)\n"
+        f"  model_drift events: {report['model_drift_events']}"
+        + "".join(f"\n    {d['at']} {d['device_id']}: {d['detail']}" for d in report["model_drift"][:10])
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ class Settings:
     alarm_k: int = 3
     alarm_n: int = 4
     intake: str = "process"
+    detector: str = "isolation_forest"
+    recall_target: float | None = None
+    drift_delta: float = 0.002
 
 
     def __post_init__(self) -> None:
@@ -71,12 +74,22 @@ class Settings:
         if not 0.0 < self.threshold_quantile <= 1.0:
             msg = f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}"
             raise ConfigError(msg)
+        if self.recall_target is not None and not 0.0 < self.recall_target <= 1.0:
+            msg = f"recall_target must be in (0, 1] or empty, got {self.recall_target}"
+            raise ConfigError(msg)
+        if not 0.0 <= self.drift_delta < 1.0:
+            msg = f"drift_delta must be in [0, 1) (0 turns drift detection off), got {self.drift_delta}"
+            raise ConfigError(msg)
         if not 1 <= self.alarm_k <= self.alarm_n:
             msg = f"alarm smoothing needs 1 <= alarm_k <= alarm_n, got {self.alarm_k} of {self.alarm_n}"
             raise ConfigError(msg)
         if self.intake not in ("process", "thread"):
             msg = f"intake must be 'process' (MQTT intake in a child process) or 'thread', got {self.intake!r}"
             raise ConfigError(msg)
+        from itap_stream.core.detectors import canonical_name
+
+        # unknown names fail here, listing the known ones
+        object.__setattr__(self, "detector", canonical_name(self.detector))
         parse_broker_url(self.broker_url)
 
     def replace(self, **changes: Any) -> Settings:
@@ -143,7 +156,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     if not isinstance(data, Mapping):
         msg = f"configuration file {cfg_path} must be a mapping of settings"
         raise ConfigError(msg)
-    types = {f.name: (int if f.type == "int" else float if f.type == "float" else str) for f in fields(Settings)}
+    types = {f.name: (int if f.type == "int" else float if f.type in ("float", "float | None") else str) for f in fields(Settings)}
     unknown = sorted(set(data) - set(types))
     if unknown:
         msg = f"configuration file {cfg_path}: unknown setting(s) {unknown}; known: {sorted(types)}"

@@ -17,7 +17,10 @@ import pandas as pd
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import DataError
 
-__all__ = ["read_readings", "write_readings"]
+__all__ = ["TIMESTAMP_NAMES", "read_readings", "sniff_delimiter", "write_readings"]
+
+#: Column names taken as the timestamp when the schema does not name one and there is no ``ts``.
+TIMESTAMP_NAMES = frozenset({"timestamp", "datetime", "time", "date_time", "date"})
 
 
 def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
@@ -27,13 +30,23 @@ def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
         msg = f"CSV file not found: {p}"
         raise DataError(msg)
     try:
-        df = pd.read_csv(p, dtype={"device_id": str, "state": str, "tag": str, "label": str}, low_memory=False)
+        df = pd.read_csv(
+            p, sep=sniff_delimiter(p), dtype={"device_id": str, "state": str, "tag": str, "label": str},
+            low_memory=False,
+        )
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         msg = f"cannot parse CSV {p}: {exc}"
         raise DataError(msg) from exc
     renames = schema.csv_renames()
     if renames:
         df = df.rename(columns=renames)
+    if "ts" not in df.columns and schema.timestamp_column == "ts":
+        # a recording that names its clock column otherwise and a schema that does not say
+        guess = [c for c in df.columns if str(c).strip().lower() in TIMESTAMP_NAMES]
+        if len(guess) == 1:
+            df = df.rename(columns={guess[0]: "ts"})
+    if schema.label_column and schema.label_column in df.columns and "label" not in df.columns:
+        df["label"] = _labels_of(df.pop(schema.label_column))
     if "device_id" not in df.columns and "ts" in df.columns:
         # a recording of one machine: a timestamp column and one column per signal
         df["device_id"] = p.stem
@@ -76,9 +89,40 @@ def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = None
         df[col] = df[col].astype(object).where(df[col].notna(), None)
+    df["label"] = _labels_of(df["label"])
     if "seq" not in df.columns:
         df["seq"] = None
     return df
+
+
+def sniff_delimiter(path: str | Path) -> str:
+    """The field separator of a CSV file: the one of ``,`` ``;`` ``\\t`` that its header line
+    uses most (recordings exported with a decimal comma use ``;``).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as fh:
+    ...     _ = fh.write("datetime;Current;Voltage\\n2020-01-01 00:00:00;1.5;230\\n")
+    >>> sniff_delimiter(fh.name)
+    ';'
+    >>> os.unlink(fh.name)
+    """
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        header = fh.readline()
+    counts = {sep: header.count(sep) for sep in (",", ";", "\t")}
+    best = max(counts, key=lambda k: counts[k])
+    return best if counts[best] else ","
+
+
+def _labels_of(col: pd.Series) -> pd.Series:
+    """Ground truth from a label column: 0/1 (or true/false) become ``anomaly``/None, text is kept."""
+    if pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col):
+        num = pd.to_numeric(col, errors="coerce").fillna(0)
+        return pd.Series(np.where(num != 0, "anomaly", None), index=col.index, dtype=object)
+    text = col.astype(object).where(col.notna(), None)
+    falsy = text.map(lambda v: v is None or str(v).strip().lower() in {"", "0", "false", "normal", "none"})
+    return text.where(~falsy, None)
 
 
 def write_readings(df: pd.DataFrame, path: str | Path) -> None:

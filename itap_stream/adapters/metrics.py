@@ -30,6 +30,9 @@ class Metrics:
         self.alerts = Counter(
             "itap_alerts", "Alert transitions, by rule, severity and status", ["rule", "severity", "status"], registry=r
         )
+        self.model_drift = Counter(
+            "itap_model_drift", "model_drift events (normal scores shifted: retrain), by scope", ["scope"], registry=r
+        )
         self.latency = Histogram(
             "itap_processing_latency_seconds",
             "Time from receiving a message to its readings being stored",

@@ -27,6 +27,7 @@ from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
 from itap_stream.adapters.receiver import Receiver
 from itap_stream.adapters.store import Store, StoreBatch, StoreWriter, anomaly_row, reading_rows
 from itap_stream.config import Settings
+from itap_stream.core.drift import FLEET, DriftMonitor
 from itap_stream.core.model import Artifact
 from itap_stream.core.pipeline import BatchResult, Processor
 from itap_stream.core.readings import Reading, Rejection, decode
@@ -84,6 +85,7 @@ class Consumer:
             hop=settings.hop,
             alarm_k=settings.alarm_k,
             alarm_n=settings.alarm_n,
+            drift=DriftMonitor(delta=settings.drift_delta) if settings.drift_delta > 0 else None,
         )
         self.metrics = metrics or Metrics()
         self.metrics.set_model(
@@ -256,6 +258,8 @@ class Consumer:
             payload = json.dumps(d)
             self.link.publish(alert_topic("alerts", alert.device_id), payload, qos=1)
             m.alerts.labels(alert.rule, alert.severity, alert.status).inc()
+            if alert.rule == "model_drift":
+                m.model_drift.labels("fleet" if alert.device_id == FLEET else "device").inc()
             batch.alerts.append(
                 {
                     "alert_id": alert.id,

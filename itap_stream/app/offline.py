@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,12 @@ import pandas as pd
 from itap_stream.adapters import artifacts
 from itap_stream.core.aggregate import summarize
 from itap_stream.core.batch import BatchWindows, batch_windows, frame_to_arrays
+from itap_stream.core.detectors import make_detector
+from itap_stream.core.drift import DriftMonitor
 from itap_stream.core.features import feature_names
-from itap_stream.core.model import Artifact, IsolationForestDetector, TrainStats
+from itap_stream.core.model import Artifact, TrainStats
 from itap_stream.core.pipeline import TableResult, check_compatible, score_table
+from itap_stream.core.quality import choose_threshold
 from itap_stream.core.rules import RuleEngine, iso
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import DataError
@@ -40,6 +43,9 @@ class TrainReport:
     start: str
     end: str
     threshold: float
+    labelled_windows: int = 0
+    threshold_by: str = ""
+    sweep: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -64,12 +70,19 @@ def train_from_frame(
     quantile: float = 0.999,
     calibration_frac: float = 0.2,
     seed: int = 0,
+    detector: str = "isolation_forest",
+    alarm_k: int = 3,
+    alarm_n: int = 4,
+    recall_target: float | None = None,
 ) -> tuple[Artifact, TrainReport]:
     """Fit on the normal windows (RUN/IDLE, no label) of a readings table.
 
     The last ``calibration_frac`` of each device's normal windows (in time) is held out:
-    the threshold and the confidence scale come from those, not from the rows the forest
-    was fitted on.
+    the threshold and the confidence scale come from those, not from the rows the model
+    was fitted on. When the table also holds labelled (fault) windows, the threshold is
+    then chosen by a precision/recall sweep over the held-out normal and the labelled
+    windows, smoothed ``alarm_k`` of ``alarm_n`` as the consumer will: best F1, or the
+    best precision at ``recall_target``.
     """
     if df.empty:
         msg = "no readings to train on"
@@ -91,10 +104,28 @@ def train_from_frame(
     if len(cal_idx) < 5:
         fit_idx, cal_idx = idx, idx
     X_fit = bw.features[fit_idx]
-    det = IsolationForestDetector(seed=seed)
+    det = make_detector(detector, seed=seed)
     det.fit(X_fit)
     threshold = det.calibrate(bw.features[cal_idx], quantile)
     cal_scores = np.sort(det.score(bw.features[cal_idx]))
+    threshold_by = f"quantile {quantile} of held-out normal scores"
+    sweep: list[dict[str, float]] = []
+    faulty = np.flatnonzero(bw.any_label & ~bw.any_maint)
+    if len(faulty):
+        pick = np.concatenate([cal_idx, faulty])
+        pick = pick[np.lexsort((bw.end_ts[pick], pd.factorize(bw.device_ids[pick])[0]))]
+        threshold, sweep = choose_threshold(
+            det.score(bw.features[pick]), np.array([isinstance(x, str) and bool(x) for x in bw.label[pick].tolist()]),
+            bw.device_ids[pick].tolist(),
+            alarm_k=alarm_k, alarm_n=alarm_n, recall_target=recall_target,
+            # a few held-out normal minutes must not outvote a day of normal operation: never
+            # a threshold that flags more than 1 % of held-out normal windows (before smoothing)
+            min_threshold=float(np.quantile(cal_scores, 0.99)),
+        )
+        threshold_by = (
+            f"sweep over {len(cal_idx):,} held-out normal and {len(faulty):,} labelled windows: "
+            + (f"best precision at recall >= {recall_target}" if recall_target is not None else "best F1")
+        )
     stats = TrainStats(mean=X_fit.mean(axis=0), std=X_fit.std(axis=0), calibration_scores=cal_scores)
     report = TrainReport(
         devices=int(pd.unique(bw.device_ids[idx]).size),
@@ -102,9 +133,12 @@ def train_from_frame(
         windows=len(idx),
         train_windows=len(fit_idx),
         calibration_windows=len(cal_idx),
+        labelled_windows=len(faulty),
+        threshold_by=threshold_by,
         start=iso(float(df["ts"].min())),
         end=iso(float(df["ts"].max())),
         threshold=threshold,
+        sweep=sweep,
     )
     artifact = Artifact(
         detector=det,
@@ -115,7 +149,8 @@ def train_from_frame(
         threshold=threshold,
         stats=stats,
         trained_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        training=report.to_dict() | {"quantile": quantile, "seed": seed},
+        training={k: v for k, v in report.to_dict().items() if k != "sweep"}
+        | {"quantile": quantile, "seed": seed, "detector": det.name},
         versions=artifacts.library_versions(),
     )
     return artifact, report
@@ -131,6 +166,7 @@ class ScoreReport:
     duplicates: int
     out_of_order: int
     files: dict[str, str]
+    drift_events: int = 0
 
 
 def score_frame(
@@ -144,6 +180,7 @@ def score_frame(
     alarm_k: int,
     alarm_n: int,
     workers: int | None = None,
+    drift_delta: float = 0.002,
 ) -> TableResult:
     """Batch scoring of a readings table on the shared core (`core.pipeline.score_table`).
 
@@ -153,7 +190,8 @@ def score_frame(
     check_compatible(artifact, schema, window, hop)
     with ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
         bw = windows_of_frame(df, schema, window, hop, map_fn=pool.map)
-        return score_table(bw, artifact, engine, schema, alarm_k=alarm_k, alarm_n=alarm_n, map_fn=pool.map)
+        drift = DriftMonitor(delta=drift_delta) if drift_delta > 0 else None
+        return score_table(bw, artifact, engine, schema, alarm_k=alarm_k, alarm_n=alarm_n, map_fn=pool.map, drift=drift)
 
 
 def _top_explanations(device_ids: Any, explanations: dict[int, Any], top: int = 5) -> dict[str, Any]:
@@ -237,6 +275,7 @@ def write_score_outputs(
         windows=len(bw),
         anomalies=int(a.flags.sum()),
         alerts=sum(1 for al in result.alerts if al.status == "firing"),
+        drift_events=sum(1 for al in result.alerts if al.rule == "model_drift"),
         duplicates=int(bw.duplicate.sum()),
         out_of_order=int((~bw.accepted & ~bw.duplicate).sum()),
         files=files,

@@ -91,7 +91,9 @@ def train(
             raise DataError(msg)
     log.info("training on %d readings from %s", len(df), source)
     artifact, report = train_from_frame(
-        df, schema, window=settings.window, hop=settings.hop, quantile=settings.threshold_quantile, seed=seed
+        df, schema, window=settings.window, hop=settings.hop, quantile=settings.threshold_quantile, seed=seed,
+        detector=settings.detector, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
+        recall_target=settings.recall_target,
     )
     manifest = artifacts.save(artifact, settings.model_path)
     return report, manifest

@@ -36,13 +36,20 @@ Array = npt.NDArray[np.float64]
 
 
 class Detector(Protocol):
-    """What every detector offers: learn normal rows, score a batch (higher = worse)."""
+    """What every detector offers (see `core.detectors` for the others).
+
+    ``fit`` learns normal feature rows; ``score`` scores a batch (higher = worse);
+    ``calibrate`` sets the alarm threshold from held-out normal rows and returns it on the
+    score scale. A detector is pickled whole into the model artifact.
+    """
 
     name: str
 
     def fit(self, X: Array) -> None: ...
 
     def score(self, X: Array) -> Array: ...
+
+    def calibrate(self, X: Array, quantile: float) -> float: ...
 
 
 #: Rows scored per walk of the flattened forest.

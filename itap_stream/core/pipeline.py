@@ -17,6 +17,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from itap_stream.core.batch import BatchWindows
+from itap_stream.core.drift import DriftMonitor, drift_alert
 from itap_stream.core.explain import Explanation, explain
 from itap_stream.core.features import extract, feature_families, feature_names
 from itap_stream.core.model import Artifact, confidence
@@ -100,8 +101,10 @@ class Processor:
         hop: int = 4,
         alarm_k: int = 3,
         alarm_n: int = 4,
+        drift: DriftMonitor | None = None,
     ) -> None:
         check_compatible(artifact, schema, window, hop)
+        self.drift = drift
         self.schema = schema
         self.artifact = artifact
         self.engine = engine
@@ -134,6 +137,11 @@ class Processor:
         result.explanations = a.explanations
         scored = scored_windows(batch.device_ids, batch.start_ts, batch.end_ts, states, a, batch.tags)
         result.alerts = self.engine.evaluate(scored)
+        if self.drift is not None:
+            quiet = [s in QUIET_STATES for s in states]
+            events = self.drift.update(batch.device_ids, a.scores, a.flags, batch.end_ts,
+                                       threshold=self.artifact.threshold, quiet=quiet)
+            result.alerts.extend(drift_alert(e) for e in events)
         return result
 
 
@@ -217,10 +225,11 @@ def score_table(
     alarm_n: int = 4,
     map_fn: Callable[..., Iterable[Any]] = map,
     block: int = 2048,
+    drift: DriftMonitor | None = None,
 ) -> TableResult:
     """The batch path: the same scoring, smoothing, explanations and rules as `Processor`,
     applied to all windows of a recording at once (windows are smoothed per device in
-    time order, and fed to the rules in event-time order)."""
+    time order, and fed to the rules, and to ``drift`` when given, in event-time order)."""
     n = len(windows)
     states = [STATES[c] for c in windows.last_state.tolist()]
     dev = windows.device_ids.tolist()
@@ -251,4 +260,11 @@ def score_table(
     relevant = windows.end_ts >= first[codes]
     by_time = [i for i in np.argsort(windows.end_ts, kind="stable").tolist() if relevant[i]]
     alerts = engine.evaluate(scored_windows(dev, windows.start_ts, windows.end_ts, states, a, windows.tags, by_time))
+    if drift is not None and n:
+        t_order = np.argsort(windows.end_ts, kind="stable")
+        quiet = np.fromiter((states[i] in QUIET_STATES for i in t_order.tolist()), dtype=bool, count=n)
+        events = drift.update([dev[i] for i in t_order.tolist()], a.scores[t_order], a.flags[t_order],
+                              windows.end_ts[t_order], threshold=artifact.threshold, quiet=quiet)
+        if events:
+            alerts = sorted([*alerts, *(drift_alert(e) for e in events)], key=lambda al: al.window_end)
     return TableResult(windows, a, alerts)

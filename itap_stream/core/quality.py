@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-__all__ = ["roc_auc", "quality_report", "threshold_sweep"]
+__all__ = ["choose_threshold", "quality_report", "roc_auc", "threshold_sweep"]
 
 DAY_S = 86_400.0
 
@@ -114,7 +114,62 @@ def quality_report(
     out["healthy_devices"] = len(healthy)
     out["false_alerts_on_healthy_devices"] = false_alerts
     out["false_alerts_per_healthy_device_day"] = round(false_alerts / span_days, 4) if span_days > 0 else None
+    drift = [a for a in alerts if a.get("rule") == "model_drift"]
+    out["model_drift_events"] = len(drift)
+    out["model_drift"] = [
+        {"device_id": a["device_id"], "at": a.get("window_end"), "detail": a.get("root_cause", "")} for a in drift[:50]
+    ]
     out["sweep"] = threshold_sweep(s, y)
     best = max(out["sweep"], key=lambda r: r["f1"], default=None)
     out["best_f1_threshold"] = best
     return out
+
+
+def choose_threshold(
+    scores: npt.ArrayLike,
+    positive: npt.ArrayLike,
+    device_ids: Sequence[str],
+    *,
+    alarm_k: int = 1,
+    alarm_n: int = 1,
+    recall_target: float | None = None,
+    points: int = 60,
+    min_threshold: float = float("-inf"),
+) -> tuple[float, list[dict[str, float]]]:
+    """Pick the alarm threshold from labelled windows by a precision/recall sweep.
+
+    Windows must be in event order per device: each candidate threshold is judged on the
+    *smoothed* decisions (k of the last n windows, as the live consumer decides). Without
+    ``recall_target`` the threshold with the best F1 wins; with it, the highest threshold
+    whose recall reaches the target (the best precision at that recall), or the best
+    recall when none does. Only thresholds at or above ``min_threshold`` are candidates.
+    Returns the threshold and the sweep (one row per candidate).
+
+    Examples
+    --------
+    >>> t, sweep = choose_threshold([0.1, 0.2, 0.9, 0.8, 0.3], [0, 0, 1, 1, 0], ["A"] * 5)
+    >>> t, sweep[-1]["f1"] >= 0.0
+    (0.8, True)
+    """
+    from itap_stream.core.smoothing import smooth
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    if not len(s) or not y.any():
+        msg = "a threshold sweep needs labelled (positive) windows"
+        raise ValueError(msg)
+    cands = np.unique(np.quantile(s, np.linspace(0.0, 1.0, points), method="inverted_cdf"))  # actual scores
+    cands = np.unique(np.concatenate([cands, s[y]])) if y.sum() <= points else cands
+    cands = cands[cands >= min_threshold]
+    if not len(cands):
+        cands = np.array([min_threshold])
+    sweep = []
+    for t in cands.tolist():
+        flags = smooth(device_ids, s >= t, {}, k=alarm_k, n=alarm_n)
+        sweep.append({"threshold": float(t), **_prf(flags, y)})
+    if recall_target is None:
+        best = max(sweep, key=lambda r: (r["f1"], r["threshold"]))
+    else:
+        ok = [r for r in sweep if r["recall"] >= recall_target]
+        best = max(ok, key=lambda r: r["threshold"]) if ok else max(sweep, key=lambda r: (r["recall"], r["threshold"]))
+    return float(best["threshold"]), sweep

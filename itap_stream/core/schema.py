@@ -72,6 +72,8 @@ class SensorSchema:
     #: CSV columns of the reading fields, for files that name them otherwise
     timestamp_column: str = "ts"
     device_column: str = "device_id"
+    #: CSV column with ground truth (0/1 or a fault name), read as each reading's label
+    label_column: str = ""
 
     def __post_init__(self) -> None:
         if not self.signals:
@@ -120,6 +122,8 @@ class SensorSchema:
             out["timestamp_column"] = self.timestamp_column
         if self.device_column != "device_id":
             out["device_column"] = self.device_column
+        if self.label_column:
+            out["label_column"] = self.label_column
         return out
 
     def csv_renames(self) -> dict[str, str]:
@@ -163,12 +167,16 @@ class SensorSchema:
                     column=str(item.get("column", "")),
                 )
             )
-        extra = set(data) - {"signals", "timestamp_column", "device_column"}
+        extra = set(data) - {"signals", "timestamp_column", "device_column", "label_column"}
         if extra:
-            msg = f"sensor schema: unknown key(s) {sorted(extra)}; known: signals, timestamp_column, device_column"
+            msg = (
+                f"sensor schema: unknown key(s) {sorted(extra)}; known: signals, timestamp_column, device_column, "
+                "label_column"
+            )
             raise ConfigError(msg)
         return cls(
             signals=tuple(signals),
             timestamp_column=str(data.get("timestamp_column", "ts")),
             device_column=str(data.get("device_column", "device_id")),
+            label_column=str(data.get("label_column", "") or ""),
         )

@@ -1,0 +1,303 @@
+"""The detectors behind one interface, and the factory that names them.
+
+Every detector learns normal feature rows (`fit`), scores a batch (`score`, higher =
+more anomalous), and sets its alarm threshold from *held-out* normal rows
+(`calibrate`, returning the threshold on its own score scale). All of them pickle
+into the same model artifact (`Artifact.detector`), so `itap run`, `itap score` and
+`itap evaluate` never need to know which one was trained.
+
+=================  ==========================================================
+name               what it is
+=================  ==========================================================
+isolation_forest   scikit-learn's Isolation Forest, vectorised (`model.py`)
+pca                multivariate control chart: Hotelling T² and Q (SPE) on a
+                   principal-component model of the standardised features
+hst                river's online Half-Space Trees
+ensemble           the mean of the members' scores, each divided by its own
+                   calibrated threshold
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from itap_stream.core.model import Detector, IsolationForestDetector, quantile_threshold
+from itap_stream.errors import ConfigError
+
+__all__ = [
+    "DETECTORS",
+    "EnsembleDetector",
+    "HalfSpaceTreesDetector",
+    "PCADetector",
+    "canonical_name",
+    "make_detector",
+    "robust_scale",
+]
+
+Array = npt.NDArray[np.float64]
+
+
+def robust_scale(X: Array) -> tuple[Array, Array]:
+    """Centre and scale of each feature column for standardising.
+
+    The scale is the standard deviation, floored so that a feature which barely moved in
+    training (a dropout count that was always 0, a quantised reading) does not turn a
+    tiny change into a huge z-score: the floor is 1 % of the column's typical magnitude
+    and 1e-6 absolute.
+
+    Examples
+    --------
+    >>> c, s = robust_scale(np.array([[1.0, 5.0], [3.0, 5.0]]))
+    >>> c.tolist(), s.tolist()
+    ([2.0, 5.0], [1.0, 0.05])
+    """
+    X = np.asarray(X, dtype=np.float64)
+    centre = X.mean(axis=0)
+    std = X.std(axis=0)
+    magnitude = np.abs(X).mean(axis=0)
+    return centre, np.maximum(std, np.maximum(0.01 * magnitude, 1e-6))
+
+
+class PCADetector:
+    """Multivariate control chart: Hotelling T² and Q (squared prediction error).
+
+    The features are standardised and projected on the principal components that carry
+    ``variance`` of the training variance. T² measures how far a row is *inside* the model
+    plane (an unusual combination of the usual patterns); Q measures how far it is *off*
+    the plane (a pattern never seen, such as two signals that always moved together
+    parting). Each statistic is divided by its own control limit, and the score is the
+    larger of the two, so the threshold is "either chart out of its limit".
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(400, 1))
+    >>> X = np.hstack([z, 2 * z + 0.1 * rng.normal(size=(400, 1)), rng.normal(size=(400, 1))])
+    >>> det = PCADetector()
+    >>> det.fit(X[:300])
+    >>> t = det.calibrate(X[300:], 0.99)
+    >>> s = det.score(np.array([[1.0, 2.0, 0.0], [1.0, -2.0, 0.0]]))  # the 2nd breaks the correlation
+    >>> bool(s[0] < t < s[1])
+    True
+    """
+
+    name = "pca"
+
+    def __init__(self, *, variance: float = 0.9, seed: int = 0) -> None:
+        if not 0.0 < variance <= 1.0:
+            msg = f"pca variance must be in (0, 1], got {variance}"
+            raise ConfigError(msg)
+        self.variance = variance
+        self.seed = seed
+        self.centre_: Array | None = None
+        self.scale_: Array | None = None
+        self.components_: Array | None = None  # (k, n_features)
+        self.eigenvalues_: Array | None = None  # (k,)
+        self.limits_ = np.ones(2)  # T², Q control limits
+
+    def fit(self, X: Array) -> None:
+        from sklearn.decomposition import PCA
+
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or len(X) < 3:
+            msg = f"need at least 3 training rows, got shape {X.shape}"
+            raise ValueError(msg)
+        self.centre_, self.scale_ = robust_scale(X)
+        Z = (X - self.centre_) / self.scale_
+        pca = PCA(n_components=min(Z.shape) - 1 or 1, svd_solver="full", random_state=self.seed).fit(Z)
+        ratio = np.cumsum(pca.explained_variance_ratio_)
+        k = int(np.searchsorted(ratio, self.variance - 1e-12) + 1)
+        k = max(1, min(k, len(ratio)))
+        self.components_ = np.asarray(pca.components_[:k], dtype=np.float64)
+        self.eigenvalues_ = np.maximum(np.asarray(pca.explained_variance_[:k], dtype=np.float64), 1e-9)
+        # provisional limits from the fitted rows; `calibrate` replaces them with held-out ones
+        t2, q = self.statistics(X)
+        self.limits_ = np.array([max(float(np.quantile(t2, 0.99)), 1e-9), max(float(np.quantile(q, 0.99)), 1e-9)])
+
+    def statistics(self, X: Array) -> tuple[Array, Array]:
+        """Hotelling T² and Q (SPE) of each row."""
+        if self.components_ is None or self.centre_ is None or self.scale_ is None or self.eigenvalues_ is None:
+            msg = "detector is not fitted"
+            raise RuntimeError(msg)
+        Z = (np.asarray(X, dtype=np.float64) - self.centre_) / self.scale_
+        T = Z @ self.components_.T
+        t2 = np.einsum("nk,nk->n", T, T / self.eigenvalues_)
+        R = Z - T @ self.components_
+        q = np.einsum("nf,nf->n", R, R)
+        return t2, q
+
+    def score(self, X: Array) -> Array:
+        t2, q = self.statistics(X)
+        return np.maximum(t2 / self.limits_[0], q / self.limits_[1])
+
+    def calibrate(self, X: Array, quantile: float) -> float:
+        t2, q = self.statistics(X)
+        self.limits_ = np.array([max(quantile_threshold(t2, quantile), 1e-9), max(quantile_threshold(q, quantile), 1e-9)])
+        return 1.0
+
+
+class HalfSpaceTreesDetector:
+    """river's Half-Space Trees, fitted online on the normal rows, then frozen for scoring.
+
+    Each tree cuts the feature box (the training range of every feature, padded) at random
+    and counts how much normal mass falls in each cell; a row landing in sparse cells
+    scores high. Scoring does not learn, so a saved model gives the same score for the same
+    window every time, in the stream and in batch.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> det = HalfSpaceTreesDetector(n_trees=10, height=6, seed=0)
+    >>> det.fit(rng.normal(size=(300, 2)))
+    >>> s = det.score(np.array([[0.0, 0.0], [6.0, -6.0]]))
+    >>> bool(s[1] > s[0])
+    True
+    """
+
+    name = "hst"
+
+    def __init__(self, *, n_trees: int = 25, height: int = 12, window_size: int = 512, seed: int = 0) -> None:
+        self.n_trees = n_trees
+        self.height = height
+        self.window_size = window_size
+        self.seed = seed
+        self.model_: Any = None
+        self.quantiles_: Array | None = None
+        self.n_features_ = 0
+
+    def fit(self, X: Array) -> None:
+        from river.anomaly import HalfSpaceTrees
+
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or len(X) < 2:
+            msg = f"need at least 2 training rows, got shape {X.shape}"
+            raise ValueError(msg)
+        self.quantiles_ = np.quantile(X, np.linspace(0.0, 1.0, 65), axis=0)  # (65, n_features)
+        U = self._uniform(X)
+        # river counts mass in windows of window_size rows and scores against the last full
+        # one (it stops descending where a cell holds under a tenth of a window): that
+        # reference is one window of training rows drawn at random
+        size = min(self.window_size, len(X))
+        limits = dict.fromkeys(range(X.shape[1]), (-1.0, 2.0))
+        model = HalfSpaceTrees(n_trees=self.n_trees, height=self.height, window_size=size, limits=limits, seed=self.seed)
+        order = np.random.default_rng(self.seed).permutation(len(X))[:size]
+        for row in U[order].tolist():
+            model.learn_one(dict(enumerate(row)))
+        self.model_ = model
+        self.n_features_ = X.shape[1]
+
+    def _uniform(self, X: Array) -> Array:
+        """Each feature through its training quantiles: normal rows spread evenly over [0, 1],
+        values beyond the training range continue linearly outside it (up to [-1, 2]), so
+        heavy-tailed features do not crowd the normal mass into one corner of the box."""
+        q = self.quantiles_
+        X = np.asarray(X, dtype=np.float64)
+        levels = np.linspace(0.0, 1.0, len(q))
+        lo, hi = q[0], q[-1]
+        span = np.maximum(hi - lo, np.maximum(0.01 * np.abs(q).mean(axis=0), 1e-6))
+        U = np.empty_like(X)
+        for j in range(X.shape[1]):
+            U[:, j] = np.interp(X[:, j], q[:, j], levels)
+        U = np.where(X > hi, 1.0 + (X - hi) / span, U)
+        U = np.where(X < lo, -(lo - X) / span, U)
+        return np.clip(U, -1.0, 2.0)
+
+    def score(self, X: Array) -> Array:
+        if self.model_ is None:
+            msg = "detector is not fitted"
+            raise RuntimeError(msg)
+        score_one = self.model_.score_one
+        U = self._uniform(X)
+        return np.fromiter((score_one(dict(enumerate(r))) for r in U.tolist()), dtype=np.float64, count=len(U))
+
+    def calibrate(self, X: Array, quantile: float) -> float:
+        return quantile_threshold(self.score(X), quantile)
+
+
+class EnsembleDetector:
+    """The mean of several detectors' scores, each divided by its own calibrated threshold.
+
+    A member at its threshold contributes 1, so the ensemble score reads "how many
+    thresholds over, on average"; its own threshold is calibrated on the held-out rows
+    like any other detector's.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(2)
+    >>> det = EnsembleDetector([PCADetector(), IsolationForestDetector(n_estimators=20)])
+    >>> det.fit(rng.normal(size=(300, 3)))
+    >>> t = det.calibrate(rng.normal(size=(100, 3)), 0.99)
+    >>> bool(det.score(np.array([[9.0, 9.0, 9.0]]))[0] > t)
+    True
+    """
+
+    name = "ensemble"
+
+    def __init__(self, members: list[Any]) -> None:
+        if not members:
+            msg = "an ensemble needs at least one member"
+            raise ConfigError(msg)
+        self.members = members
+        self.member_thresholds_ = np.ones(len(members))
+
+    def fit(self, X: Array) -> None:
+        for m in self.members:
+            m.fit(X)
+
+    def _normalised(self, X: Array) -> Array:
+        return np.vstack([m.score(X) / t for m, t in zip(self.members, self.member_thresholds_)])
+
+    def score(self, X: Array) -> Array:
+        return np.asarray(self._normalised(X).mean(axis=0))
+
+    def calibrate(self, X: Array, quantile: float) -> float:
+        self.member_thresholds_ = np.array([max(m.calibrate(X, quantile), 1e-12) for m in self.members])
+        return quantile_threshold(self.score(X), quantile)
+
+
+#: Detector names accepted in config (``detector:``) and by ``itap train --detector``.
+DETECTORS = ("isolation_forest", "pca", "hst", "ensemble")
+_ALIASES = {"iforest": "isolation_forest", "if": "isolation_forest", "half_space_trees": "hst",
+            "pca_t2_spe": "pca", "t2": "pca"}
+
+
+def canonical_name(name: str) -> str:
+    """The detector's name as `DETECTORS` spells it; `ConfigError` for an unknown one.
+
+    Examples
+    --------
+    >>> canonical_name("IForest"), canonical_name("half_space_trees")
+    ('isolation_forest', 'hst')
+    """
+    key = _ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    if key not in DETECTORS:
+        msg = f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}"
+        raise ConfigError(msg)
+    return key
+
+
+def make_detector(name: str, *, seed: int = 0) -> Detector:
+    """A fresh, unfitted detector by name.
+
+    Examples
+    --------
+    >>> make_detector("pca").name, make_detector("iforest").name
+    ('pca', 'isolation_forest')
+    >>> make_detector("svm")
+    Traceback (most recent call last):
+    ...
+    itap_stream.errors.ConfigError: unknown detector 'svm'; choose one of isolation_forest, pca, hst, ensemble
+    """
+    key = canonical_name(name)
+    if key == "isolation_forest":
+        return IsolationForestDetector(seed=seed)
+    if key == "pca":
+        return PCADetector(seed=seed)
+    if key == "hst":
+        return HalfSpaceTreesDetector(seed=seed)
+    return EnsembleDetector([IsolationForestDetector(seed=seed), PCADetector(seed=seed),
+                             HalfSpaceTreesDetector(seed=seed)])
