@@ -87,7 +87,7 @@ class PCADetector:
 
     name = "pca"
 
-    def __init__(self, *, variance: float = 0.9, seed: int = 0) -> None:
+    def __init__(self, *, variance: float = 0.99, seed: int = 0) -> None:
         if not 0.0 < variance <= 1.0:
             msg = f"pca variance must be in (0, 1], got {variance}"
             raise ConfigError(msg)
@@ -160,7 +160,7 @@ class HalfSpaceTreesDetector:
 
     name = "hst"
 
-    def __init__(self, *, n_trees: int = 25, height: int = 12, window_size: int = 512, seed: int = 0) -> None:
+    def __init__(self, *, n_trees: int = 25, height: int = 8, window_size: int = 512, seed: int = 0) -> None:
         self.n_trees = n_trees
         self.height = height
         self.window_size = window_size

@@ -266,3 +266,29 @@ def test_evaluate_a_stored_live_run(settings, tmp_path, capsys):
     assert r["faults_detected"] == 1 and r["healthy_devices"] == 2
     assert r["windows"] == metrics.sample("itap_windows_scored_total")
     assert "recall by fault: power_instability" in text
+
+
+def test_model_drift_in_a_live_run_is_published_stored_counted_and_evaluated(settings, tmp_path, capsys):
+    from itap_stream.cli import main
+
+    sim = simulate(4, 3 * 3600.0, seed=808, faults=[Fault("power_instability", "DEV-0004", 1800, 600)], maint=False)
+    # DEV-0002's voltage sensor is recalibrated halfway (+2 V): no alarm, but not the plant it was trained on
+    later = (sim.ts - sim.ts[0]) >= 5400
+    sim.values[later, 1, 2] += 2.0
+    sub = Subscriber(settings.broker_url, f"{settings.topic_prefix}/alerts/#")
+    try:
+        _sent, metrics = _run_through(settings, sim, "t-sim-drift")
+        assert _wait(lambda: any(json.loads(p).get("rule") == "model_drift" for _t, p, _r in sub.messages), 10)
+    finally:
+        sub.close()
+    published = [json.loads(p) for _t, p, _r in sub.messages if json.loads(p).get("rule") == "model_drift"]
+    assert {a["device_id"] for a in published} == {"DEV-0002"}
+    assert all(a["status"] == "event" and "retrain" in a["root_cause"] for a in published)
+    assert metrics.sample("itap_model_drift_total", scope="device") == len(published)
+    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    stored = db.execute("SELECT device_id, status FROM alerts WHERE rule = 'model_drift'").fetchall()
+    db.close()
+    assert stored == [("DEV-0002", "event")] * len(published)
+    assert main(["evaluate", "--db", settings.db_url]) == 0
+    text = capsys.readouterr().out
+    assert f"model_drift events: {len(published)}" in text and "DEV-0002: model drift" in text
