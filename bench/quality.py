@@ -46,6 +46,7 @@ def one_seed(seed: int, devices: int, hours: float, settings: Any, artifact: Any
     result = score_frame(
         frame, schema, artifact, RuleEngine(rules, resolve_after_s=resolve_after),
         window=settings.window, hop=settings.hop, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
+        drift_delta=settings.drift_delta,
     )
     bw, a = result.windows, result.assessment
     r = quality_report(
@@ -62,6 +63,7 @@ def one_seed(seed: int, devices: int, hours: float, settings: Any, artifact: Any
         "delay_windows": r["detection_delay_windows_median"],
         "false_alerts_per_device_day": r["false_alerts_per_healthy_device_day"],
         "faults_missed": r["faults_missed"],
+        "model_drift_events": r["model_drift_events"],
     }
 
 
@@ -74,6 +76,7 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "recall_by_fault": {k: statistics.median(r["recall_by_fault"].get(k, 0.0) for r in runs) for k in FAULT_KINDS},
         "delay_windows": statistics.median(delays) if delays else None,
         "false_alerts_per_device_day": statistics.median(r["false_alerts_per_device_day"] or 0.0 for r in runs),
+        "model_drift_events": sum(r.get("model_drift_events", 0) for r in runs),
     }
 
 
@@ -90,7 +93,7 @@ def _met(med: dict[str, Any]) -> dict[str, bool]:
 def table(results: dict[str, dict[str, Any]]) -> str:
     """One row per detector: the medians over seeds, a * where a target is missed."""
     head = ["detector", "F1", "precision", "recall", *(f"recall {k}" for k in FAULT_KINDS),
-            "delay (windows)", "false alerts / device-day"]
+            "delay (windows)", "false alerts / device-day", "drift events (all seeds)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     for name, res in results.items():
         m, ok = res["median"], res["met"]
@@ -101,6 +104,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
               for k in FAULT_KINDS),
             ("-" if m["delay_windows"] is None else f"{m['delay_windows']:.1f}") + ("" if ok["delay_windows"] else "*"),
             f"{m['false_alerts_per_device_day']:.2f}" + ("" if ok["false_alerts_per_device_day"] else "*"),
+            str(m["model_drift_events"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(

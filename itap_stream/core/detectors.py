@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from itap_stream.core.model import Detector, IsolationForestDetector, quantile_threshold
+from itap_stream.core.model import Detector, IsolationForestDetector, quantile_threshold, rows_times
 from itap_stream.errors import ConfigError
 
 __all__ = [
@@ -124,10 +124,11 @@ class PCADetector:
             msg = "detector is not fitted"
             raise RuntimeError(msg)
         Z = (np.asarray(X, dtype=np.float64) - self.centre_) / self.scale_
-        T = Z @ self.components_.T
-        t2 = np.einsum("nk,nk->n", T, T / self.eigenvalues_)
-        R = Z - T @ self.components_
-        q = np.einsum("nf,nf->n", R, R)
+        # fixed-order sums (`rows_times`): equal bits in a micro-batch, a table, a reloaded model
+        T = rows_times(Z, self.components_.T)
+        t2 = rows_times(T * T, 1.0 / self.eigenvalues_[:, None])[:, 0]
+        R = Z - rows_times(T, self.components_)
+        q = rows_times(R * R, np.ones((R.shape[1], 1)))[:, 0]
         return t2, q
 
     def score(self, X: Array) -> Array:
@@ -160,8 +161,12 @@ class HalfSpaceTreesDetector:
 
     name = "hst"
 
-    def __init__(self, *, n_trees: int = 25, height: int = 8, window_size: int = 512, seed: int = 0) -> None:
+    def __init__(
+        self, *, n_trees: int = 25, height: int = 8, window_size: int = 512, components: int = 8, seed: int = 0
+    ) -> None:
         self.n_trees = n_trees
+        self.components = components
+        self.projection_: PCADetector | None = None
         self.height = height
         self.window_size = window_size
         self.seed = seed
@@ -176,19 +181,35 @@ class HalfSpaceTreesDetector:
         if X.ndim != 2 or len(X) < 2:
             msg = f"need at least 2 training rows, got shape {X.shape}"
             raise ValueError(msg)
-        self.quantiles_ = np.quantile(X, np.linspace(0.0, 1.0, 65), axis=0)  # (65, n_features)
-        U = self._uniform(X)
+        # a few axes instead of every feature: with 50+ features, a cut of 8 random levels
+        # rarely falls on the one feature a fault moves; the principal components and the
+        # residual off them (Q) carry every feature's deviation in a handful of axes
+        self.projection_ = PCADetector(variance=0.999, seed=self.seed)
+        self.projection_.fit(X)
+        self.projection_.components_ = self.projection_.components_[: self.components]
+        self.projection_.eigenvalues_ = self.projection_.eigenvalues_[: self.components]
+        P = self._project(X)
+        self.quantiles_ = np.quantile(P, np.linspace(0.0, 1.0, 65), axis=0)  # (65, axes)
+        U = self._uniform(P)
         # river counts mass in windows of window_size rows and scores against the last full
         # one (it stops descending where a cell holds under a tenth of a window): that
         # reference is one window of training rows drawn at random
         size = min(self.window_size, len(X))
-        limits = dict.fromkeys(range(X.shape[1]), (-1.0, 2.0))
+        limits = dict.fromkeys(range(U.shape[1]), (-1.0, 2.0))
         model = HalfSpaceTrees(n_trees=self.n_trees, height=self.height, window_size=size, limits=limits, seed=self.seed)
         order = np.random.default_rng(self.seed).permutation(len(X))[:size]
         for row in U[order].tolist():
             model.learn_one(dict(enumerate(row)))
         self.model_ = model
         self.n_features_ = X.shape[1]
+
+    def _project(self, X: Array) -> Array:
+        """Scores on the leading principal components, and the log residual off them."""
+        proj = self.projection_
+        Z = (np.asarray(X, dtype=np.float64) - proj.centre_) / proj.scale_
+        T = rows_times(Z, proj.components_.T)
+        q = rows_times(Z * Z, np.ones((Z.shape[1], 1)))[:, 0] - rows_times(T * T, np.ones((T.shape[1], 1)))[:, 0]
+        return np.hstack([T, np.log1p(np.maximum(q, 0.0))[:, None]])
 
     def _uniform(self, X: Array) -> Array:
         """Each feature through its training quantiles: normal rows spread evenly over [0, 1],
@@ -211,7 +232,7 @@ class HalfSpaceTreesDetector:
             msg = "detector is not fitted"
             raise RuntimeError(msg)
         score_one = self.model_.score_one
-        U = self._uniform(X)
+        U = self._uniform(self._project(X))
         return np.fromiter((score_one(dict(enumerate(r))) for r in U.tolist()), dtype=np.float64, count=len(U))
 
     def calibrate(self, X: Array, quantile: float) -> float:

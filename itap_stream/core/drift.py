@@ -6,7 +6,8 @@ windows that raise no anomaly creep up towards the threshold: the model is agein
 and retraining is due. One ADWIN per device and one for the whole fleet watch those
 scores (divided by the threshold, so 1.0 is the alarm line). When one finds a change,
 the mean of the part of its window it dropped is the reference; if the next ``confirm``
-windows average at least ``min_shift`` above it (a sustained rise, not a blip), a
+windows average above it by at least ``min_shift`` of the gap between it and the threshold
+(a sustained rise towards the alarm line, not a blip), a
 ``model_drift`` event is raised for that device (or ``*`` for the fleet), at most once
 per ``cooldown`` windows of that scope.
 
@@ -67,7 +68,7 @@ class DriftMonitor:
         self,
         *,
         delta: float = 0.002,
-        min_shift: float = 0.15,
+        min_shift: float = 0.25,
         min_windows: int = 100,
         cooldown: int = 2000,
         confirm: int = 250,
@@ -103,7 +104,10 @@ class DriftMonitor:
                 del self._pending[key]
                 after = total / n
                 due = seen - self._last_event.get(key, -self.cooldown) >= self.cooldown
-                if after - ref >= self.min_shift and due:
+                # the rise must close min_shift of the gap between the old level and the
+                # threshold: detectors whose normal windows sit at 0.1 of it and those at 0.7
+                # are judged alike
+                if after - ref >= self.min_shift * max(1.0 - ref, 0.05) and due:
                     self._last_event[key] = seen
                     self.events += 1
                     adwin.update(x)

@@ -30,6 +30,7 @@ __all__ = [
     "TrainStats",
     "confidence",
     "quantile_threshold",
+    "rows_times",
 ]
 
 Array = npt.NDArray[np.float64]
@@ -71,10 +72,16 @@ class IsolationForestDetector:
 
     name = "isolation_forest"
 
-    def __init__(self, *, n_estimators: int = 100, max_samples: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self, *, n_estimators: int = 100, max_samples: int = 256, seed: int = 0, rotate: float | None = 0.999
+    ) -> None:
         self.n_estimators = n_estimators
         self.max_samples = max_samples
         self.seed = seed
+        self.rotate = rotate
+        self.rotation_: Array | None = None
+        self._scaler_mean_: Array | None = None  # plain copies: the envelope needs no scikit-learn
+        self._scaler_scale_: Array | None = None
         self._scaler: StandardScaler | None = None
         self._forest: IsolationForest | None = None
         self._sklearn_blob: bytes | None = None
@@ -124,6 +131,10 @@ class IsolationForestDetector:
             state["_forest"] = state.pop("forest_")
             state["_scaler"] = state.pop("scaler_", None)
             state.setdefault("_sklearn_blob", None)
+        state.setdefault("rotate", None)
+        state.setdefault("rotation_", None)
+        state.setdefault("_scaler_mean_", None)
+        state.setdefault("_scaler_scale_", None)
         self.__dict__.update(state)
 
     def fit(self, X: Array) -> None:
@@ -140,7 +151,26 @@ class IsolationForestDetector:
             max_samples=min(self.max_samples, len(X)),
             random_state=self.seed,
         )
-        forest.fit(self.scaler_.transform(X).astype(np.float32))
+        Z = self.scaler_.transform(X)
+        self.rotation_ = None
+        if self.rotate is not None:
+            from sklearn.decomposition import PCA
+
+            # whitened principal components: a forest cuts one axis at a time, so a fault
+            # that breaks a relation between features (temperature no longer following load)
+            # is invisible on the raw axes and stands out on the rotated ones
+            # (on features scaled with a floor, as the PCA chart does: a feature that barely
+            # moved in training must not become a principal direction of noise)
+            floor = np.maximum(X.std(axis=0), np.maximum(0.01 * np.abs(X).mean(axis=0), 1e-6))
+            pca = PCA(svd_solver="full").fit(Z * (self.scaler_.scale_ / floor))
+            k = int(np.searchsorted(np.cumsum(pca.explained_variance_ratio_), self.rotate - 1e-12) + 1)
+            k = max(1, min(k, len(pca.explained_variance_)))
+            keep = pca.explained_variance_[:k] > 1e-12
+            whiten = (pca.components_[:k][keep] / np.sqrt(pca.explained_variance_[:k][keep])[:, None]).T
+            self.rotation_ = np.ascontiguousarray((self.scaler_.scale_ / floor)[:, None] * whiten)
+            self._scaler_mean_, self._scaler_scale_ = self.scaler_.mean_.copy(), self.scaler_.scale_.copy()
+            Z = rows_times(Z, self.rotation_)
+        forest.fit(Z.astype(np.float32))
         self.forest_ = forest
         self.env_mean_ = X.mean(axis=0)
         std = X.std(axis=0)
@@ -150,12 +180,29 @@ class IsolationForestDetector:
         self.envelope_threshold_ = None
         self._flat = None
 
-    def envelope(self, X: Array) -> Array:
-        """Largest per-feature deviation ``|x - mean| / std`` from the training windows."""
+    def rotated(self, X: Array) -> Array | None:
+        """Standardised rows on the whitened principal components (None when not rotated).
+
+        Through `rows_times`, not a BLAS product, whose summation order depends on the batch:
+        a window scores the same in a micro-batch of 3, in a table of a million and after
+        the model was reloaded.
+        """
+        if self.rotation_ is None or self._scaler_mean_ is None or self._scaler_scale_ is None:
+            return None
+        return rows_times((np.asarray(X, dtype=np.float64) - self._scaler_mean_) / self._scaler_scale_, self.rotation_)
+
+    def envelope(self, X: Array, rotated: Array | None = None) -> Array:
+        """Largest deviation from the training windows: per feature ``|x - mean| / std`` and,
+        when rotated, per whitened principal component (unit variance in training)."""
         if self.env_mean_ is None or self.env_scale_ is None:
             msg = "detector is not fitted"
             raise RuntimeError(msg)
-        return np.asarray((np.abs(np.asarray(X, dtype=np.float64) - self.env_mean_) / self.env_scale_).max(axis=1))
+        X = np.asarray(X, dtype=np.float64)
+        dev = (np.abs(X - self.env_mean_) / self.env_scale_).max(axis=1)
+        z = self.rotated(X) if rotated is None else rotated
+        if z is not None and z.shape[1]:
+            dev = np.maximum(dev, np.abs(z).max(axis=1))
+        return np.asarray(dev)
 
     def calibrate(self, X: Array, quantile: float) -> float:
         """Set thresholds from held-out normal windows; returns the threshold on the score scale."""
@@ -174,10 +221,11 @@ class IsolationForestDetector:
         when the forest score does or when the largest feature deviation crosses its own
         calibrated threshold ``t_e``, and grows only logarithmically beyond.
         """
-        forest = self.forest_score(X)
+        z = self.rotated(X)
+        forest = self.forest_score(X, z)
         if self.forest_threshold_ is None or not self.envelope_threshold_:
             return forest
-        r = self.envelope(X) / self.envelope_threshold_
+        r = self.envelope(X, z) / self.envelope_threshold_
         env = self.forest_threshold_ * np.where(r <= 1.0, r, 1.0 + np.log(np.maximum(r, 1.0)))
         return np.maximum(forest, env)
 
@@ -235,21 +283,29 @@ class IsolationForestDetector:
             * float(_average_path_length(np.array([forest._max_samples]))[0]),  # noqa: SLF001
             "mean": self.scaler_.mean_,
             "scale": self.scaler_.scale_,
+            "rotation": self.rotation_,
         }
         return self._flat
 
-    def forest_score(self, X: Array) -> Array:
+    def forest_score(self, X: Array, rotated: Array | None = None) -> Array:
         """The Isolation Forest score alone (equal to scikit-learn's ``-score_samples``)."""
         X = np.asarray(X, dtype=np.float64)
+        flat = self._flat or self._flatten()
+        if rotated is None and flat.get("rotation") is not None:
+            rotated = self.rotated(X)
         if len(X) > _SCORE_BLOCK:
             # blocks keep the (trees, rows) walk arrays in cache: 4x faster on large tables
-            return np.concatenate([self.forest_score(X[i : i + _SCORE_BLOCK]) for i in range(0, len(X), _SCORE_BLOCK)])
-        flat = self._flat or self._flatten()
-        n, n_features = X.shape
+            return np.concatenate([
+                self.forest_score(X[i : i + _SCORE_BLOCK], None if rotated is None else rotated[i : i + _SCORE_BLOCK])
+                for i in range(0, len(X), _SCORE_BLOCK)
+            ])
+        n = X.shape[0]
         if n == 0:
             return np.zeros(0)
         # scikit-learn compares float32 inputs against float64 thresholds: do the same
-        xs = ((X - flat["mean"]) / flat["scale"]).astype(np.float32).astype(np.float64).ravel()
+        z = (X - flat["mean"]) / flat["scale"] if rotated is None else rotated
+        n_features = z.shape[1]
+        xs = z.astype(np.float32).astype(np.float64).ravel()
         feature, threshold, child = flat["feature"], flat["threshold"], flat["child"]
         row_offset = (np.arange(n, dtype=np.intp) * n_features)[None, :]
         nodes = np.repeat(flat["roots"][:, None], n, axis=1)  # (trees, n)
@@ -268,8 +324,31 @@ class IsolationForestDetector:
         if self.forest_ is None or self.scaler_ is None:
             msg = "detector is not fitted"
             raise RuntimeError(msg)
-        Xs = self.scaler_.transform(np.asarray(X, dtype=np.float64)).astype(np.float32)
+        Z = self.scaler_.transform(np.asarray(X, dtype=np.float64))
+        Xs = (Z if self.rotation_ is None else self.rotated(X)).astype(np.float32)
         return np.asarray(-self.forest_.score_samples(Xs))
+
+
+def rows_times(Z: Array, M: Array) -> Array:
+    """``Z @ M`` summed feature by feature in a fixed order, without a reduction.
+
+    A BLAS product (and einsum) picks its summation order by batch size and memory
+    alignment, so the same window could score a few ulps apart in a micro-batch, in a
+    whole table or after the model was reloaded. Here every output is the same chain of
+    multiply-adds whatever the batch: equal bits in the stream and in batch.
+
+    Examples
+    --------
+    >>> Z, M = np.arange(6.0).reshape(2, 3), np.arange(6.0).reshape(3, 2)
+    >>> bool((rows_times(Z, M) == Z @ M).all())
+    True
+    """
+    Z = np.asarray(Z, dtype=np.float64)
+    M = np.asarray(M, dtype=np.float64)
+    out = np.zeros((Z.shape[0], M.shape[1]))
+    for f in range(Z.shape[1]):
+        out += Z[:, f, None] * M[f]
+    return out
 
 
 @dataclass(frozen=True)
