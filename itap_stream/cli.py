@@ -313,7 +313,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"trained on {report.devices} device(s), {report.rows:,} rows, {report.windows:,} normal windows "
         f"({report.train_windows:,} fit, {report.calibration_windows:,} calibration), {report.start} .. {report.end}\n"
-        f"detector {manifest['detector']}; threshold {report.threshold:.4f} ({report.threshold_by}); "
+        f"detector {manifest['detector']}"
+        + (
+            f" on {report.features_used} of {report.features} features (short training: level, spread and "
+            "dropouts of each signal)" if report.features_used < report.features else ""
+        )
+        + f"; threshold {report.threshold:.4f} ({report.threshold_by}); "
         f"model written to {settings.model_path} (sha256 {manifest['sha256'][:12]}…)"
     )
     if report.sweep:

@@ -18,7 +18,7 @@ import pandas as pd
 from itap_stream.adapters import artifacts
 from itap_stream.core.aggregate import summarize
 from itap_stream.core.batch import BatchWindows, batch_windows, frame_to_arrays
-from itap_stream.core.detectors import make_detector
+from itap_stream.core.detectors import ColumnsDetector, make_detector
 from itap_stream.core.drift import DriftMonitor
 from itap_stream.core.features import feature_names
 from itap_stream.core.model import Artifact, TrainStats
@@ -32,6 +32,11 @@ __all__ = ["ScoreReport", "TrainReport", "row_decisions", "score_frame", "train_
 
 log = logging.getLogger(__name__)
 
+#: Below this many fit windows per feature, the detector is fitted on the compact features.
+SAMPLES_PER_FEATURE = 10
+#: The compact features: per signal level, spread and dropouts.
+COMPACT_SUFFIXES = ("_mean", "_std", "_missing")
+
 
 @dataclass
 class TrainReport:
@@ -44,6 +49,8 @@ class TrainReport:
     end: str
     threshold: float
     labelled_windows: int = 0
+    features_used: int = 0
+    features: int = 0
     threshold_by: str = ""
     sweep: list[dict[str, float]] = field(default_factory=list)
 
@@ -104,7 +111,14 @@ def train_from_frame(
     if len(cal_idx) < 5:
         fit_idx, cal_idx = idx, idx
     X_fit = bw.features[fit_idx]
-    det = make_detector(detector, seed=seed)
+    names = feature_names(schema)
+    det: Any = make_detector(detector, seed=seed)
+    features_used = len(names)
+    if len(fit_idx) < SAMPLES_PER_FEATURE * len(names):
+        # few windows for many features (a short recording): fit on what they can estimate
+        cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
+        det = ColumnsDetector(det, cols)
+        features_used = len(cols)
     det.fit(X_fit)
     threshold = det.calibrate(bw.features[cal_idx], quantile)
     cal_scores = np.sort(det.score(bw.features[cal_idx]))
@@ -134,6 +148,8 @@ def train_from_frame(
         train_windows=len(fit_idx),
         calibration_windows=len(cal_idx),
         labelled_windows=len(faulty),
+        features_used=features_used,
+        features=len(names),
         threshold_by=threshold_by,
         start=iso(float(df["ts"].min())),
         end=iso(float(df["ts"].max())),

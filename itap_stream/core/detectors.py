@@ -30,6 +30,7 @@ from itap_stream.errors import ConfigError
 
 __all__ = [
     "DETECTORS",
+    "ColumnsDetector",
     "EnsembleDetector",
     "HalfSpaceTreesDetector",
     "PCADetector",
@@ -278,6 +279,47 @@ class EnsembleDetector:
     def calibrate(self, X: Array, quantile: float) -> float:
         self.member_thresholds_ = np.array([max(m.calibrate(X, quantile), 1e-12) for m in self.members])
         return quantile_threshold(self.score(X), quantile)
+
+
+class ColumnsDetector:
+    """A detector fitted on some feature columns only (the others are still computed and
+    still explain anomalies).
+
+    `itap train` uses it when the training windows are few for the number of features
+    (a short recording: 400 readings give about 90 windows for 82 features): the detector
+    then sees the per-signal level, spread and dropout count, which a few windows can
+    estimate, instead of every statistic.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> det = ColumnsDetector(PCADetector(), [0, 2])
+    >>> det.fit(rng.normal(size=(200, 4)))
+    >>> t = det.calibrate(rng.normal(size=(100, 4)), 0.99)
+    >>> s = det.score(np.array([[0.0, 50.0, 0.0, 50.0], [8.0, 0.0, 0.0, 0.0]]))
+    >>> bool(s[0] < t < s[1]), det.name
+    (True, 'pca')
+    """
+
+    def __init__(self, inner: Any, columns: list[int]) -> None:
+        if not columns:
+            msg = "a column subset needs at least one column"
+            raise ConfigError(msg)
+        self.inner = inner
+        self.columns = np.asarray(columns, dtype=np.intp)
+
+    @property
+    def name(self) -> str:
+        return str(self.inner.name)
+
+    def fit(self, X: Array) -> None:
+        self.inner.fit(np.asarray(X, dtype=np.float64)[:, self.columns])
+
+    def score(self, X: Array) -> Array:
+        return np.asarray(self.inner.score(np.asarray(X, dtype=np.float64)[:, self.columns]))
+
+    def calibrate(self, X: Array, quantile: float) -> float:
+        return float(self.inner.calibrate(np.asarray(X, dtype=np.float64)[:, self.columns], quantile))
 
 
 #: Detector names accepted in config (``detector:``) and by ``itap train --detector``.

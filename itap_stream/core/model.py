@@ -363,15 +363,29 @@ class TrainStats:
 def quantile_threshold(scores: Array, q: float = 0.995) -> float:
     """Threshold as a quantile of normal scores.
 
+    With fewer scores than ``1 / (1 - q)`` the empirical quantile cannot reach ``q`` (it is
+    about the largest score, the ``n / (n + 1)`` quantile): a short recording would get a
+    threshold any normal stretch crosses. Then the threshold is at least the normal-tail
+    estimate ``mean + z_q * std`` of the scores.
+
     Examples
     --------
     >>> quantile_threshold(np.arange(101, dtype=float), 0.9)
     90.0
+    >>> s = np.array([1.0, 2.0, 3.0, 2.0, 1.0, 3.0, 2.0, 2.0])
+    >>> round(quantile_threshold(s, 0.999), 2)  # 8 scores: 2.0 + 3.09 * 0.71
+    4.19
     """
     if not 0.0 < q <= 1.0:
         msg = f"quantile must be in (0, 1], got {q}"
         raise ValueError(msg)
-    return float(np.quantile(np.asarray(scores, dtype=np.float64), q))
+    s = np.asarray(scores, dtype=np.float64)
+    t = float(np.quantile(s, q))
+    if 1 < len(s) < 1.0 / max(1.0 - q, 1e-12):
+        from statistics import NormalDist
+
+        t = max(t, float(s.mean() + NormalDist().inv_cdf(min(q, 1 - 1e-9)) * s.std()))
+    return t
 
 
 def confidence(scores: Array, calibration_scores: Array) -> Array:

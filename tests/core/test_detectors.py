@@ -180,3 +180,25 @@ def test_stream_and_batch_raise_the_same_device_drift_events(schema, trained):
                       if a.rule == "model_drift" and a.device_id != "*")
 
     assert device_events(batch.alerts) and device_events(stream) == device_events(batch.alerts)
+
+
+def test_a_short_recording_fits_the_detector_on_the_compact_features(schema, tmp_path):
+    from itap_stream.app.offline import COMPACT_SUFFIXES
+    from itap_stream.core.detectors import ColumnsDetector
+    from itap_stream.core.features import feature_names
+
+    short = simulate(1, 400.0, seed=31, maint=False).to_frame()  # 93 windows for 52 features
+    art, rep = train_from_frame(short, schema, window=32, hop=4)
+    names = feature_names(schema)
+    assert isinstance(art.detector, ColumnsDetector) and art.detector.name == "isolation_forest"
+    assert [names[i] for i in art.detector.columns] == [n for n in names if n.endswith(COMPACT_SUFFIXES)]
+    assert (rep.features_used, rep.features) == (len(art.detector.columns), len(names))
+    # the threshold is not just the largest of ~19 held-out scores: a normal-tail estimate
+    assert art.threshold > art.stats.calibration_scores.max()
+    path = tmp_path / "short.joblib"
+    assert artifacts.save(art, path)["detector"] == "isolation_forest"
+    bw = windows_of_frame(simulate(1, 900.0, seed=32, maint=False).to_frame(), schema, 32, 4)
+    np.testing.assert_array_equal(artifacts.load(path).detector.score(bw.features), art.detector.score(bw.features))
+    # a long one keeps every feature
+    long_art, long_rep = train_from_frame(simulate(2, 3600.0, seed=33, maint=False).to_frame(), schema, window=32, hop=4)
+    assert not isinstance(long_art.detector, ColumnsDetector) and long_rep.features_used == len(names)
