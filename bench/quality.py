@@ -25,7 +25,6 @@ from itap_stream.app.offline import score_frame, train_from_frame
 from itap_stream.config import load
 from itap_stream.core.detectors import DETECTORS
 from itap_stream.core.quality import quality_report
-from itap_stream.core.rules import RuleEngine
 from simulator.generator import FAULT_KINDS, Fault, device_name, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,13 +41,20 @@ def one_seed(seed: int, devices: int, hours: float, settings: Any, artifact: Any
         faults.append(Fault(kind=kind, device=device_name(devices - k), onset_s=onset, duration_s=min(1800.0, duration - onset)))
     frame = simulate(devices, duration, seed=seed, faults=faults).to_frame()
     schema = settings.schema()
-    rules, resolve_after = settings.rules()
     result = score_frame(
-        frame, schema, artifact, RuleEngine(rules, resolve_after_s=resolve_after),
+        frame, schema, artifact, settings.rule_engine(),
         window=settings.window, hop=settings.hop, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
         drift_delta=settings.drift_delta,
     )
     bw, a = result.windows, result.assessment
+    # root cause: the likeliest fault class each anomaly alert names, against the fault the
+    # device really had at that window (alerts on faulty devices inside their fault)
+    truth = {(d, float(t)): lab for d, t, lab in zip(bw.device_ids.tolist(), bw.end_ts.tolist(), bw.label.tolist())}
+    causes = [
+        (truth[(al.device_id, al.window_end)], al.likely_fault)
+        for al in result.alerts
+        if al.status == "firing" and al.rule != "model_drift" and isinstance(truth.get((al.device_id, al.window_end)), str)
+    ]
     r = quality_report(
         bw.device_ids.tolist(), bw.end_ts, bw.label.tolist(), a.scores, a.flags, artifact.threshold,
         [al.to_dict() for al in result.alerts], hop_s=float(settings.hop),
@@ -64,6 +70,7 @@ def one_seed(seed: int, devices: int, hours: float, settings: Any, artifact: Any
         "false_alerts_per_device_day": r["false_alerts_per_healthy_device_day"],
         "faults_missed": r["faults_missed"],
         "model_drift_events": r["model_drift_events"],
+        "root_cause": causes,
     }
 
 
@@ -77,7 +84,28 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "delay_windows": statistics.median(delays) if delays else None,
         "false_alerts_per_device_day": statistics.median(r["false_alerts_per_device_day"] or 0.0 for r in runs),
         "model_drift_events": sum(r.get("model_drift_events", 0) for r in runs),
+        "root_cause_accuracy": _accuracy([c for r in runs for c in r["root_cause"]]),
     }
+
+
+def _accuracy(pairs: list[Any]) -> float | None:
+    return round(sum(t == p for t, p in pairs) / len(pairs), 4) if pairs else None
+
+
+def confusion(pairs: list[Any]) -> str:
+    """Predicted (columns) against true (rows) fault class of the alerts on faulty devices."""
+    predicted = [*FAULT_KINDS, "unknown"]
+    lines = ["| true \\ predicted | " + " | ".join(predicted) + " | alerts | correct |",
+             "|---|" + "---:|" * (len(predicted) + 2)]
+    for t in FAULT_KINDS:
+        row = [sum(1 for a, b in pairs if a == t and b == p) for p in predicted]
+        n = sum(row)
+        lines.append(f"| {t} | " + " | ".join(map(str, row)) + f" | {n} | {row[FAULT_KINDS.index(t)] / n:.0%} |"
+                     if n else f"| {t} | " + " | ".join(map(str, row)) + " | 0 | - |")
+    acc = _accuracy(pairs)
+    lines.append(f"\nroot cause correct on {acc:.1%} of {len(pairs)} alerts on faulty devices (target >= 85%)"
+                 if acc is not None else "\nno alerts on faulty devices")
+    return "\n".join(lines)
 
 
 def _met(med: dict[str, Any]) -> dict[str, bool]:
@@ -93,7 +121,7 @@ def _met(med: dict[str, Any]) -> dict[str, bool]:
 def table(results: dict[str, dict[str, Any]]) -> str:
     """One row per detector: the medians over seeds, a * where a target is missed."""
     head = ["detector", "F1", "precision", "recall", *(f"recall {k}" for k in FAULT_KINDS),
-            "delay (windows)", "false alerts / device-day", "drift events (all seeds)"]
+            "delay (windows)", "false alerts / device-day", "drift events (all seeds)", "root cause correct"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     for name, res in results.items():
         m, ok = res["median"], res["met"]
@@ -105,6 +133,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             ("-" if m["delay_windows"] is None else f"{m['delay_windows']:.1f}") + ("" if ok["delay_windows"] else "*"),
             f"{m['false_alerts_per_device_day']:.2f}" + ("" if ok["false_alerts_per_device_day"] else "*"),
             str(m["model_drift_events"]),
+            "-" if m["root_cause_accuracy"] is None else f"{m['root_cause_accuracy']:.0%}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
@@ -141,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         label = name + (" (default)" if name == settings.detector else "")
         results[label] = {"median": med, "met": _met(med), "runs": runs, "wall_s": round(time.perf_counter() - t1, 1)}
     print(table(results))
+    default = next(k for k in results if k.endswith("(default)")) if any(k.endswith("(default)") for k in results) else None
+    if default:
+        print(f"\nroot cause, {default}, all seeds:\n")
+        print(confusion([tuple(c) for r in results[default]["runs"] for c in r["root_cause"]]))
     report = {"results": results, "targets": TARGETS, "devices": args.devices, "hours": args.hours,
               "seeds": args.seeds, "wall_s": time.perf_counter() - t0}
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -24,6 +24,8 @@ EPILOGS = {
     "run": "example:\n  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
     "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
     "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n  itap alerts --severity CRITICAL --device DEV-0007\n  itap alerts --json --count 10 --timeout 60 | jq .rule",
+    "rules": "examples:\n  itap rules test --rules candidate_rules.yaml --db sqlite:///plant.db\n"
+    "  itap rules test --rules candidate_rules.yaml --since 2026-03-01T00:00:00Z --json reports/dry-run.json",
     "evaluate": "examples:\n  itap evaluate --db sqlite:///itap-demo/itap.db\n  itap evaluate --db sqlite:///plant.db --since 2026-01-01T00:00:00Z --out reports/live-metrics.json",
     "ingest": "examples:\n  itap ingest data/fleet.csv --db sqlite:///plant.db\n  itap ingest data/history.csv --db postgresql://postgres@127.0.0.1/itap --rejected reports/bad_rows.csv",
     "validate": "examples:\n  itap validate data/fleet.csv\n  itap validate data/plant.csv --schema configs/plant-sensors.yaml --out reports/plant-quality.json",
@@ -127,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="only windows ending at or after this time (RFC 3339 or epoch s)")
     p.add_argument("--until", help="only windows ending before this time")
     p.add_argument("--out", help="write metrics.json here")
+
+    p = sub.add_parser("rules", help="alert rules tools: `itap rules test` (dry-run a candidate rules file)",
+                       epilog=EPILOGS["rules"], formatter_class=fmt)
+    rsub = p.add_subparsers(dest="rules_command", metavar="SUBCOMMAND", required=True)
+    t = rsub.add_parser(
+        "test", help="replay stored anomalies through the current and a candidate rules file; nothing is published",
+        epilog=EPILOGS["rules"], formatter_class=fmt,
+    )
+    _common(t)
+    t.add_argument("--rules", required=True, help="the candidate alert rules YAML")
+    t.add_argument("--db", help="store URL (default: configured db_url)")
+    t.add_argument("--since", help="only windows ending at or after this time (RFC 3339 or epoch s)")
+    t.add_argument("--until", help="only windows ending before this time")
+    t.add_argument("--json", dest="json_out", help="also write the counts as JSON here")
 
     p = sub.add_parser(
         "ingest", help="load a readings CSV into the store (idempotent; bad rows to a report)",
@@ -339,7 +355,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from itap_stream.adapters.csvio import read_readings
     from itap_stream.app.offline import score_frame, write_score_outputs
     from itap_stream.config import load_yaml
-    from itap_stream.core.rules import RuleEngine
     from itap_stream.core.schema import SensorSchema
 
     settings = _settings(args)
@@ -358,7 +373,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     df = read_readings(args.csv, schema)
     step(f"read {len(df):,} readings; windowing, featuring and scoring ...")
     result = score_frame(
-        df, schema, artifact, RuleEngine(rules, resolve_after_s=resolve_after_s),
+        df, schema, artifact, settings.rule_engine(),
         window=settings.window, hop=settings.hop, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
         drift_delta=settings.drift_delta,
     )
@@ -505,7 +520,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+def _cmd_rules(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from itap_stream.adapters.store import Store
+    from itap_stream.app.rulestest import dry_run, format_dry_run, stored_windows
+    from itap_stream.errors import DataError
+
+    settings = _settings(args)
+    candidate = settings.rule_engine(args.rules)  # a bad file fails here, before the store is read
+    current = settings.rule_engine()
+    store = Store(settings.db_url, settings.schema())
+    since, until = _time_arg(args.since, "--since"), _time_arg(args.until, "--until")
+    try:
+        w = store.read_frame("windows", since=since, until=until)
+        an = store.read_frame("anomalies", since=since, until=until)
+    finally:
+        store.dispose()
+    if w.empty:
+        msg = f"the store {settings.db_url} holds no scored windows in that time range; run `itap run` (or `itap demo`) first"
+        raise DataError(msg)
+    windows, labels = stored_windows(w, an)
+    res = dry_run(windows, labels, current, candidate)
+    print(f"current: {settings.rules_file}\ncandidate: {args.rules}\n" + format_dry_run(res))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(res.to_dict(), indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+COMMANDS = {"rules": _cmd_rules, "evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,8 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-from itap_stream.core.rules import Rule, rules_from_dict
+from itap_stream.core.rootcause import fault_classes_from_dict
+from itap_stream.core.rules import Rule, RuleEngine, rules_from_dict
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import ConfigError
 
@@ -101,6 +102,13 @@ class Settings:
 
     def rules(self) -> tuple[list[Rule], float]:
         return rules_from_dict(load_yaml(self.rules_file, what="alert rules"))
+
+    def rule_engine(self, rules_file: str | None = None) -> RuleEngine:
+        """A fresh rule engine from the rules file: rules, resolve_after and fault classes."""
+        data = load_yaml(rules_file or self.rules_file, what="alert rules")
+        rules, resolve_after_s = rules_from_dict(data)
+        classes = fault_classes_from_dict(data.get("fault_classes") if isinstance(data, Mapping) else None)
+        return RuleEngine(rules, resolve_after_s=resolve_after_s, fault_classes=classes)
 
     def topic(self, kind: str, *parts: str) -> str:
         return "/".join((self.topic_prefix, kind, *parts))

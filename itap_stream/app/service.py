@@ -16,7 +16,6 @@ from itap_stream.app.consumer import Consumer
 from itap_stream.app.offline import TrainReport, train_from_frame
 from itap_stream.config import Settings
 from itap_stream.core.pipeline import check_compatible
-from itap_stream.core.rules import RuleEngine
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import DataError
 
@@ -30,11 +29,10 @@ def build_consumer(
 ) -> Consumer:
     """Load schema, rules and model, open the store: everything `itap run` needs, checked."""
     schema = settings.schema()
-    rules, resolve_after_s = settings.rules()
     artifact = artifacts.load(settings.model_path)
     check_compatible(artifact, schema, settings.window, settings.hop)
     store = Store(settings.db_url, schema)
-    engine = RuleEngine(rules, resolve_after_s=resolve_after_s)
+    engine = settings.rule_engine()
     return Consumer(settings, schema, artifact, engine, store, metrics, on_alert=on_alert)
 
 

@@ -13,8 +13,10 @@ Rule types (the three of the original ITAP):
 
 Lifecycle: one condition (rule, device) fires once and is not repeated while it holds;
 it resolves at the first window of that device that ends ``resolve_after_s`` seconds
-or more after the device's latest anomaly. Time is the windows' event time, so the
-engine is deterministic and replayable.
+or more after the last window in which that condition held. Time is the windows' event
+time, so the engine is deterministic and replayable. Each firing alert names the
+likeliest fault class of its anomaly (`core.rootcause`) and is routed by the anomaly's
+dominant family when the rule has ``routes``.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from itap_stream.core.explain import Explanation
+from itap_stream.core.rootcause import DEFAULT_FAULT_CLASSES, FaultClass, classify
 from itap_stream.errors import ConfigError
 
 __all__ = ["SEVERITIES", "Alert", "Rule", "RuleEngine", "ScoredWindow", "parse_duration", "rules_from_dict"]
@@ -95,6 +98,8 @@ class Rule:
     min_share: float = 0.0
     tags: tuple[str, ...] = ()
     require_anomaly: bool = True
+    #: route by the anomaly's dominant family (family -> route); ``route`` when none matches
+    routes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         where = f"rule {self.name!r}"
@@ -132,7 +137,7 @@ def rules_from_dict(data: Mapping[str, Any]) -> tuple[list[Rule], float]:
     resolve_after_s = parse_duration(data.get("resolve_after", "5m"))
     known = {
         "name", "type", "severity", "cause", "route", "count", "within", "families",
-        "min_share", "tags", "require_anomaly",
+        "min_share", "tags", "require_anomaly", "routes",
     }  # fmt: skip
     rules: list[Rule] = []
     for i, raw in enumerate(data["rules"]):
@@ -156,6 +161,7 @@ def rules_from_dict(data: Mapping[str, Any]) -> tuple[list[Rule], float]:
                 min_share=float(raw.get("min_share", 0.0)),
                 tags=tuple(str(t) for t in raw.get("tags", ())),
                 require_anomaly=bool(raw.get("require_anomaly", True)),
+                routes=_routes(raw.get("routes")),
             )
         except (TypeError, ValueError) as exc:
             msg = f"rule {raw['name']!r}: {exc}"
@@ -167,6 +173,15 @@ def rules_from_dict(data: Mapping[str, Any]) -> tuple[list[Rule], float]:
         msg = f"rule name(s) used more than once: {', '.join(dupes)}"
         raise ConfigError(msg)
     return rules, resolve_after_s
+
+
+def _routes(raw: Any) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        msg = "routes must map a family to a route, e.g. {Vibration: maintenance, Voltage: electrical}"
+        raise ValueError(msg)
+    return tuple((str(k), str(v)) for k, v in raw.items())
 
 
 class ScoredWindow(NamedTuple):
@@ -204,6 +219,8 @@ class Alert:
     fired_at: float
     resolved_at: float | None = None
     anomalies: int = 1
+    likely_fault: str = "unknown"
+    likely_fault_confidence: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -224,6 +241,7 @@ class Alert:
             "fired_at": iso(self.fired_at),
             "resolved_at": None if self.resolved_at is None else iso(self.resolved_at),
             "anomalies": self.anomalies,
+            "likely_fault": {"class": self.likely_fault, "confidence": round(self.likely_fault_confidence, 4)},
         }
 
 
@@ -232,6 +250,7 @@ class _DeviceState:
     anomaly_ts: deque[float] = field(default_factory=deque)
     last_anomaly_ts: float = float("-inf")
     open: dict[str, Alert] = field(default_factory=dict)
+    held: dict[str, float] = field(default_factory=dict)  # rule -> end of the last window it held in
 
 
 class RuleEngine:
@@ -249,9 +268,16 @@ class RuleEngine:
     ['resolved']
     """
 
-    def __init__(self, rules: Iterable[Rule], *, resolve_after_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        *,
+        resolve_after_s: float = 300.0,
+        fault_classes: Sequence[FaultClass] = DEFAULT_FAULT_CLASSES,
+    ) -> None:
         self.rules = list(rules)
         self.resolve_after_s = resolve_after_s
+        self.fault_classes = tuple(fault_classes)
         self._max_within = max((r.within_s for r in self.rules if r.type == "burst"), default=0.0)
         self._devices: dict[str, _DeviceState] = {}
 
@@ -293,13 +319,16 @@ class RuleEngine:
             for rule in self.rules:
                 open_alert = dev.open.get(rule.name)
                 if self._holds(rule, w, dev):
+                    dev.held[rule.name] = w.end_ts
                     if open_alert is None:
                         alert = self._fire(rule, w, dev)
                         dev.open[rule.name] = alert
                         changes.append(dataclasses.replace(alert))  # a snapshot: the open one keeps counting
                     else:
                         open_alert.anomalies += 1
-                elif open_alert is not None and w.end_ts - dev.last_anomaly_ts >= self.resolve_after_s:
+                elif open_alert is not None and w.end_ts - dev.held.get(rule.name, w.end_ts) >= self.resolve_after_s:
+                    # its own condition has not held for resolve_after (a tag alert on a device
+                    # without anomalies stays open while the tag keeps coming)
                     del dev.open[rule.name]
                     resolved = Alert(**{**open_alert.__dict__, "status": "resolved", "resolved_at": w.end_ts})
                     changes.append(resolved)
@@ -311,6 +340,8 @@ class RuleEngine:
         count = 1
         if rule.type == "burst":
             count = sum(1 for t in dev.anomaly_ts if t >= w.end_ts - rule.within_s)
+        fault, fault_conf = classify(exp, self.fault_classes)
+        route = dict(rule.routes).get(exp.dominant_family, rule.route) if exp and rule.routes else rule.route
         return Alert(
             id=hashlib.sha1(key, usedforsecurity=False).hexdigest()[:16],
             rule=rule.name,
@@ -324,8 +355,10 @@ class RuleEngine:
             root_cause=rule.cause,
             families=dict(exp.families) if exp else {},
             top_features=list(exp.top_features) if exp else [],
-            route=rule.route,
+            route=route,
             status="firing",
             fired_at=w.end_ts,
             anomalies=count,
+            likely_fault=fault,
+            likely_fault_confidence=fault_conf,
         )

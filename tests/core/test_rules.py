@@ -77,9 +77,45 @@ def test_alert_shape_has_every_documented_field():
     d = eng.evaluate([_w(0)])[0].to_dict()
     for key in (
         "id", "rule", "severity", "device_id", "state", "window_start", "window_end", "score", "confidence",
-        "root_cause", "families", "top_features", "route", "status",
+        "root_cause", "families", "top_features", "route", "status", "likely_fault",
     ):  # fmt: skip
         assert key in d
+
+
+def test_a_tag_alert_without_anomalies_stays_open_while_the_tag_comes_and_resolves_after_the_hold():
+    eng = _engine({"name": "t", "type": "tag_route", "tags": ["E_POWER"], "require_anomaly": False}, "60s")
+    fired = eng.evaluate([_w(0, anomaly=False, tags=("E_POWER",))])
+    assert [a.status for a in fired] == ["firing"]
+    # untagged normal windows 4 s later no longer resolve it (the device never had an anomaly)
+    assert eng.evaluate([_w(4, anomaly=False), _w(30, anomaly=False, tags=("E_POWER",)), _w(89.9, anomaly=False)]) == []
+    resolved = eng.evaluate([_w(90, anomaly=False)])  # 60 s after the last tagged window
+    assert [(a.status, a.id) for a in resolved] == [("resolved", fired[0].id)]
+
+
+def test_each_condition_resolves_on_its_own_hold_not_on_other_anomalies():
+    eng = _engine({"name": "v", "type": "dominant_family", "families": ["Vibration"], "min_share": 40}, "60s")
+    vib, volt = {"Vibration": 80.0, "Voltage": 20.0}, {"Voltage": 90.0, "Vibration": 10.0}
+    assert [a.status for a in eng.evaluate([_w(0, families=vib)])] == ["firing"]
+    # voltage anomalies keep coming, but the vibration condition stopped holding at t=0
+    assert [a.status for a in eng.evaluate([_w(30, families=volt), _w(60, families=volt)])] == ["resolved"]
+
+
+def test_rules_route_by_the_dominant_family_and_alerts_name_the_likely_fault():
+    rules, resolve = rules_from_dict({"rules": [{
+        "name": "burst", "type": "burst", "count": 1, "within": "60s", "severity": "CRITICAL", "route": "operations",
+        "routes": {"Vibration": "maintenance", "Voltage": "electrical", "Current": "electrical"},
+    }]})
+    cases = [
+        ({"Vibration": 70.0, "Temperature": 30.0}, "maintenance", "bearing_wear", 0.7),
+        ({"Current": 60.0, "Voltage": 30.0, "RPM": 10.0}, "electrical", "power_instability", 0.9),
+        ({"Temperature": 55.0, "RPM": 45.0}, "operations", "overheat", 0.55),
+        ({"Pressure": 80.0, "RPM": 20.0}, "operations", "unknown", 0.8),
+    ]
+    for i, (families, route, fault, conf) in enumerate(cases):
+        eng = RuleEngine(rules, resolve_after_s=resolve)
+        a = eng.evaluate([_w(10.0 * i, families=families, device=f"D{i}")])[0]
+        assert (a.route, a.likely_fault, a.likely_fault_confidence) == (route, fault, conf)
+        assert a.to_dict()["likely_fault"] == {"class": fault, "confidence": conf}
 
 
 @pytest.mark.parametrize(
