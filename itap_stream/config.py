@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 from itap_stream.core.rootcause import fault_classes_from_dict
-from itap_stream.core.rules import Rule, RuleEngine, rules_from_dict
+from itap_stream.core.rules import Rule, RuleEngine, lifecycle_from_dict, rules_from_dict
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import ConfigError
 
@@ -108,7 +108,8 @@ class Settings:
         data = load_yaml(rules_file or self.rules_file, what="alert rules")
         rules, resolve_after_s = rules_from_dict(data)
         classes = fault_classes_from_dict(data.get("fault_classes") if isinstance(data, Mapping) else None)
-        return RuleEngine(rules, resolve_after_s=resolve_after_s, fault_classes=classes)
+        return RuleEngine(rules, resolve_after_s=resolve_after_s, fault_classes=classes,
+                          lifecycle=lifecycle_from_dict(data))
 
     def topic(self, kind: str, *parts: str) -> str:
         return "/".join((self.topic_prefix, kind, *parts))

@@ -146,7 +146,8 @@ class Store:
             sa.Column("window_end", sa.Float),
             sa.Column("changed_at", sa.Float, nullable=False),
             sa.Column("payload", sa.Text, nullable=False),  # the published JSON
-            sa.UniqueConstraint("alert_id", "status", name="uq_alerts_id_status"),
+            # one row per transition: reminders repeat a status, at another time
+            sa.UniqueConstraint("alert_id", "status", "changed_at", name="uq_alerts_id_status_at"),
         )
         # readings, windows and anomalies are found by device through their unique
         # (device_id, time) index; a second index on device_id alone only slows inserts

@@ -273,7 +273,7 @@ class Consumer:
                     "confidence": alert.confidence,
                     "window_start": alert.window_start,
                     "window_end": alert.window_end,
-                    "changed_at": alert.resolved_at if alert.resolved_at is not None else alert.fired_at,
+                    "changed_at": alert.changed_at if alert.changed_at is not None else alert.fired_at,
                     "payload": payload,
                 }
             )

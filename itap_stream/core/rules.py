@@ -33,7 +33,17 @@ from itap_stream.core.explain import Explanation
 from itap_stream.core.rootcause import DEFAULT_FAULT_CLASSES, FaultClass, classify
 from itap_stream.errors import ConfigError
 
-__all__ = ["SEVERITIES", "Alert", "Rule", "RuleEngine", "ScoredWindow", "parse_duration", "rules_from_dict"]
+__all__ = [
+    "SEVERITIES",
+    "Alert",
+    "Lifecycle",
+    "Rule",
+    "RuleEngine",
+    "ScoredWindow",
+    "lifecycle_from_dict",
+    "parse_duration",
+    "rules_from_dict",
+]
 
 SEVERITIES: tuple[str, ...] = ("INFO", "WARNING", "CRITICAL")
 RULE_TYPES: tuple[str, ...] = ("burst", "dominant_family", "tag_route")
@@ -100,6 +110,9 @@ class Rule:
     require_anomaly: bool = True
     #: route by the anomaly's dominant family (family -> route); ``route`` when none matches
     routes: tuple[tuple[str, str], ...] = ()
+    #: burst: at this many anomalies in ``within`` (all with the same dominant family) the
+    #: open alert's severity rises one level, keeping its id
+    escalate_at: int = 0
 
     def __post_init__(self) -> None:
         where = f"rule {self.name!r}"
@@ -114,6 +127,9 @@ class Rule:
             raise ConfigError(msg)
         if self.type == "dominant_family" and (not self.families or not 0 < self.min_share <= 100):
             msg = f"{where}: dominant_family needs 'families' and 0 < min_share <= 100"
+            raise ConfigError(msg)
+        if self.escalate_at and (self.type != "burst" or self.escalate_at <= self.count):
+            msg = f"{where}: escalate_at applies to burst rules and must be above count ({self.count})"
             raise ConfigError(msg)
         if self.type == "tag_route" and not self.tags:
             msg = f"{where}: tag_route needs a non-empty 'tags' list"
@@ -137,7 +153,7 @@ def rules_from_dict(data: Mapping[str, Any]) -> tuple[list[Rule], float]:
     resolve_after_s = parse_duration(data.get("resolve_after", "5m"))
     known = {
         "name", "type", "severity", "cause", "route", "count", "within", "families",
-        "min_share", "tags", "require_anomaly", "routes",
+        "min_share", "tags", "require_anomaly", "routes", "escalate_at",
     }  # fmt: skip
     rules: list[Rule] = []
     for i, raw in enumerate(data["rules"]):
@@ -162,6 +178,7 @@ def rules_from_dict(data: Mapping[str, Any]) -> tuple[list[Rule], float]:
                 tags=tuple(str(t) for t in raw.get("tags", ())),
                 require_anomaly=bool(raw.get("require_anomaly", True)),
                 routes=_routes(raw.get("routes")),
+                escalate_at=int(raw.get("escalate_at", 0)),
             )
         except (TypeError, ValueError) as exc:
             msg = f"rule {raw['name']!r}: {exc}"
@@ -173,6 +190,50 @@ def rules_from_dict(data: Mapping[str, Any]) -> tuple[list[Rule], float]:
         msg = f"rule name(s) used more than once: {', '.join(dupes)}"
         raise ConfigError(msg)
     return rules, resolve_after_s
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """How open alerts behave over time (top-level settings of ``alert_rules.yaml``).
+
+    ``resolve_after_s`` / ``resolve_after_windows``: an alert resolves once its condition
+    has not held for that long *and* for that many consecutive windows (hysteresis).
+    ``repeat_interval_s``: while a condition holds and nobody acknowledged it, a
+    ``reminder`` is sent this often (0: never). ``flap_count`` / ``flap_period_s``: a
+    condition that fired that many times within the period is held as one ``flapping``
+    alert, which resolves only after a whole quiet period.
+    """
+
+    resolve_after_s: float = 300.0
+    resolve_after_windows: int = 0
+    repeat_interval_s: float = 3600.0
+    flap_count: int = 4
+    flap_period_s: float = 1800.0
+
+
+def lifecycle_from_dict(data: Mapping[str, Any]) -> Lifecycle:
+    """The lifecycle settings of a parsed rules file (defaults for what it omits).
+
+    Examples
+    --------
+    >>> lifecycle_from_dict({"resolve_after": "2m", "repeat_interval": "30m", "flap_count": 3})
+    Lifecycle(resolve_after_s=120.0, resolve_after_windows=0, repeat_interval_s=1800.0, flap_count=3, flap_period_s=1800.0)
+    """
+    try:
+        lc = Lifecycle(
+            resolve_after_s=parse_duration(data.get("resolve_after", "5m")),
+            resolve_after_windows=int(data.get("resolve_after_windows", 0)),
+            repeat_interval_s=parse_duration(data.get("repeat_interval", "1h")),
+            flap_count=int(data.get("flap_count", 4)),
+            flap_period_s=parse_duration(data.get("flap_period", "30m")),
+        )
+    except (TypeError, ValueError) as exc:
+        msg = f"alert rules lifecycle settings: {exc}"
+        raise ConfigError(msg) from exc
+    if lc.resolve_after_windows < 0 or lc.flap_count < 2:
+        msg = "resolve_after_windows must be >= 0 and flap_count >= 2"
+        raise ConfigError(msg)
+    return lc
 
 
 def _routes(raw: Any) -> tuple[tuple[str, str], ...]:
@@ -221,6 +282,9 @@ class Alert:
     anomalies: int = 1
     likely_fault: str = "unknown"
     likely_fault_confidence: float = 0.0
+    changed_at: float | None = None  # when this transition happened (event time)
+    acknowledged: bool = False
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -242,6 +306,9 @@ class Alert:
             "resolved_at": None if self.resolved_at is None else iso(self.resolved_at),
             "anomalies": self.anomalies,
             "likely_fault": {"class": self.likely_fault, "confidence": round(self.likely_fault_confidence, 4)},
+            "changed_at": iso(self.changed_at if self.changed_at is not None else self.fired_at),
+            "acknowledged": self.acknowledged,
+            "note": self.note,
         }
 
 
@@ -249,8 +316,12 @@ class Alert:
 class _DeviceState:
     anomaly_ts: deque[float] = field(default_factory=deque)
     last_anomaly_ts: float = float("-inf")
+    anomaly_fam: deque[str] = field(default_factory=deque)  # dominant family of each anomaly in anomaly_ts
     open: dict[str, Alert] = field(default_factory=dict)
     held: dict[str, float] = field(default_factory=dict)  # rule -> end of the last window it held in
+    clear: dict[str, int] = field(default_factory=dict)  # rule -> windows in a row it has not held
+    fires: dict[str, deque[float]] = field(default_factory=dict)  # rule -> recent firing times (flapping)
+    sent: dict[str, float] = field(default_factory=dict)  # rule -> last time the open alert was sent
 
 
 class RuleEngine:
@@ -274,9 +345,11 @@ class RuleEngine:
         *,
         resolve_after_s: float = 300.0,
         fault_classes: Sequence[FaultClass] = DEFAULT_FAULT_CLASSES,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.rules = list(rules)
-        self.resolve_after_s = resolve_after_s
+        self.lifecycle = lifecycle or Lifecycle(resolve_after_s=resolve_after_s, repeat_interval_s=0.0, flap_count=10**9)
+        self.resolve_after_s = self.lifecycle.resolve_after_s
         self.fault_classes = tuple(fault_classes)
         self._max_within = max((r.within_s for r in self.rules if r.type == "burst"), default=0.0)
         self._devices: dict[str, _DeviceState] = {}
@@ -312,27 +385,86 @@ class RuleEngine:
                 dev = devices[w.device_id] = _DeviceState()
             if w.is_anomaly:
                 dev.anomaly_ts.append(w.end_ts)
+                dev.anomaly_fam.append(w.explanation.dominant_family if w.explanation else "")
                 dev.last_anomaly_ts = w.end_ts
                 cutoff = w.end_ts - self._max_within
                 while dev.anomaly_ts and dev.anomaly_ts[0] < cutoff:
                     dev.anomaly_ts.popleft()
+                    dev.anomaly_fam.popleft()
             for rule in self.rules:
-                open_alert = dev.open.get(rule.name)
-                if self._holds(rule, w, dev):
-                    dev.held[rule.name] = w.end_ts
-                    if open_alert is None:
-                        alert = self._fire(rule, w, dev)
-                        dev.open[rule.name] = alert
-                        changes.append(dataclasses.replace(alert))  # a snapshot: the open one keeps counting
-                    else:
-                        open_alert.anomalies += 1
-                elif open_alert is not None and w.end_ts - dev.held.get(rule.name, w.end_ts) >= self.resolve_after_s:
-                    # its own condition has not held for resolve_after (a tag alert on a device
-                    # without anomalies stays open while the tag keeps coming)
-                    del dev.open[rule.name]
-                    resolved = Alert(**{**open_alert.__dict__, "status": "resolved", "resolved_at": w.end_ts})
-                    changes.append(resolved)
+                self._step(rule, w, dev, changes)
         return changes
+
+    def _step(self, rule: Rule, w: ScoredWindow, dev: _DeviceState, changes: list[Alert]) -> None:
+        """One window, one rule: fire, remind, escalate, note a family shift, or resolve."""
+        lc = self.lifecycle
+        name, t = rule.name, w.end_ts
+        open_alert = dev.open.get(name)
+        if self._holds(rule, w, dev):
+            dev.held[name] = t
+            dev.clear[name] = 0
+            if open_alert is None:
+                fires = dev.fires.setdefault(name, deque())
+                while fires and fires[0] < t - lc.flap_period_s:
+                    fires.popleft()
+                alert = self._fire(rule, w, dev)
+                if len(fires) >= lc.flap_count - 1:
+                    # fired and resolved again and again: hold it as one flapping alert
+                    alert.status = "flapping"
+                    alert.note = f"fired {len(fires) + 1} times within {lc.flap_period_s:g} s; held until quiet that long"
+                fires.append(t)
+                dev.open[name] = alert
+                dev.sent[name] = t
+                changes.append(dataclasses.replace(alert))  # a snapshot: the open one keeps counting
+                return
+            open_alert.anomalies += 1
+            if rule.escalate_at and w.is_anomaly and open_alert.severity == rule.severity:
+                recent = [f for ts, f in zip(dev.anomaly_ts, dev.anomaly_fam) if ts >= t - rule.within_s]
+                if len(recent) >= rule.escalate_at and len(set(recent)) == 1:
+                    up = SEVERITIES[min(SEVERITIES.index(open_alert.severity) + 1, len(SEVERITIES) - 1)]
+                    if up != open_alert.severity:
+                        open_alert.severity = up
+                        dev.sent[name] = t
+                        changes.append(self._snapshot(open_alert, "escalated", t, w,
+                                                      f"{len(recent)} anomalies in {rule.within_s:g} s, all {recent[0]}"))
+            if w.explanation is not None and open_alert.families:
+                fam, was = w.explanation.dominant_family, max(open_alert.families.items(), key=lambda kv: kv[1])[0]
+                if fam != was and len(dev.anomaly_fam) >= 2 and list(dev.anomaly_fam)[-2:] == [fam, fam]:
+                    # two anomalies in a row dominated by another family: the fault has moved
+                    open_alert.families = dict(w.explanation.families)
+                    open_alert.top_features = list(w.explanation.top_features)
+                    changes.append(self._snapshot(open_alert, "updated", t, w, f"dominant family shifted from {was} to {fam}"))
+            if lc.repeat_interval_s > 0 and not open_alert.acknowledged and t - dev.sent.get(name, t) >= lc.repeat_interval_s:
+                dev.sent[name] = t
+                changes.append(self._snapshot(open_alert, "reminder", t, w, "still holding"))
+            return
+        if open_alert is None:
+            return
+        dev.clear[name] = dev.clear.get(name, 0) + 1
+        hold = lc.flap_period_s if open_alert.status == "flapping" else lc.resolve_after_s
+        if t - dev.held.get(name, t) >= hold and dev.clear[name] >= lc.resolve_after_windows:
+            # its own condition has not held for the hold time (a tag alert on a device
+            # without anomalies stays open while the tag keeps coming)
+            del dev.open[name]
+            resolved = dataclasses.replace(open_alert, status="resolved", resolved_at=t, changed_at=t, note="")
+            changes.append(resolved)
+
+    @staticmethod
+    def _snapshot(alert: Alert, status: str, t: float, w: ScoredWindow, note: str) -> Alert:
+        return dataclasses.replace(alert, status=status, changed_at=t, window_start=w.start_ts, window_end=w.end_ts,
+                                   score=w.score, note=note)
+
+    def acknowledge(self, alert_id: str, at: float, note: str = "") -> Alert | None:
+        """Acknowledge an open alert: no reminders until it resolves. Returns the
+        ``acknowledged`` transition, or None when no open alert has that id."""
+        for dev in self._devices.values():
+            for alert in dev.open.values():
+                if alert.id == alert_id:
+                    if alert.acknowledged:
+                        return None
+                    alert.acknowledged = True
+                    return dataclasses.replace(alert, status="acknowledged", changed_at=at, note=note)
+        return None
 
     def _fire(self, rule: Rule, w: ScoredWindow, dev: _DeviceState) -> Alert:
         key = f"{w.device_id}|{rule.name}|{w.end_ts!r}".encode()
@@ -361,4 +493,5 @@ class RuleEngine:
             anomalies=count,
             likely_fault=fault,
             likely_fault_confidence=fault_conf,
+            changed_at=w.end_ts,
         )
