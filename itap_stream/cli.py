@@ -24,6 +24,8 @@ EPILOGS = {
     "run": "example:\n  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
     "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
     "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n  itap alerts --severity CRITICAL --device DEV-0007\n  itap alerts --json --count 10 --timeout 60 | jq .rule",
+    "ack": "examples:\n  itap ack 3f2c9a1b0d4e5f60 --note 'crew on the way' --by alice\n"
+    "  itap ack 3f2c9a1b0d4e5f60 --broker mqtt://plant-broker:1883",
     "rules": "examples:\n  itap rules test --rules candidate_rules.yaml --db sqlite:///plant.db\n"
     "  itap rules test --rules candidate_rules.yaml --since 2026-03-01T00:00:00Z --json reports/dry-run.json",
     "evaluate": "examples:\n  itap evaluate --db sqlite:///itap-demo/itap.db\n  itap evaluate --db sqlite:///plant.db --since 2026-01-01T00:00:00Z --out reports/live-metrics.json",
@@ -129,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="only windows ending at or after this time (RFC 3339 or epoch s)")
     p.add_argument("--until", help="only windows ending before this time")
     p.add_argument("--out", help="write metrics.json here")
+
+    p = sub.add_parser(
+        "ack", help="acknowledge an open alert on the running consumer (no reminders until it resolves)",
+        epilog=EPILOGS["ack"], formatter_class=fmt,
+    )
+    _common(p)
+    p.add_argument("alert_id", help="the alert's id (the `id` field of the published alert)")
+    p.add_argument("--note", default="", help="why / what is being done, stored and published with the acknowledgement")
+    p.add_argument("--by", default=os.environ.get("USER", ""), help="who acknowledges (default: $USER)")
+    p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
+    p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the consumer's answer")
 
     p = sub.add_parser("rules", help="alert rules tools: `itap rules test` (dry-run a candidate rules file)",
                        epilog=EPILOGS["rules"], formatter_class=fmt)
@@ -520,6 +534,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ack(args: argparse.Namespace) -> int:
+    from itap_stream.app.commands import send_command
+
+    settings = _settings(args)
+    answer = send_command(settings, "ack", {"alert_id": args.alert_id, "note": args.note, "by": args.by},
+                          timeout_s=args.timeout)
+    if not answer.get("ok"):
+        print(f"itap ack: {answer.get('reason', 'refused')}", file=sys.stderr)
+        return 1
+    print(f"alert {args.alert_id} acknowledged" + (f": {args.note}" if args.note else ""))
+    return 0
+
+
 def _cmd_rules(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -550,7 +577,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"rules": _cmd_rules, "evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+COMMANDS = {"ack": _cmd_ack, "rules": _cmd_rules, "evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

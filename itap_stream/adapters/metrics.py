@@ -30,6 +30,10 @@ class Metrics:
         self.alerts = Counter(
             "itap_alerts", "Alert transitions, by rule, severity and status", ["rule", "severity", "status"], registry=r
         )
+        self.commands = Counter(
+            "itap_commands", "Commands received on the command topic, by command and result", ["command", "result"],
+            registry=r,
+        )
         self.model_drift = Counter(
             "itap_model_drift", "model_drift events (normal scores shifted: retrain), by scope", ["scope"], registry=r
         )

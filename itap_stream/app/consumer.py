@@ -31,7 +31,7 @@ from itap_stream.core.drift import FLEET, DriftMonitor
 from itap_stream.core.model import Artifact
 from itap_stream.core.pipeline import BatchResult, Processor
 from itap_stream.core.readings import Reading, Rejection, decode
-from itap_stream.core.rules import RuleEngine
+from itap_stream.core.rules import Alert, RuleEngine
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import BrokerError
 
@@ -98,7 +98,9 @@ class Consumer:
         self._prefix_len = len(settings.topic_prefix) + len("/telemetry/")
         status = settings.topic("status", "consumer", settings.client_id)
         self._offline = Will(status, b"offline", qos=1, retain=True)
-        subscriptions = [(settings.topic("telemetry", "+"), settings.qos)]
+        # commands (acknowledgements) come through the intake too, in order with the data
+        subscriptions = [(settings.topic("telemetry", "+"), settings.qos), (settings.topic("commands", "#"), 1)]
+        self._cmd_prefix = settings.topic("commands") + "/"
         self.inbox: Inbox | Receiver
         if settings.intake == "process":
             # the child holds the subscription (and the persistent session under client_id);
@@ -129,7 +131,7 @@ class Consumer:
         return Receiver(
             st.broker_url,
             st.client_id,
-            [(st.topic("telemetry", "+"), st.qos)],
+            [(st.topic("telemetry", "+"), st.qos), (st.topic("commands", "#"), 1)],
             on_connection=self._on_connection,
             queue_max=st.queue_max,
             log_level=st.log_level,
@@ -235,7 +237,12 @@ class Consumer:
         plen = self._prefix_len
         max_bytes = self.settings.max_payload_bytes
         schema = self.schema
+        cmd_prefix = self._cmd_prefix
+        transitions: list[Alert] = []
         for topic, payload, _t in msgs:
+            if topic.startswith(cmd_prefix):
+                transitions.extend(self._command(topic[len(cmd_prefix) :], payload))
+                continue
             device = topic[plen:]
             good, bad = decode(payload, schema, device, max_bytes=max_bytes)
             if good:
@@ -253,7 +260,7 @@ class Consumer:
         m.active_devices.set(len(self.processor.windows))
         batch = self._rows(result, readings)
         alert_topic = self.settings.topic
-        for alert in result.alerts:
+        for alert in [*transitions, *result.alerts]:
             d = alert.to_dict()
             payload = json.dumps(d)
             self.link.publish(alert_topic("alerts", alert.device_id), payload, qos=1)
@@ -279,7 +286,7 @@ class Consumer:
             )
             if self.on_alert is not None:
                 self.on_alert(d)
-        if result.alerts:
+        if result.alerts or transitions:
             # paho's network thread sends them; give it the GIL now rather than after the
             # rest of this batch (otherwise an alert waits up to a 5 ms switch interval or more)
             time.sleep(0.0005)
@@ -317,6 +324,43 @@ class Consumer:
                 )
                 self.metrics.anomalies.labels(exp.dominant_family).inc()
         return batch
+
+    def _command(self, name: str, payload: bytes) -> list[Alert]:
+        """One command from ``{prefix}/commands/{name}``; the answer goes to
+        ``{prefix}/status/commands``. Returns the alert transitions it caused."""
+        reply: dict[str, Any] = {"command": name, "ok": False}
+        out: list[Alert] = []
+        try:
+            body = json.loads(payload)
+            if not isinstance(body, dict):
+                raise ValueError("a command is a JSON object")
+        except ValueError as exc:
+            reply["reason"] = f"not a JSON object: {exc}"
+            body = {}
+        reply["request_id"] = body.get("request_id")
+        if "reason" in reply:
+            pass
+        elif name == "ack":
+            alert_id = body.get("alert_id")
+            if not isinstance(alert_id, str) or not alert_id:
+                reply["reason"] = "ack needs an alert_id"
+            else:
+                note = str(body.get("note") or "")
+                by = str(body.get("by") or "")
+                done = self.processor.engine.acknowledge(alert_id, at=time.time(), note=f"{by}: {note}" if by else note)
+                reply["alert_id"] = alert_id
+                if done is None:
+                    reply["reason"] = f"no open, unacknowledged alert with id {alert_id} (unknown, resolved or already acknowledged)"
+                else:
+                    reply["ok"] = True
+                    out.append(done)
+        else:
+            reply["reason"] = f"unknown command {name!r}; known: ack"
+        self.metrics.commands.labels(name if name in ("ack",) else "unknown", "ok" if reply["ok"] else "refused").inc()
+        if not reply["ok"]:
+            log.warning("command %s refused: %s", name, reply["reason"])
+        self.link.publish(self.settings.topic("status", "commands"), json.dumps(reply), qos=1)
+        return out
 
     def _dead_letter(self, topic: str, payload: bytes, rej: Rejection) -> None:
         self.metrics.rejected.labels(rej.reason).inc()

@@ -292,3 +292,44 @@ def test_model_drift_in_a_live_run_is_published_stored_counted_and_evaluated(set
     assert main(["evaluate", "--db", settings.db_url]) == 0
     text = capsys.readouterr().out
     assert f"model_drift events: {len(published)}" in text and "DEV-0002: model drift" in text
+
+
+def test_itap_ack_acknowledges_an_open_alert_through_the_command_topic(settings, capsys):
+    from itap_stream.cli import main
+
+    sim = simulate(2, 900, seed=31, faults=[Fault("power_instability", "DEV-0002", 300, 600)], maint=False)
+    sub = Subscriber(settings.broker_url, f"{settings.topic_prefix}/alerts/#")
+    metrics = Metrics()
+    consumer, thread = _start(settings, metrics)
+    try:
+        publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-ack")
+        assert _wait(lambda: any(json.loads(p)["status"] == "firing" for _t, p, _r in sub.messages))
+        fired = next(json.loads(p) for _t, p, _r in sub.messages if json.loads(p)["status"] == "firing")
+        args = ["--broker", settings.broker_url, "--timeout", "10"]
+        assert main(["ack", fired["id"], "--note", "crew on the way", "--by", "alice", *args]) == 0
+        assert f"alert {fired['id']} acknowledged" in capsys.readouterr().out
+        assert _wait(lambda: any(json.loads(p)["status"] == "acknowledged" for _t, p, _r in sub.messages), 10)
+        # twice, or an id nobody knows: refused with the reason, exit 1
+        assert main(["ack", fired["id"], *args]) == 1
+        assert "already acknowledged" in capsys.readouterr().err
+        assert main(["ack", "no-such-alert", *args]) == 1
+        assert metrics.sample("itap_commands_total", command="ack", result="ok") == 1
+        assert metrics.sample("itap_commands_total", command="ack", result="refused") == 2
+    finally:
+        consumer.stop()
+        thread.join(20)
+        sub.close()
+    ack = next(json.loads(p) for _t, p, _r in sub.messages if json.loads(p)["status"] == "acknowledged")
+    assert (ack["id"], ack["note"], ack["acknowledged"]) == (fired["id"], "alice: crew on the way", True)
+    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    rows = db.execute("SELECT status FROM alerts WHERE alert_id = ?", (fired["id"],)).fetchall()
+    db.close()
+    assert ("acknowledged",) in rows and ("firing",) in rows
+
+
+def test_itap_ack_without_a_consumer_is_one_clear_error(broker, capsys):
+    from itap_stream.cli import main
+
+    assert main(["ack", "abc", "--broker", broker.url, "--topic-prefix", "nobody-home", "--timeout", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no consumer answered within 1 s" in err[0]
