@@ -54,6 +54,10 @@ class Settings:
     detector: str = "isolation_forest"
     recall_target: float | None = None
     drift_delta: float = 0.002
+    stale_after: float = 300.0
+    signal_missing_readings: int = 16
+    signal_stuck_readings: int = 32
+    devices_file: str = ""
 
 
     def __post_init__(self) -> None:
@@ -77,6 +81,9 @@ class Settings:
             raise ConfigError(msg)
         if self.recall_target is not None and not 0.0 < self.recall_target <= 1.0:
             msg = f"recall_target must be in (0, 1] or empty, got {self.recall_target}"
+            raise ConfigError(msg)
+        if self.stale_after <= 0 or self.signal_missing_readings < 1 or self.signal_stuck_readings < 2:
+            msg = "stale_after must be positive, signal_missing_readings >= 1 and signal_stuck_readings >= 2"
             raise ConfigError(msg)
         if not 0.0 <= self.drift_delta < 1.0:
             msg = f"drift_delta must be in [0, 1) (0 turns drift detection off), got {self.drift_delta}"
@@ -102,6 +109,17 @@ class Settings:
 
     def rules(self) -> tuple[list[Rule], float]:
         return rules_from_dict(load_yaml(self.rules_file, what="alert rules"))
+
+    def decommissioned(self) -> frozenset[str]:
+        """Devices listed under ``decommissioned`` in ``devices_file`` (none without one)."""
+        if not self.devices_file:
+            return frozenset()
+        data = load_yaml(self.devices_file, what="device registry") or {}
+        ids = data.get("decommissioned", []) if isinstance(data, Mapping) else None
+        if not isinstance(ids, list):
+            msg = f"device registry {self.devices_file}: 'decommissioned' must be a list of device ids"
+            raise ConfigError(msg)
+        return frozenset(str(d) for d in ids)
 
     def rule_engine(self, rules_file: str | None = None) -> RuleEngine:
         """A fresh rule engine from the rules file: rules, resolve_after and fault classes."""
@@ -175,7 +193,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         if raw is None:
             continue
         values[name] = _coerce(name, raw, types[name])
-        if name in ("sensors_file", "rules_file"):
+        if name in ("sensors_file", "rules_file", "devices_file") and values[name]:
             values[name] = str((cfg_path.parent / values[name]).resolve())
     for name, kind in types.items():
         key = f"ITAP_{name.upper()}"

@@ -28,6 +28,7 @@ from itap_stream.adapters.receiver import Receiver
 from itap_stream.adapters.store import Store, StoreBatch, StoreWriter, anomaly_row, reading_rows
 from itap_stream.config import Settings
 from itap_stream.core.drift import FLEET, DriftMonitor
+from itap_stream.core.health import HealthSettings, SensorHealth
 from itap_stream.core.model import Artifact
 from itap_stream.core.pipeline import BatchResult, Processor
 from itap_stream.core.readings import Reading, Rejection, decode
@@ -74,8 +75,10 @@ class Consumer:
         metrics: Metrics | None = None,
         *,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.clock = clock  # the service clock (stale devices, acknowledgements); tests inject one
         self.schema = schema
         self.processor = Processor(
             schema,
@@ -86,7 +89,15 @@ class Consumer:
             alarm_k=settings.alarm_k,
             alarm_n=settings.alarm_n,
             drift=DriftMonitor(delta=settings.drift_delta) if settings.drift_delta > 0 else None,
+            health=SensorHealth(
+                schema.names,
+                HealthSettings(
+                    missing_readings=settings.signal_missing_readings, stuck_readings=settings.signal_stuck_readings,
+                    stale_after_s=settings.stale_after, decommissioned=settings.decommissioned(),
+                ),
+            ),
         )
+        self._stale_checked = 0.0
         self.metrics = metrics or Metrics()
         self.metrics.set_model(
             {"trained_at": artifact.trained_at, "threshold": artifact.threshold, "features": len(artifact.feature_names)}
@@ -225,7 +236,22 @@ class Consumer:
         )
         if msgs:
             self.process_messages(msgs)
+        self.check_stale()
         return len(msgs)
+
+    def check_stale(self, *, force: bool = False) -> list[Alert]:
+        """``device_stale`` alerts for silent devices (at most once a second unless forced)."""
+        now = self.clock()
+        health = self.processor.health
+        if health is None or (not force and now - self._stale_checked < 1.0):
+            return []
+        self._stale_checked = now
+        alerts = health.check_stale(now)
+        if alerts:
+            batch = StoreBatch()
+            self._emit(alerts, batch)
+            self.writer.submit(batch)
+        return alerts
 
     def process_messages(self, msgs: list[Message]) -> BatchResult:
         """Decode, process, publish and hand to the store one micro-batch of messages."""
@@ -250,7 +276,7 @@ class Consumer:
             for rej in bad:
                 self._dead_letter(topic, payload, rej)
         m.received.inc(len(readings))
-        result = self.processor.process(readings)
+        result = self.processor.process(readings, now=self.clock())
         m.processed.inc(len(result.accepted))
         for _r, reason in result.dropped:
             m.rejected.labels(reason).inc()
@@ -259,8 +285,18 @@ class Consumer:
             m.windows.inc(n_win)
         m.active_devices.set(len(self.processor.windows))
         batch = self._rows(result, readings)
+        self._emit([*transitions, *result.alerts], batch)
+        oldest = min(t for _topic, _p, t in msgs)
+        batch.on_commit.append(lambda: m.latency.observe(max(0.0, time.time() - oldest)))
+        self.writer.submit(batch)
+        self.batches += 1
+        return result
+
+    def _emit(self, alerts: list[Alert], batch: StoreBatch) -> None:
+        """Publish alert transitions and add them to ``batch`` for the store."""
+        m = self.metrics
         alert_topic = self.settings.topic
-        for alert in [*transitions, *result.alerts]:
+        for alert in alerts:
             d = alert.to_dict()
             payload = json.dumps(d)
             self.link.publish(alert_topic("alerts", alert.device_id), payload, qos=1)
@@ -286,15 +322,10 @@ class Consumer:
             )
             if self.on_alert is not None:
                 self.on_alert(d)
-        if result.alerts or transitions:
+        if alerts:
             # paho's network thread sends them; give it the GIL now rather than after the
             # rest of this batch (otherwise an alert waits up to a 5 ms switch interval or more)
             time.sleep(0.0005)
-        oldest = min(t for _topic, _p, t in msgs)
-        batch.on_commit.append(lambda: m.latency.observe(max(0.0, time.time() - oldest)))
-        self.writer.submit(batch)
-        self.batches += 1
-        return result
 
     def _rows(self, result: BatchResult, readings: list[Reading]) -> StoreBatch:
         batch = StoreBatch(readings=reading_rows(readings))
@@ -347,7 +378,7 @@ class Consumer:
             else:
                 note = str(body.get("note") or "")
                 by = str(body.get("by") or "")
-                done = self.processor.engine.acknowledge(alert_id, at=time.time(), note=f"{by}: {note}" if by else note)
+                done = self.processor.engine.acknowledge(alert_id, at=self.clock(), note=f"{by}: {note}" if by else note)
                 reply["alert_id"] = alert_id
                 if done is None:
                     reply["reason"] = f"no open, unacknowledged alert with id {alert_id} (unknown, resolved or already acknowledged)"

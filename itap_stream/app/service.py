@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def build_consumer(
-    settings: Settings, *, metrics: Metrics | None = None, on_alert: Callable[[dict[str, Any]], None] | None = None
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    on_alert: Callable[[dict[str, Any]], None] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Consumer:
     """Load schema, rules and model, open the store: everything `itap run` needs, checked."""
     schema = settings.schema()
@@ -33,7 +38,7 @@ def build_consumer(
     check_compatible(artifact, schema, settings.window, settings.hop)
     store = Store(settings.db_url, schema)
     engine = settings.rule_engine()
-    return Consumer(settings, schema, artifact, engine, store, metrics, on_alert=on_alert)
+    return Consumer(settings, schema, artifact, engine, store, metrics, on_alert=on_alert, clock=clock)
 
 
 def run_service(settings: Settings) -> None:

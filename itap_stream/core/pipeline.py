@@ -20,6 +20,7 @@ from itap_stream.core.batch import BatchWindows
 from itap_stream.core.drift import DriftMonitor, drift_alert
 from itap_stream.core.explain import Explanation, explain
 from itap_stream.core.features import extract, feature_families, feature_names
+from itap_stream.core.health import SensorHealth
 from itap_stream.core.model import Artifact, confidence
 from itap_stream.core.readings import Reading
 from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow
@@ -102,9 +103,11 @@ class Processor:
         alarm_k: int = 3,
         alarm_n: int = 4,
         drift: DriftMonitor | None = None,
+        health: SensorHealth | None = None,
     ) -> None:
         check_compatible(artifact, schema, window, hop)
         self.drift = drift
+        self.health = health
         self.schema = schema
         self.artifact = artifact
         self.engine = engine
@@ -114,9 +117,13 @@ class Processor:
         self.alarm_k, self.alarm_n = alarm_k, alarm_n
         self._alarm_state: dict[str, int] = {}
 
-    def process(self, readings: Sequence[Reading]) -> BatchResult:
-        """Run one micro-batch of readings (arrival order) through the core."""
+    def process(self, readings: Sequence[Reading], now: float | None = None) -> BatchResult:
+        """Run one micro-batch of readings (arrival order) through the core; ``now`` is the
+        service clock at arrival (for stale devices; the core never reads a clock)."""
         result = BatchResult()
+        health = self.health
+        if health is not None and now is not None and readings:
+            result.alerts.extend(health.seen({r.device_id for r in readings}, now))
         push = self.windows.push
         accepted = result.accepted
         for r in readings:
@@ -129,14 +136,21 @@ class Processor:
         result.windows = batch
         if not len(batch):
             return result
-        X = extract(batch.values, batch.states)
         states = batch.last_states
+        if health is not None:
+            result.alerts.extend(health.windows(batch.device_ids, batch.values, states, batch.start_ts.tolist(),
+                                                batch.end_ts.tolist()))
+        X = extract(batch.values, batch.states)
         a = assess(self.artifact, X, batch.device_ids, states, self._alarm_state, self.alarm_k, self.alarm_n,
                    self._names, self._families)
         result.features, result.scores, result.is_anomaly, result.confidence = X, a.scores, a.flags, a.confidence
         result.explanations = a.explanations
         scored = scored_windows(batch.device_ids, batch.start_ts, batch.end_ts, states, a, batch.tags)
-        result.alerts = self.engine.evaluate(scored)
+        alerts = self.engine.evaluate(scored)
+        if health is not None and health.settings.decommissioned:
+            gone = health.settings.decommissioned
+            alerts = [al for al in alerts if al.device_id not in gone]
+        result.alerts.extend(alerts)
         if self.drift is not None:
             quiet = [s in QUIET_STATES for s in states]
             events = self.drift.update(batch.device_ids, a.scores, a.flags, batch.end_ts,

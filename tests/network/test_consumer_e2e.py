@@ -38,8 +38,8 @@ class Subscriber:
         self.client.loop_stop()
 
 
-def _start(settings, metrics=None):
-    consumer = build_consumer(settings, metrics=metrics or Metrics())
+def _start(settings, metrics=None, clock=time.time):
+    consumer = build_consumer(settings, metrics=metrics or Metrics(), clock=clock)
     ready = threading.Event()
     thread = threading.Thread(target=consumer.run, kwargs={"ready": ready}, daemon=True)
     thread.start()
@@ -333,3 +333,40 @@ def test_itap_ack_without_a_consumer_is_one_clear_error(broker, capsys):
     assert main(["ack", "abc", "--broker", broker.url, "--topic-prefix", "nobody-home", "--timeout", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no consumer answered within 1 s" in err[0]
+
+
+def test_a_silent_device_goes_stale_by_the_injected_clock_and_clears_on_its_next_reading(settings):
+    now = [1_000_000.0]
+    sub = Subscriber(settings.broker_url, f"{settings.topic_prefix}/alerts/#")
+    metrics = Metrics()
+    consumer, thread = _start(settings, metrics, clock=lambda: now[0])
+    try:
+        sent = publish(simulate(2, 60, seed=5, maint=False), settings.broker_url, speed=0, qos=1, client_id="t-stale")
+        assert _wait(lambda: metrics.sample("itap_readings_received_total") >= sent)
+        now[0] += settings.stale_after - 1  # not yet
+        time.sleep(0.3)
+        assert not [p for _t, p, _r in sub.messages if b"device_stale" in p]
+        now[0] += 1
+        assert _wait(lambda: len([p for _t, p, _r in sub.messages if b"device_stale" in p]) == 2, 10)
+        later = json.dumps({"device_id": "DEV-0001", "ts": 1767225600 + 61, "state": "RUN", "rpm": 1500.0, "temp_c": 50.0,
+                            "voltage_v": 229.0, "current_a": 14.0, "vibration_mm_s": 2.4})
+        pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="t-stale-late")
+        host, port = settings.broker_url.removeprefix("mqtt://").split(":")
+        pub.connect(host, int(port))
+        pub.loop_start()
+        pub.publish(f"{settings.topic_prefix}/telemetry/DEV-0001", later, qos=1).wait_for_publish(5)
+        pub.disconnect()
+        pub.loop_stop()
+        assert _wait(lambda: any(json.loads(p)["status"] == "resolved" for _t, p, _r in sub.messages
+                                 if b"device_stale" in p), 10)
+    finally:
+        consumer.stop()
+        thread.join(20)
+        sub.close()
+    stale = [json.loads(p) for _t, p, _r in sub.messages if b"device_stale" in p]
+    assert sorted((a["device_id"], a["status"]) for a in stale) == [
+        ("DEV-0001", "firing"), ("DEV-0001", "resolved"), ("DEV-0002", "firing")]
+    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    rows = db.execute("SELECT device_id, status FROM alerts WHERE rule = 'device_stale' ORDER BY id").fetchall()
+    db.close()
+    assert sorted(rows) == [("DEV-0001", "firing"), ("DEV-0001", "resolved"), ("DEV-0002", "firing")]
