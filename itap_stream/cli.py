@@ -26,6 +26,9 @@ EPILOGS = {
     "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n  itap alerts --severity CRITICAL --device DEV-0007\n  itap alerts --json --count 10 --timeout 60 | jq .rule",
     "ack": "examples:\n  itap ack 3f2c9a1b0d4e5f60 --note 'crew on the way' --by alice\n"
     "  itap ack 3f2c9a1b0d4e5f60 --broker mqtt://plant-broker:1883",
+    "silence": "examples:\n  itap silence add --device DEV-0007 --duration 2h --comment 'bearing change'\n"
+    "  itap silence add --rule 'signal_*' --weekly sat,sun --at 22:00 --hours 8\n"
+    "  itap silence list\n  itap silence remove 3f2c9a1b0d",
     "rules": "examples:\n  itap rules test --rules candidate_rules.yaml --db sqlite:///plant.db\n"
     "  itap rules test --rules candidate_rules.yaml --since 2026-03-01T00:00:00Z --json reports/dry-run.json",
     "evaluate": "examples:\n  itap evaluate --db sqlite:///itap-demo/itap.db\n  itap evaluate --db sqlite:///plant.db --since 2026-01-01T00:00:00Z --out reports/live-metrics.json",
@@ -143,6 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
     p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the consumer's answer")
+
+    p = sub.add_parser(
+        "silence", help="maintenance windows on the running consumer: alerts are stored, not published",
+        epilog=EPILOGS["silence"], formatter_class=fmt,
+    )
+    ssub = p.add_subparsers(dest="silence_command", metavar="SUBCOMMAND", required=True)
+    for sname, shelp in (("add", "add a silence"), ("remove", "remove a silence by id"), ("list", "list the silences")):
+        sp = ssub.add_parser(sname, help=shelp, epilog=EPILOGS["silence"], formatter_class=fmt)
+        _common(sp)
+        sp.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
+        sp.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+        sp.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the consumer's answer")
+        if sname == "remove":
+            sp.add_argument("silence_id", help="the id `itap silence add` or `list` printed")
+        if sname == "add":
+            sp.add_argument("--device", help="device id or shell pattern (DEV-00*); default all")
+            sp.add_argument("--rule", help="rule name or pattern (signal_*); default all")
+            sp.add_argument("--family", help="only alerts whose dominant family is this")
+            sp.add_argument("--severity", help="only this severity (INFO, WARNING, CRITICAL)")
+            sp.add_argument("--duration", help="from now (or --start) for this long, e.g. 2h")
+            sp.add_argument("--start", help="RFC 3339 or epoch seconds (default now)")
+            sp.add_argument("--end", help="RFC 3339 or epoch seconds")
+            sp.add_argument("--weekly", help="recurring on these days, e.g. sat,sun (with --at and --hours)")
+            sp.add_argument("--at", default="00:00", help="weekly start, HH:MM UTC")
+            sp.add_argument("--hours", type=float, default=0.0, help="weekly length in hours")
+            sp.add_argument("--comment", default="", help="why (stored with the silence)")
 
     p = sub.add_parser("rules", help="alert rules tools: `itap rules test` (dry-run a candidate rules file)",
                        epilog=EPILOGS["rules"], formatter_class=fmt)
@@ -547,6 +576,37 @@ def _cmd_ack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_silence(args: argparse.Namespace) -> int:
+    from itap_stream.app.commands import send_command
+
+    settings = _settings(args)
+    if args.silence_command == "add":
+        body: dict[str, Any] = {"action": "add"}
+        for key in ("device", "rule", "family", "severity", "duration", "start", "end", "comment"):
+            if getattr(args, key):
+                body[key] = getattr(args, key)
+        if args.weekly:
+            body.update(weekly=[d.strip() for d in args.weekly.split(",") if d.strip()], at=args.at, hours=args.hours)
+    elif args.silence_command == "remove":
+        body = {"action": "remove", "id": args.silence_id}
+    else:
+        body = {"action": "list"}
+    answer = send_command(settings, "silence", body, timeout_s=args.timeout)
+    if not answer.get("ok"):
+        print(f"itap silence {args.silence_command}: {answer.get('reason', 'refused')}", file=sys.stderr)
+        return 1
+    if args.silence_command == "add":
+        s = answer["silence"]
+        print(f"silence {s['id']} added: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "id"))
+    elif args.silence_command == "remove":
+        print(f"silence {args.silence_id} removed")
+    else:
+        items = answer.get("silences", [])
+        print("\n".join(f"{s['id']}  " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "id") for s in items)
+              or "no silences")
+    return 0
+
+
 def _cmd_rules(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -577,7 +637,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ack": _cmd_ack, "rules": _cmd_rules, "evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+COMMANDS = {"silence": _cmd_silence, "ack": _cmd_ack, "rules": _cmd_rules, "evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

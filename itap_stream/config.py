@@ -58,6 +58,7 @@ class Settings:
     signal_missing_readings: int = 16
     signal_stuck_readings: int = 32
     devices_file: str = ""
+    silences_file: str = ""
 
 
     def __post_init__(self) -> None:
@@ -120,6 +121,19 @@ class Settings:
             msg = f"device registry {self.devices_file}: 'decommissioned' must be a list of device ids"
             raise ConfigError(msg)
         return frozenset(str(d) for d in ids)
+
+    def silences(self, now: float) -> list[Any]:
+        """The silences of ``silences_file`` (``silences: [...]``; none without one)."""
+        from itap_stream.core.silence import silence_from_dict
+
+        if not self.silences_file:
+            return []
+        data = load_yaml(self.silences_file, what="silences") or {}
+        items = data.get("silences", []) if isinstance(data, Mapping) else None
+        if not isinstance(items, list):
+            msg = f"silences file {self.silences_file}: 'silences' must be a list"
+            raise ConfigError(msg)
+        return [silence_from_dict(item, now=now) for item in items]
 
     def rule_engine(self, rules_file: str | None = None) -> RuleEngine:
         """A fresh rule engine from the rules file: rules, resolve_after and fault classes."""
@@ -193,7 +207,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         if raw is None:
             continue
         values[name] = _coerce(name, raw, types[name])
-        if name in ("sensors_file", "rules_file", "devices_file") and values[name]:
+        if name in ("sensors_file", "rules_file", "devices_file", "silences_file") and values[name]:
             values[name] = str((cfg_path.parent / values[name]).resolve())
     for name, kind in types.items():
         key = f"ITAP_{name.upper()}"

@@ -30,6 +30,10 @@ class Metrics:
         self.alerts = Counter(
             "itap_alerts", "Alert transitions, by rule, severity and status", ["rule", "severity", "status"], registry=r
         )
+        self.silenced = Counter(
+            "itap_alerts_silenced", "Alert transitions stored but not published (a silence was in force), by rule",
+            ["rule"], registry=r,
+        )
         self.commands = Counter(
             "itap_commands", "Commands received on the command topic, by command and result", ["command", "result"],
             registry=r,

@@ -15,6 +15,7 @@ commits it, publishes ``offline`` on the status topic and disconnects.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -34,7 +35,8 @@ from itap_stream.core.pipeline import BatchResult, Processor
 from itap_stream.core.readings import Reading, Rejection, decode
 from itap_stream.core.rules import Alert, RuleEngine
 from itap_stream.core.schema import SensorSchema
-from itap_stream.errors import BrokerError
+from itap_stream.core.silence import SilenceBook, silence_from_dict
+from itap_stream.errors import BrokerError, ConfigError
 
 __all__ = ["Consumer"]
 
@@ -98,6 +100,8 @@ class Consumer:
             ),
         )
         self._stale_checked = 0.0
+        self.silences = SilenceBook(settings.silences(self.clock()))
+        self._held: dict[str, Alert] = {}  # alert id -> latest transition held back by a silence
         self.metrics = metrics or Metrics()
         self.metrics.set_model(
             {"trained_at": artifact.trained_at, "threshold": artifact.threshold, "features": len(artifact.feature_names)}
@@ -247,11 +251,31 @@ class Consumer:
             return []
         self._stale_checked = now
         alerts = health.check_stale(now)
+        alerts.extend(self._silences_ended(now))
         if alerts:
             batch = StoreBatch()
             self._emit(alerts, batch)
             self.writer.submit(batch)
         return alerts
+
+    def _silences_ended(self, now: float) -> list[Alert]:
+        """Alerts held back by a silence that has ended and whose condition still holds:
+        published now, same id, with a note."""
+        self.silences.prune(now)
+        if not self._held:
+            return []
+        still_open = {a.id for a in self.processor.engine.open_alerts()}
+        if self.processor.health is not None:
+            still_open |= self.processor.health.open_ids()
+        out = []
+        for alert_id, alert in list(self._held.items()):
+            if self.silences.silenced(alert, now):
+                continue
+            del self._held[alert_id]
+            if alert_id in still_open:
+                out.append(dataclasses.replace(alert, status="firing", changed_at=now,
+                                               note="published at the end of a silence; the condition still holds"))
+        return out
 
     def process_messages(self, msgs: list[Message]) -> BatchResult:
         """Decode, process, publish and hand to the store one micro-batch of messages."""
@@ -296,10 +320,22 @@ class Consumer:
         """Publish alert transitions and add them to ``batch`` for the store."""
         m = self.metrics
         alert_topic = self.settings.topic
+        silences = self.silences
+        now = self.clock() if silences.all() else 0.0
         for alert in alerts:
             d = alert.to_dict()
+            silenced = bool(silences.all()) and silences.silenced(alert, now)
+            if silenced:
+                # stored, not published; published when the silence ends if still holding
+                d["silenced"] = True
+                if alert.status == "resolved":
+                    self._held.pop(alert.id, None)
+                else:
+                    self._held[alert.id] = alert
+                m.silenced.labels(alert.rule).inc()
             payload = json.dumps(d)
-            self.link.publish(alert_topic("alerts", alert.device_id), payload, qos=1)
+            if not silenced:
+                self.link.publish(alert_topic("alerts", alert.device_id), payload, qos=1)
             m.alerts.labels(alert.rule, alert.severity, alert.status).inc()
             if alert.rule == "model_drift":
                 m.model_drift.labels("fleet" if alert.device_id == FLEET else "device").inc()
@@ -385,13 +421,40 @@ class Consumer:
                 else:
                     reply["ok"] = True
                     out.append(done)
+        elif name == "silence":
+            self._silence_command(body, reply)
         else:
-            reply["reason"] = f"unknown command {name!r}; known: ack"
-        self.metrics.commands.labels(name if name in ("ack",) else "unknown", "ok" if reply["ok"] else "refused").inc()
+            reply["reason"] = f"unknown command {name!r}; known: ack, silence"
+        self.metrics.commands.labels(name if name in ("ack", "silence") else "unknown", "ok" if reply["ok"] else "refused").inc()
         if not reply["ok"]:
             log.warning("command %s refused: %s", name, reply["reason"])
         self.link.publish(self.settings.topic("status", "commands"), json.dumps(reply), qos=1)
         return out
+
+    def _silence_command(self, body: dict[str, Any], reply: dict[str, Any]) -> None:
+        """``{"action": "add", ...silence}``, ``{"action": "remove", "id"}`` or ``{"action": "list"}``."""
+        action = body.get("action")
+        if action == "add":
+            spec = {k: v for k, v in body.items() if k not in ("action", "request_id")}
+            try:
+                s = silence_from_dict(spec, now=self.clock())
+            except ConfigError as exc:
+                reply["reason"] = str(exc)
+                return
+            self.silences.add(s)
+            log.info("silence %s added: %s", s.id, s.to_dict())
+            reply.update(ok=True, silence=s.to_dict())
+        elif action == "remove":
+            sid = str(body.get("id") or "")
+            if self.silences.remove(sid):
+                log.info("silence %s removed", sid)
+                reply.update(ok=True, id=sid)
+            else:
+                reply["reason"] = f"no silence with id {sid!r}"
+        elif action == "list":
+            reply.update(ok=True, silences=[s.to_dict() for s in self.silences.all()])
+        else:
+            reply["reason"] = "silence needs action add, remove or list"
 
     def _dead_letter(self, topic: str, payload: bytes, rej: Rejection) -> None:
         self.metrics.rejected.labels(rej.reason).inc()

@@ -117,6 +117,10 @@ class SensorHealth:
                         out.append(_resolve(alert, ends[i]))
         return out
 
+    def open_ids(self) -> set[str]:
+        """Ids of the open signal and stale alerts."""
+        return {a.id for a in self._open.values()} | {a.id for a in self._stale.values()}
+
     def seen(self, device_ids: Iterable[str], now: float) -> list[Alert]:
         """Devices that just reported (service clock ``now``); resolves their stale alerts."""
         out = []

@@ -59,12 +59,24 @@ def test_stuck_signal_fires_after_n_identical_values_and_clears(schema, trained)
     assert _alerts(res) == [("signal_stuck:temp_c", "resolved", "D1", 51.0)]
 
 
-def test_maint_and_decommissioned_devices_stay_quiet(schema, trained):
-    proc = _processor(schema, trained, decommissioned=frozenset({"OLD"}))
-    quiet = proc.process(_readings("M1", 0, 60, temp=lambda i: float("nan"), state="MAINT"))
-    assert _alerts(quiet) == []
-    gone = proc.process(_readings("OLD", 0, 60, temp=lambda i: float("nan")), now=0.0)
-    assert _alerts(gone) == []
+def test_maint_and_decommissioned_devices_stay_quiet(schema, trained, default_rules):
+    rules, resolve = default_rules
+
+    def run(device, state, decommissioned=frozenset()):
+        health = SensorHealth(SIGNALS, HealthSettings(missing_readings=8, decommissioned=decommissioned))
+        proc = Processor(schema, trained, RuleEngine(rules, resolve_after_s=resolve), window=32, hop=4, health=health)
+        # a dead temperature sensor: anomalies (dropout), a burst and signal_missing for a normal device
+        res = proc.process(_readings(device, 0, 120, temp=lambda i: float("nan") if i >= 40 else 50.0, state=state),
+                           now=0.0)
+        return {a.rule for a in res.alerts}, proc, res
+
+    loud, _, res = run("D1", "RUN")
+    assert {"signal_missing:temp_c", "sensor_dropout", "anomaly_burst"} <= loud  # the control
+    assert res.is_anomaly.any()
+    maint, _, res = run("M1", "MAINT")
+    assert maint == set() and not res.is_anomaly.any()  # no anomaly, nothing toward a burst
+    gone, proc, _ = run("OLD", "RUN", frozenset({"OLD"}))
+    assert gone == set()
     assert proc.health.check_stale(now=10_000.0) == []  # never stale either
 
 

@@ -370,3 +370,46 @@ def test_a_silent_device_goes_stale_by_the_injected_clock_and_clears_on_its_next
     rows = db.execute("SELECT device_id, status FROM alerts WHERE rule = 'device_stale' ORDER BY id").fetchall()
     db.close()
     assert sorted(rows) == [("DEV-0001", "firing"), ("DEV-0001", "resolved"), ("DEV-0002", "firing")]
+
+
+def test_silenced_alerts_are_stored_not_published_and_published_when_the_silence_ends(settings, tmp_path, capsys):
+    from itap_stream.cli import main
+
+    now = [2_000_000.0]
+    silences = tmp_path / "silences.yaml"
+    silences.write_text(f"silences:\n  - {{id: pump-swap, device: DEV-0002, start: {now[0]}, duration: 10m,"
+                        " comment: bearing change}\n")
+    st = settings.replace(silences_file=str(silences))
+    sim = simulate(2, 900, seed=31, faults=[Fault("power_instability", "DEV-0002", 300, 600)], maint=False)
+    sub = Subscriber(st.broker_url, f"{st.topic_prefix}/alerts/#")
+    metrics = Metrics()
+    consumer, thread = _start(st, metrics, clock=lambda: now[0])
+    try:
+        sent = publish(sim, st.broker_url, speed=0, qos=1, client_id="t-sim-silence")
+        assert _wait(lambda: metrics.sample("itap_readings_received_total") >= sent)
+        assert _wait(lambda: metrics.sample("itap_alerts_silenced_total", rule="power_instability") >= 1, 10)
+        time.sleep(0.3)
+        assert [p for _t, p, _r in sub.messages if b"DEV-0002" in p] == []  # nothing published during the silence
+        now[0] += 600  # the silence ends; the fault (and its alerts) still hold
+        assert _wait(lambda: any(b"end of a silence" in p for _t, p, _r in sub.messages), 10)
+        args = ["--broker", st.broker_url]
+        assert main(["silence", "add", "--device", "DEV-0001", "--duration", "1h", "--comment", "test", *args]) == 0
+        sid = capsys.readouterr().out.split()[1]
+        assert main(["silence", "list", *args]) == 0
+        listed = capsys.readouterr().out
+        assert sid in listed and "pump-swap" not in listed  # the ended one is gone
+        assert main(["silence", "remove", sid, *args]) == 0
+        assert main(["silence", "remove", sid, *args]) == 1
+        assert "no silence with id" in capsys.readouterr().err
+        assert main(["silence", "add", "--severity", "LOUD", *args]) == 1
+    finally:
+        consumer.stop()
+        thread.join(20)
+        sub.close()
+    late = [json.loads(p) for _t, p, _r in sub.messages if b"end of a silence" in p]
+    assert {a["device_id"] for a in late} == {"DEV-0002"} and all(a["status"] == "firing" for a in late)
+    db = sqlite3.connect(st.db_url.removeprefix("sqlite:///"))
+    stored = [json.loads(p) for (p,) in db.execute("SELECT payload FROM alerts WHERE device_id = 'DEV-0002'")]
+    db.close()
+    held = [a for a in stored if a.get("silenced")]
+    assert held and {a["id"] for a in held} == {a["id"] for a in late}  # stored then, published later, same ids
