@@ -163,10 +163,20 @@ class Store:
     def _create(self) -> None:
         try:
             self.metadata.create_all(self.engine)
-            cols = {c["name"] for c in sa.inspect(self.engine).get_columns("readings")}
+            insp = sa.inspect(self.engine)
+            cols = {c["name"] for c in insp.get_columns("readings")}
+            alert_keys = [tuple(u["column_names"]) for u in insp.get_unique_constraints("alerts")]
         except SQLAlchemyError as exc:
             msg = f"cannot open the store at {_safe_url(self.url)}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"
             raise StoreError(msg) from exc
+        if ("alert_id", "status") in alert_keys:
+            # created before alerts had one row per transition: a second reminder (or any
+            # repeated status) of one alert would be dropped by the old unique key
+            log.warning(
+                "store %s keeps one row per alert and status (an older layout): repeated reminders of an alert "
+                "are published but not all stored; start a new database to store every transition",
+                _safe_url(self.url),
+            )
         missing = [n for n in self.schema.names if n not in cols]
         if missing:
             msg = (
