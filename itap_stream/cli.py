@@ -90,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fault-onset", default="40%", help="default onset: seconds/duration or a percentage of the run")
     p.add_argument("--out", help="write a CSV here instead of publishing")
-    p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
-    p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+    _broker_options(p)
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
 
     p = sub.add_parser("train", help="retrain the model from the store or a CSV", epilog=EPILOGS["train"], formatter_class=fmt)
@@ -116,8 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("alerts", help="print alerts live from the broker", epilog=EPILOGS["alerts"], formatter_class=fmt)
     _common(p)
-    p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
-    p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+    _broker_options(p)
     p.add_argument("--device", action="append", default=[], help="only this device (repeat for more)")
     p.add_argument("--severity", action="append", default=[], help="only this severity: INFO, WARNING, CRITICAL (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON alert per line, for machines")
@@ -130,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOGS["evaluate"], formatter_class=fmt,
     )
     _common(p)
-    p.add_argument("--db", help="store URL (default: configured db_url)")
-    p.add_argument("--since", help="only windows ending at or after this time (RFC 3339 or epoch s)")
-    p.add_argument("--until", help="only windows ending before this time")
+    _window_range_options(p)
     p.add_argument("--out", help="write metrics.json here")
 
     p = sub.add_parser(
@@ -143,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alert_id", help="the alert's id (the `id` field of the published alert)")
     p.add_argument("--note", default="", help="why / what is being done, stored and published with the acknowledgement")
     p.add_argument("--by", default=os.environ.get("USER", ""), help="who acknowledges (default: $USER)")
-    p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
-    p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+    _broker_options(p)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the consumer's answer")
 
     p = sub.add_parser(
@@ -155,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sname, shelp in (("add", "add a silence"), ("remove", "remove a silence by id"), ("list", "list the silences")):
         sp = ssub.add_parser(sname, help=shelp, epilog=EPILOGS["silence"], formatter_class=fmt)
         _common(sp)
-        sp.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
-        sp.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+        _broker_options(sp)
         sp.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the consumer's answer")
         if sname == "remove":
             sp.add_argument("silence_id", help="the id `itap silence add` or `list` printed")
@@ -182,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(t)
     t.add_argument("--rules", required=True, help="the candidate alert rules YAML")
-    t.add_argument("--db", help="store URL (default: configured db_url)")
-    t.add_argument("--since", help="only windows ending at or after this time (RFC 3339 or epoch s)")
-    t.add_argument("--until", help="only windows ending before this time")
+    _window_range_options(t)
     t.add_argument("--json", dest="json_out", help="also write the counts as JSON here")
 
     p = sub.add_parser(
@@ -223,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
         "would have decided at that reading; warmup=1 before a device's first full window",
     )
     return parser
+
+
+def _broker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="broker URL (env ITAP_BROKER_URL)")
+    p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
+
+
+def _window_range_options(p: argparse.ArgumentParser) -> None:
+    """``--db``, ``--since``, ``--until``: which stored windows a command reads."""
+    p.add_argument("--db", help="store URL (default: configured db_url)")
+    p.add_argument("--since", help="only windows ending at or after this time (RFC 3339 or epoch s)")
+    p.add_argument("--until", help="only windows ending before this time")
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:

@@ -320,11 +320,11 @@ class Consumer:
         """Publish alert transitions and add them to ``batch`` for the store."""
         m = self.metrics
         alert_topic = self.settings.topic
-        silences = self.silences
-        now = self.clock() if silences.all() else 0.0
+        silences = self.silences if self.silences.all() else None
+        now = self.clock() if silences is not None else 0.0
         for alert in alerts:
             d = alert.to_dict()
-            silenced = bool(silences.all()) and silences.silenced(alert, now)
+            silenced = silences is not None and silences.silenced(alert, now)
             if silenced:
                 # stored, not published; published when the silence ends if still holding
                 d["silenced"] = True
@@ -406,21 +406,9 @@ class Consumer:
             body = {}
         reply["request_id"] = body.get("request_id")
         if "reason" in reply:
-            pass
+            pass  # not a JSON object: answered as refused below
         elif name == "ack":
-            alert_id = body.get("alert_id")
-            if not isinstance(alert_id, str) or not alert_id:
-                reply["reason"] = "ack needs an alert_id"
-            else:
-                note = str(body.get("note") or "")
-                by = str(body.get("by") or "")
-                done = self.processor.engine.acknowledge(alert_id, at=self.clock(), note=f"{by}: {note}" if by else note)
-                reply["alert_id"] = alert_id
-                if done is None:
-                    reply["reason"] = f"no open, unacknowledged alert with id {alert_id} (unknown, resolved or already acknowledged)"
-                else:
-                    reply["ok"] = True
-                    out.append(done)
+            out.extend(self._ack_command(body, reply))
         elif name == "silence":
             self._silence_command(body, reply)
         else:
@@ -430,6 +418,21 @@ class Consumer:
             log.warning("command %s refused: %s", name, reply["reason"])
         self.link.publish(self.settings.topic("status", "commands"), json.dumps(reply), qos=1)
         return out
+
+    def _ack_command(self, body: dict[str, Any], reply: dict[str, Any]) -> list[Alert]:
+        """``{"alert_id", "note", "by"}``: acknowledge an open alert."""
+        alert_id = body.get("alert_id")
+        if not isinstance(alert_id, str) or not alert_id:
+            reply["reason"] = "ack needs an alert_id"
+            return []
+        note, by = str(body.get("note") or ""), str(body.get("by") or "")
+        done = self.processor.engine.acknowledge(alert_id, at=self.clock(), note=f"{by}: {note}" if by else note)
+        reply["alert_id"] = alert_id
+        if done is None:
+            reply["reason"] = f"no open, unacknowledged alert with id {alert_id} (unknown, resolved or already acknowledged)"
+            return []
+        reply["ok"] = True
+        return [done]
 
     def _silence_command(self, body: dict[str, Any], reply: dict[str, Any]) -> None:
         """``{"action": "add", ...silence}``, ``{"action": "remove", "id"}`` or ``{"action": "list"}``."""
