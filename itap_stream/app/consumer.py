@@ -243,6 +243,11 @@ class Consumer:
         self.check_stale()
         return len(msgs)
 
+    @property
+    def stale_checked_at(self) -> float:
+        """Service-clock time of the last stale-device check."""
+        return self._stale_checked
+
     def check_stale(self, *, force: bool = False) -> list[Alert]:
         """``device_stale`` alerts for silent devices (at most once a second unless forced)."""
         now = self.clock()
