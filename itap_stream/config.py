@@ -59,6 +59,10 @@ class Settings:
     signal_stuck_readings: int = 32
     devices_file: str = ""
     silences_file: str = ""
+    webhook_url: str = ""
+    webhook_format: str = "json"
+    webhook_timeout: float = 5.0
+    webhook_retries: int = 3
 
 
     def __post_init__(self) -> None:
@@ -82,6 +86,9 @@ class Settings:
             raise ConfigError(msg)
         if self.recall_target is not None and not 0.0 < self.recall_target <= 1.0:
             msg = f"recall_target must be in (0, 1] or empty, got {self.recall_target}"
+            raise ConfigError(msg)
+        if self.webhook_format not in ("json", "slack") or self.webhook_timeout <= 0 or self.webhook_retries < 1:
+            msg = "webhook_format must be json or slack, webhook_timeout positive and webhook_retries >= 1"
             raise ConfigError(msg)
         if self.stale_after <= 0 or self.signal_missing_readings < 1 or self.signal_stuck_readings < 2:
             msg = "stale_after must be positive, signal_missing_readings >= 1 and signal_stuck_readings >= 2"

@@ -30,6 +30,9 @@ class Metrics:
         self.alerts = Counter(
             "itap_alerts", "Alert transitions, by rule, severity and status", ["rule", "severity", "status"], registry=r
         )
+        self.webhook_failures = Counter(
+            "itap_webhook_failures", "Alerts the webhook could not deliver (dead-lettered)", registry=r
+        )
         self.silenced = Counter(
             "itap_alerts_silenced", "Alert transitions stored but not published (a silence was in force), by rule",
             ["rule"], registry=r,

@@ -27,6 +27,7 @@ from itap_stream.adapters.metrics import Metrics
 from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
 from itap_stream.adapters.receiver import Receiver
 from itap_stream.adapters.store import Store, StoreBatch, StoreWriter, anomaly_row, reading_rows
+from itap_stream.adapters.webhook import WebhookSink
 from itap_stream.config import Settings
 from itap_stream.core.drift import FLEET, DriftMonitor
 from itap_stream.core.health import HealthSettings, SensorHealth
@@ -102,6 +103,11 @@ class Consumer:
         self._stale_checked = 0.0
         self.silences = SilenceBook(settings.silences(self.clock()))
         self._held: dict[str, Alert] = {}  # alert id -> latest transition held back by a silence
+        self.webhook = (
+            WebhookSink(settings.webhook_url, fmt=settings.webhook_format, timeout_s=settings.webhook_timeout,
+                        retries=settings.webhook_retries, on_give_up=self._webhook_gave_up)
+            if settings.webhook_url else None
+        )
         self.metrics = metrics or Metrics()
         self.metrics.set_model(
             {"trained_at": artifact.trained_at, "threshold": artifact.threshold, "features": len(artifact.feature_names)}
@@ -229,6 +235,8 @@ class Consumer:
         finally:
             if isinstance(self.inbox, Receiver) and not self.inbox.stopped:
                 self.inbox.stop(timeout_s=1.0)
+            if self.webhook is not None:
+                self.webhook.close()
             self.link.stop(final=self._offline)
             self.writer.close()
             log.info("consumer stopped after %d micro-batches", self.batches)
@@ -341,6 +349,8 @@ class Consumer:
             payload = json.dumps(d)
             if not silenced:
                 self.link.publish(alert_topic("alerts", alert.device_id), payload, qos=1)
+                if self.webhook is not None:
+                    self.webhook.submit(d)
             m.alerts.labels(alert.rule, alert.severity, alert.status).inc()
             if alert.rule == "model_drift":
                 m.model_drift.labels("fleet" if alert.device_id == FLEET else "device").inc()
@@ -463,6 +473,18 @@ class Consumer:
             reply.update(ok=True, silences=[s.to_dict() for s in self.silences.all()])
         else:
             reply["reason"] = "silence needs action add, remove or list"
+
+    def _webhook_gave_up(self, alert: dict[str, Any], reason: str) -> None:
+        """The webhook worker could not deliver an alert: dead-letter it (called from its thread)."""
+        self.metrics.webhook_failures.inc()
+        body = {
+            "topic": self.settings.webhook_url,
+            "reason": "webhook_failed",
+            "detail": reason,
+            "payload": json.dumps(alert)[:1024],
+            "received_at": time.time(),
+        }
+        self.link.publish(self.settings.topic("deadletter"), json.dumps(body), qos=1)
 
     def _dead_letter(self, topic: str, payload: bytes, rej: Rejection) -> None:
         self.metrics.rejected.labels(rej.reason).inc()
