@@ -69,3 +69,45 @@ def settings(tmp_path, broker, model_file):
         http_addr="",
         batch_wait_ms=2,
     )
+
+
+PG_ADMIN = os.environ.get("ITAP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin():
+    """A psycopg2 connection to the PostgreSQL server of ITAP_TEST_PG, or None when unreachable."""
+    try:
+        import psycopg2
+        import sqlalchemy as sa
+
+        url = sa.engine.make_url(PG_ADMIN)
+        conn = psycopg2.connect(host=url.host, port=url.port or 5432, user=url.username, password=url.password,
+                                dbname=url.database, connect_timeout=3)
+    except Exception:  # noqa: BLE001 - any failure means: no PostgreSQL here
+        return None
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh, empty store URL: a SQLite file, and a new PostgreSQL database when a server is reachable."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'itap.db'}"
+        return
+    admin = _pg_admin()
+    if admin is None:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN} (set ITAP_TEST_PG)")
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"itap_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.engine.make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import pandas as pd
 
 from itap_stream.cli import main
@@ -23,11 +21,12 @@ def _csv(tmp_path):
     return path, f
 
 
-def test_ingest_twice_stores_once_and_reports_bad_rows(tmp_path, capsys):
+def test_ingest_twice_stores_once_and_reports_bad_rows(tmp_path, capsys, db_url):
+    import sqlalchemy as sa
+
     path, frame = _csv(tmp_path)
-    db = tmp_path / "plant.db"
     rejected = tmp_path / "bad.csv"
-    args = ["ingest", str(path), "--db", f"sqlite:///{db}", "--rejected", str(rejected), "--quiet"]
+    args = ["ingest", str(path), "--db", db_url, "--rejected", str(rejected), "--quiet"]
     assert main(args) == 0
     first = capsys.readouterr().out
     good = len(frame) - 5
@@ -38,14 +37,15 @@ def test_ingest_twice_stores_once_and_reports_bad_rows(tmp_path, capsys):
 
     assert main(args) == 0
     assert f"inserted 0, already stored {good:,}, rejected 5" in capsys.readouterr().out
-    con = sqlite3.connect(db)
-    assert con.execute("select count(*) from readings").fetchone()[0] == good
-    nulls = con.execute("select count(*) from readings where current_a is null").fetchone()[0]
-    assert nulls == 2
-    row = con.execute("select ts, state, rpm from readings where device_id=? order by ts limit 1", (frame.loc[0, "device_id"],)).fetchone()
-    assert row == (float(frame.loc[0, "ts"]), frame.loc[0, "state"], float(frame.loc[0, "rpm"]))
-    assert con.execute("select count(*) from devices").fetchone()[0] == 2
-    con.close()
+    engine = sa.create_engine(db_url.replace("postgresql://", "postgresql+psycopg2://"))
+    with engine.connect() as con:
+        assert con.execute(sa.text("select count(*) from readings")).scalar() == good
+        assert con.execute(sa.text("select count(*) from readings where current_a is null")).scalar() == 2
+        row = con.execute(sa.text("select ts, state, rpm from readings where device_id = :d order by ts limit 1"),
+                          {"d": frame.loc[0, "device_id"]}).one()
+        assert tuple(row) == (float(frame.loc[0, "ts"]), frame.loc[0, "state"], float(frame.loc[0, "rpm"]))
+        assert con.execute(sa.text("select count(*) from devices")).scalar() == 2
+    engine.dispose()
 
 
 def test_progress_is_shown_on_stderr(tmp_path, capsys):

@@ -43,8 +43,8 @@ def _store(url):
     store.dispose()
 
 
-def test_dry_run_counts_match_a_hand_computed_case(tmp_path, capsys):
-    url = f"sqlite:///{tmp_path / 'itap.db'}"
+def test_dry_run_counts_match_a_hand_computed_case(tmp_path, capsys, db_url):
+    url = db_url
     _store(url)
     cur, cand = tmp_path / "current.yaml", tmp_path / "candidate.yaml"
     cur.write_text(yaml.safe_dump(CURRENT))

@@ -71,7 +71,7 @@ class Store:
         self.url = url
         self.schema = schema
         try:
-            self.engine: Engine = sa.create_engine(url, future=True)
+            self.engine: Engine = sa.create_engine(_with_installed_driver(url), future=True)
         except (SQLAlchemyError, ValueError, ImportError) as exc:
             msg = f"cannot use database URL {_safe_url(url)}: {exc}"
             raise StoreError(msg) from exc
@@ -341,6 +341,18 @@ def anomaly_row(
         "tags": json.dumps(list(tags)) if tags else None,
         "label": label,
     }
+
+
+def _with_installed_driver(url: str) -> Any:
+    """``postgresql://`` means SQLAlchemy's default driver (psycopg 3 since 2.1); when only
+    psycopg2 is installed, use that instead of failing on the import."""
+    u = sa.engine.make_url(url)
+    if u.drivername == "postgresql":
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return u.set(drivername="postgresql+psycopg2")
+    return u
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

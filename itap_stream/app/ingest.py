@@ -74,6 +74,23 @@ def _count_rows(path: Path) -> int:
     return max(0, lines - 1)
 
 
+def _plain(v: Any) -> Any:
+    """A cell as the database driver takes it: Python scalars, None for NaN/NA (psycopg2
+    cannot adapt numpy integers).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> [_plain(x) for x in (np.int64(3), float("nan"), pd.NA, "RUN", 1.5)]
+    [3, None, None, 'RUN', 1.5]
+    """
+    if v is None or v is pd.NA:
+        return None
+    if isinstance(v, np.generic):
+        v = v.item()
+    return None if isinstance(v, float) and v != v else v
+
+
 def ingest_csv(
     path: str | Path,
     store: Store,
@@ -108,10 +125,7 @@ def ingest_csv(
                 rep.rejected += len(bad)
                 for why, n in bad.value_counts().items():
                     rep.reasons[str(why)] = rep.reasons.get(str(why), 0) + int(n)
-            rows = [
-                tuple(None if (isinstance(v, float) and v != v) or v is pd.NA else v for v in row)
-                for row in good[list(store.reading_columns)].itertuples(index=False, name=None)
-            ]
+            rows = [tuple(map(_plain, row)) for row in good[list(store.reading_columns)].itertuples(index=False, name=None)]
             spans = good.groupby("device_id")["ts"].agg(["min", "max"])
             devices = {str(d): (float(lo), float(hi)) for d, lo, hi in spans.itertuples(name=None)}
             inserted = 0

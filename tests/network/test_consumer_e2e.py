@@ -253,9 +253,11 @@ def test_a_killed_intake_process_is_replaced_and_its_session_delivers_the_gap(se
     db.close()
 
 
-def test_evaluate_a_stored_live_run(settings, tmp_path, capsys):
+def test_evaluate_a_stored_live_run(settings, tmp_path, capsys, db_url):
+    """Also against PostgreSQL when one is reachable: the consumer's writes and evaluate's reads."""
     from itap_stream.cli import main
 
+    settings = settings.replace(db_url=db_url)
     sim = simulate(3, 1200, seed=23, faults=[Fault("power_instability", "DEV-0003", 600, 600)], maint=False)
     _sent, metrics = _run_through(settings, sim, "t-sim-eval")
     out = tmp_path / "live.json"
