@@ -35,7 +35,8 @@ EPILOGS = {
     "ingest": "examples:\n  itap ingest data/fleet.csv --db sqlite:///plant.db\n  itap ingest data/history.csv --db postgresql://postgres@127.0.0.1/itap --rejected reports/bad_rows.csv",
     "validate": "examples:\n  itap validate data/fleet.csv\n  itap validate data/plant.csv --schema configs/plant-sensors.yaml --out reports/plant-quality.json",
     "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
-    "train": "examples:\n  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n  itap train --csv data/normal.csv --model models/current.joblib",
+    "train": "examples:\n  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n  itap train --csv data/normal.csv --model models/current.joblib\n"
+    "  itap train --db sqlite:///plant.db --model models/2026-11.joblib --activate   # the running consumer switches to it",
 }
 
 
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or ensemble (env ITAP_DETECTOR, config detector)",
     )
     p.add_argument("--quantile", type=float, help="threshold: this quantile of held-out normal scores (config threshold_quantile)")
+    p.add_argument(
+        "--activate", action="store_true",
+        help="then have the running consumer load it (itap/commands/reload; same --config / --broker as `itap run`)",
+    )
+    _broker_options(p)
     p.add_argument(
         "--recall-target", type=float,
         help="when the data has labelled faults: the threshold with the best precision at this recall (default: best F1)",
@@ -391,6 +397,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for r in shown:
             mark = "  <- chosen" if r["threshold"] == report.threshold else ""
             print(f"    {r['threshold']:.4f}: {r['precision']:.3f} / {r['recall']:.3f} / {r['f1']:.3f}{mark}")
+    if args.activate:
+        from pathlib import Path
+
+        from itap_stream.app.commands import send_command
+
+        answer = send_command(settings, "reload",
+                              {"parts": ["model"], "model_path": str(Path(settings.model_path).resolve())})
+        if not answer.get("ok"):
+            print(f"itap train: model written but not activated: {answer.get('reason', 'refused')}", file=sys.stderr)
+            return 1
+        print(f"activated on the running consumer ({settings.broker_url})")
     return 0
 
 

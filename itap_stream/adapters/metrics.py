@@ -33,6 +33,10 @@ class Metrics:
         self.webhook_failures = Counter(
             "itap_webhook_failures", "Alerts the webhook could not deliver (dead-lettered)", registry=r
         )
+        self.reloads = Counter(
+            "itap_reloads", "Hot reloads of rules, sensor ranges and model, by part and result", ["part", "result"],
+            registry=r,
+        )
         self.silenced = Counter(
             "itap_alerts_silenced", "Alert transitions stored but not published (a silence was in force), by rule",
             ["rule"], registry=r,

@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from itap_stream.adapters import artifacts
 from itap_stream.adapters.metrics import Metrics
 from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
 from itap_stream.adapters.receiver import Receiver
@@ -32,12 +34,12 @@ from itap_stream.config import Settings
 from itap_stream.core.drift import FLEET, DriftMonitor
 from itap_stream.core.health import HealthSettings, SensorHealth
 from itap_stream.core.model import Artifact
-from itap_stream.core.pipeline import BatchResult, Processor
+from itap_stream.core.pipeline import BatchResult, Processor, check_compatible
 from itap_stream.core.readings import Reading, Rejection, decode
 from itap_stream.core.rules import Alert, RuleEngine
 from itap_stream.core.schema import SensorSchema
 from itap_stream.core.silence import SilenceBook, silence_from_dict
-from itap_stream.errors import BrokerError, ConfigError
+from itap_stream.errors import BrokerError, ConfigError, ItapError
 
 __all__ = ["Consumer"]
 
@@ -103,6 +105,9 @@ class Consumer:
         self._stale_checked = 0.0
         self.silences = SilenceBook(settings.silences(self.clock()))
         self._held: dict[str, Alert] = {}  # alert id -> latest transition held back by a silence
+        self._reload_requested = threading.Event()
+        self._mtimes = self._watched()
+        self._watch_checked = time.monotonic()
         self.webhook = (
             WebhookSink(settings.webhook_url, fmt=settings.webhook_format, timeout_s=settings.webhook_timeout,
                         retries=settings.webhook_retries, on_give_up=self._webhook_gave_up)
@@ -249,7 +254,74 @@ class Consumer:
         if msgs:
             self.process_messages(msgs)
         self.check_stale()
+        self._maybe_reload()
         return len(msgs)
+
+    # -- hot reload
+    def _watched(self) -> dict[str, float]:
+        """Modification times of the files a reload reads (0 for a missing one)."""
+        out = {}
+        for part, path in (("rules", self.settings.rules_file), ("sensors", self.settings.sensors_file),
+                           ("model", self.settings.model_path)):
+            try:
+                out[part] = os.stat(path).st_mtime
+            except OSError:
+                out[part] = 0.0
+        return out
+
+    def request_reload(self) -> None:
+        """Ask the loop to reload rules, sensor ranges and model (e.g. from a SIGHUP handler)."""
+        self._reload_requested.set()
+
+    def reload(self, parts: tuple[str, ...] = ("rules", "sensors", "model")) -> dict[str, str]:
+        """Reload parts from their files without a restart. A file that fails to load or
+        does not fit keeps the old one active; returns ``part -> "reloaded" | "rejected: why"``."""
+        results: dict[str, str] = {}
+        proc = self.processor
+        for part in parts:
+            try:
+                if part == "rules":
+                    engine = self.settings.rule_engine()
+                    engine._devices = proc.engine._devices  # noqa: SLF001 - open alerts carry over
+                    proc.engine = engine
+                elif part == "sensors":
+                    schema = self.settings.schema()
+                    if [(s.name, s.family) for s in schema.signals] != [(s.name, s.family) for s in self.schema.signals]:
+                        msg = "its signals or families differ from the running ones; that needs a retrained model and a restart"
+                        raise ConfigError(msg)
+                    self.schema = proc.schema = schema
+                elif part == "model":
+                    artifact = artifacts.load(self.settings.model_path)
+                    check_compatible(artifact, self.schema, self.settings.window, self.settings.hop)
+                    proc.artifact = artifact
+                    if proc.drift is not None:
+                        proc.drift = DriftMonitor(delta=self.settings.drift_delta)
+                    self.metrics.set_model({"trained_at": artifact.trained_at, "threshold": artifact.threshold,
+                                            "features": len(artifact.feature_names)})
+                results[part] = "reloaded"
+                log.info("reloaded %s", part)
+            except ItapError as exc:
+                results[part] = f"rejected: {exc}"
+                log.error("reload of %s rejected, the old one stays active: %s", part, exc)
+            self.metrics.reloads.labels(part, "ok" if results[part] == "reloaded" else "rejected").inc()
+        self._mtimes = self._watched()
+        return results
+
+    def _maybe_reload(self) -> None:
+        """Reload on request (SIGHUP) or when a watched file changed (checked every 2 s)."""
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self.reload()
+            return
+        now = time.monotonic()
+        if now - self._watch_checked < 2.0:
+            return
+        self._watch_checked = now
+        current = self._watched()
+        changed = tuple(p for p, t in current.items() if t != self._mtimes.get(p))
+        if changed:
+            log.info("file change: reloading %s", ", ".join(changed))
+            self.reload(changed)
 
     @property
     def stale_checked_at(self) -> float:
@@ -426,9 +498,26 @@ class Consumer:
             out.extend(self._ack_command(body, reply))
         elif name == "silence":
             self._silence_command(body, reply)
+        elif name == "reload":
+            before = self.settings
+            if isinstance(body.get("model_path"), str) and body["model_path"]:
+                # `itap train --activate`: the model it just wrote becomes this consumer's model
+                self.settings = self.settings.replace(model_path=body["model_path"])
+            wanted = body.get("parts") or ["rules", "sensors", "model"]
+            if not isinstance(wanted, list) or set(wanted) - {"rules", "sensors", "model"}:
+                reply["reason"] = "reload parts must be a list of rules, sensors, model"
+                wanted = []
+            results = self.reload(tuple(wanted)) if wanted else {}
+            if "model" in results and results["model"] != "reloaded":
+                self.settings = before
+                self._mtimes = self._watched()
+            reply.update(ok=bool(results) and all(v == "reloaded" for v in results.values()), results=results)
+            if not reply["ok"] and "reason" not in reply:
+                reply["reason"] = "; ".join(f"{k}: {v}" for k, v in results.items() if v not in ("reloaded", "unchanged"))
         else:
-            reply["reason"] = f"unknown command {name!r}; known: ack, silence"
-        self.metrics.commands.labels(name if name in ("ack", "silence") else "unknown", "ok" if reply["ok"] else "refused").inc()
+            reply["reason"] = f"unknown command {name!r}; known: ack, silence, reload"
+        known = ("ack", "silence", "reload")
+        self.metrics.commands.labels(name if name in known else "unknown", "ok" if reply["ok"] else "refused").inc()
         if not reply["ok"]:
             log.warning("command %s refused: %s", name, reply["reason"])
         self.link.publish(self.settings.topic("status", "commands"), json.dumps(reply), qos=1)

@@ -51,9 +51,15 @@ def run_service(settings: Settings) -> None:
         log.info("received %s: draining and stopping", signal.Signals(signum).name)
         consumer.stop()
 
+    def _reload(_signum: int, _frame: Any) -> None:
+        log.info("received SIGHUP: reloading rules, sensor ranges and model")
+        consumer.request_reload()
+
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, _reload)
     try:
         consumer.run()
     finally:

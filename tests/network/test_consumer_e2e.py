@@ -188,6 +188,9 @@ def test_itap_run_stops_on_sigterm_with_everything_stored(settings, tmp_path):
         sim = simulate(3, 300, seed=8, maint=False)
         sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-sim-term")
         time.sleep(1.0)  # let the broker hand everything over; SIGTERM mid-delivery is issue 5's chaos test
+        proc.send_signal(signal.SIGHUP)  # reload rules, sensor ranges and model, and go on
+        time.sleep(0.5)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         proc.wait(timeout=15)
@@ -195,7 +198,9 @@ def test_itap_run_stops_on_sigterm_with_everything_stored(settings, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    err = proc.stderr.read()
+    assert proc.returncode == 0, err[-2000:]
+    assert "received SIGHUP" in err and "reloaded rules" in err and "reloaded model" in err
     assert _wait(lambda: any(p == b"offline" for _t, p, _r in status.messages), 5)
     status.close()
     db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
@@ -416,3 +421,58 @@ def test_silenced_alerts_are_stored_not_published_and_published_when_the_silence
     db.close()
     held = [a for a in stored if a.get("silenced")]
     assert held and {a["id"] for a in held} == {a["id"] for a in late}  # stored then, published later, same ids
+
+
+def test_hot_reload_of_rules_sensor_ranges_and_model_keeps_the_old_one_when_the_new_is_bad(settings, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from itap_stream.adapters import artifacts
+    from itap_stream.cli import main
+    from itap_stream.config import PACKAGE_CONFIGS
+
+    rules, sensors, model = tmp_path / "rules.yaml", tmp_path / "sensors.yaml", tmp_path / "model.joblib"
+    shutil.copy(PACKAGE_CONFIGS / "alert_rules.yaml", rules)
+    shutil.copy(PACKAGE_CONFIGS / "sensors.yaml", sensors)
+    shutil.copy(settings.model_path, model)
+    shutil.copy(settings.model_path + ".json", str(model) + ".json")
+    st = settings.replace(rules_file=str(rules), sensors_file=str(sensors), model_path=str(model))
+    metrics = Metrics()
+    consumer, thread = _start(st, metrics)
+    args = ["--broker", st.broker_url]
+    try:
+        # 1. a rules file edited on disk is picked up by the file watch
+        data = yaml.safe_load(rules.read_text())
+        data["rules"][0]["min_share"] = 77
+        rules.write_text(yaml.safe_dump(data))
+        assert _wait(lambda: metrics.sample("itap_reloads_total", part="rules", result="ok") >= 1, 10)
+        assert consumer.processor.engine.rules[0].min_share == 77
+        # 2. a broken one is rejected, the running rules stay
+        rules.write_text("rules: [{name: x, type: nope}]\n")
+        assert _wait(lambda: metrics.sample("itap_reloads_total", part="rules", result="rejected") >= 1, 10)
+        assert consumer.processor.engine.rules[0].min_share == 77
+        # 3. new sensor ranges by command; a schema with other signals is refused
+        s = yaml.safe_load(sensors.read_text())
+        s["signals"][1]["max"] = 120
+        sensors.write_text(yaml.safe_dump(s))
+        consumer.request_reload()
+        assert _wait(lambda: consumer.schema.signals[1].max == 120, 10)
+        # 4. itap train --activate: a new model goes live; a tampered one is refused and the old stays
+        old_threshold = consumer.processor.artifact.threshold
+        data_csv = tmp_path / "normal.csv"
+        assert main(["simulate", "--devices", "2", "--duration", "30m", "--seed", "77", "--out", str(data_csv)]) == 0
+        fresh = tmp_path / "fresh.joblib"
+        assert main(["train", "--csv", str(data_csv), "--model", str(fresh), "--activate", "--config",
+                     str(PACKAGE_CONFIGS / "itap.yaml"), *args]) == 0
+        assert "activated on the running consumer" in capsys.readouterr().out
+        live = artifacts.load(fresh).threshold
+        assert consumer.processor.artifact.threshold == live != old_threshold
+        with open(fresh, "ab") as fh:
+            fh.write(b"tampered")
+        consumer.request_reload()
+        assert _wait(lambda: metrics.sample("itap_reloads_total", part="model", result="rejected") >= 1, 10)
+        assert consumer.processor.artifact.threshold == live  # the tampered file is refused, the model stays
+    finally:
+        consumer.stop()
+        thread.join(20)
