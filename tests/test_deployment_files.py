@@ -34,6 +34,21 @@ def test_compose_services_and_environment_match_settings():
     assert (ROOT / "mosquitto" / "mosquitto.conf").is_file()
 
 
+def test_prometheus_in_compose_scrapes_the_consumers_metrics_port():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    prom = compose["services"]["prometheus"]
+    assert any(v.startswith("./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml") for v in prom["volumes"])
+    assert any(v.split(":")[0] in compose["volumes"] for v in prom["volumes"] if not v.startswith("./"))
+    scrape = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    port = compose["services"]["consumer"]["environment"]["ITAP_HTTP_ADDR"].rsplit(":", 1)[1]
+    assert targets == [f"consumer:{port}"]
+    if shutil.which("promtool"):  # Debian's prometheus package brings it
+        check = subprocess.run(["promtool", "check", "config", str(ROOT / "prometheus" / "prometheus.yml")],
+                               capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_dockerfile_runs_as_non_root_with_a_healthcheck():
     text = (ROOT / "Dockerfile").read_text()
     assert "\nUSER " in text and "USER root" not in text
