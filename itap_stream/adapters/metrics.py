@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from itap_stream.errors import ConfigError
 
@@ -77,13 +81,48 @@ class Metrics:
         self.model.info({k: str(v) for k, v in info.items()})
 
 
-def serve(addr: str, registry: CollectorRegistry) -> Any:
-    """Serve ``/metrics`` on ``host:port``; returns the server (``.shutdown()`` to stop)."""
+def serve(
+    addr: str, registry: CollectorRegistry, *, fleet: Callable[[], dict[str, Any]] | None = None
+) -> Any:
+    """Serve ``/metrics`` on ``host:port`` and, with ``fleet``, the dashboard (``/``) and its
+    data (``/api/fleet``); returns the server (``.shutdown()`` to stop)."""
     host, _, port = addr.rpartition(":")
+    page = _dashboard_page() if fleet is not None else b""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body, ctype = generate_latest(registry), CONTENT_TYPE_LATEST
+            elif fleet is not None and path in ("/", "/index.html"):
+                body, ctype = page, "text/html; charset=utf-8"
+            elif fleet is not None and path == "/api/fleet":
+                body, ctype = json.dumps(fleet()).encode(), "application/json"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
     try:
-        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+        server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
     except (ValueError, OSError) as exc:
         msg = f"cannot serve metrics on {addr!r}: {exc}"
         raise ConfigError(msg) from exc
-    log.info("metrics on http://%s/metrics", addr)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="itap-http", daemon=True).start()
+    log.info("metrics on http://%s/metrics%s", addr, f", dashboard on http://{addr}/" if fleet is not None else "")
     return server
+
+
+def _dashboard_page() -> bytes:
+    from importlib.resources import files
+
+    return files("itap_stream.app").joinpath("static/dashboard.html").read_bytes()

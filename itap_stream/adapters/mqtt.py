@@ -220,6 +220,7 @@ class MqttLink:
         self.inbox = inbox
         self.birth = birth
         self.connected = threading.Event()
+        self.subscribed = threading.Event()
         self._ever_connected = False
         self._on_connection = on_connection
         c = _Client(
@@ -238,6 +239,7 @@ class MqttLink:
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.on_connect = self._on_connect
+        c.on_subscribe = lambda *_a: self.subscribed.set()
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         self.client = c
@@ -251,8 +253,12 @@ class MqttLink:
         if self._ever_connected:
             log.warning("reconnected to broker %s:%s", self.address.host, self.address.port)
         self._ever_connected = True
-        for topic, qos in self.subscriptions:
-            client.subscribe(topic, qos=qos)
+        if self.subscriptions:
+            # one SUBSCRIBE for all filters: `start` returns once the broker acknowledged it,
+            # so nothing published after that is missed
+            client.subscribe(list(self.subscriptions))
+        else:
+            self.subscribed.set()
         if self.birth is not None and self._announce:
             client.publish(self.birth.topic, self.birth.payload, qos=self.birth.qos, retain=self.birth.retain)
         self.connected.set()
@@ -279,7 +285,7 @@ class MqttLink:
             msg = f"cannot reach MQTT broker at {self.address.host}:{self.address.port}: {exc}"
             raise BrokerError(msg) from exc
         self.client.loop_start()
-        if not self.connected.wait(timeout_s):
+        if not self.connected.wait(timeout_s) or not self.subscribed.wait(timeout_s):
             self.client.loop_stop()
             msg = f"MQTT broker at {self.address.host}:{self.address.port} did not accept the connection within {timeout_s:.0f}s"
             raise BrokerError(msg)

@@ -24,12 +24,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from itap_stream.adapters import artifacts
 from itap_stream.adapters.metrics import Metrics
 from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
 from itap_stream.adapters.receiver import Receiver
 from itap_stream.adapters.store import Store, StoreBatch, StoreWriter, anomaly_row, reading_rows
 from itap_stream.adapters.webhook import WebhookSink
+from itap_stream.app.fleetview import FleetView
 from itap_stream.config import Settings
 from itap_stream.core.drift import FLEET, DriftMonitor
 from itap_stream.core.health import HealthSettings, SensorHealth
@@ -105,6 +108,7 @@ class Consumer:
         self._stale_checked = 0.0
         self.silences = SilenceBook(settings.silences(self.clock()))
         self._held: dict[str, Alert] = {}  # alert id -> latest transition held back by a silence
+        self.fleet = FleetView(artifact.threshold)
         self._reload_requested = threading.Event()
         self._mtimes = self._watched()
         self._watch_checked = time.monotonic()
@@ -294,6 +298,7 @@ class Consumer:
                     artifact = artifacts.load(self.settings.model_path)
                     check_compatible(artifact, self.schema, self.settings.window, self.settings.hop)
                     proc.artifact = artifact
+                    self.fleet.threshold = artifact.threshold
                     if proc.drift is not None:
                         proc.drift = DriftMonitor(delta=self.settings.drift_delta)
                     self.metrics.set_model({"trained_at": artifact.trained_at, "threshold": artifact.threshold,
@@ -338,6 +343,7 @@ class Consumer:
         alerts = health.check_stale(now)
         alerts.extend(self._silences_ended(now))
         if alerts:
+            self.fleet.update([], np.zeros(0), np.zeros(0, dtype=bool), [], alerts)
             batch = StoreBatch()
             self._emit(alerts, batch)
             self.writer.submit(batch)
@@ -395,6 +401,11 @@ class Consumer:
         m.active_devices.set(len(self.processor.windows))
         batch = self._rows(result, readings)
         self._emit([*transitions, *result.alerts], batch)
+        if n_win and result.windows is not None and result.scores is not None and result.is_anomaly is not None:
+            self.fleet.update(result.windows.device_ids, result.scores, result.is_anomaly, result.windows.last_states,
+                              [*transitions, *result.alerts])
+        elif transitions or result.alerts:
+            self.fleet.update([], np.zeros(0), np.zeros(0, dtype=bool), [], [*transitions, *result.alerts])
         oldest = min(t for _topic, _p, t in msgs)
         batch.on_commit.append(lambda: m.latency.observe(max(0.0, time.time() - oldest)))
         self.writer.submit(batch)

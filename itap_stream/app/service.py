@@ -45,7 +45,7 @@ def run_service(settings: Settings) -> None:
     """`itap run`: serve until SIGTERM / SIGINT, then drain and stop cleanly."""
     metrics = Metrics()
     consumer = build_consumer(settings, metrics=metrics)
-    server = serve(settings.http_addr, metrics.registry) if settings.http_addr else None
+    server = serve(settings.http_addr, metrics.registry, fleet=consumer.fleet.snapshot) if settings.http_addr else None
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("received %s: draining and stopping", signal.Signals(signum).name)
