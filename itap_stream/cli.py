@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -342,12 +343,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             msg = f"fault {spec!r}: {exc}"
             raise ConfigError(msg) from None
+    t0 = time.perf_counter()
+    if args.out:
+        print(f"[{0.0:6.1f}s] simulating {args.devices} devices for {duration:,.0f} s ...", file=sys.stderr, flush=True)
     try:
         sim = simulate(args.devices, duration, seed=args.seed, faults=faults)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     desc = ", ".join(f"{f.kind}@{f.device}" for f in faults) or "no faults"
     if args.out:
+        print(f"[{time.perf_counter() - t0:6.1f}s] writing {sim.n_readings:,} readings to {args.out} ...",
+              file=sys.stderr, flush=True)
         n = write_csv(sim, args.out)
         print(f"wrote {n:,} readings of {args.devices} devices ({desc}) to {args.out}")
         return 0
@@ -370,6 +376,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args)
     schema = SensorSchema.from_dict(load_yaml(args.schema, what="sensor schema")) if args.schema else None
     print(f"training from {'CSV ' + args.csv if args.csv else 'store ' + (args.db or settings.db_url)} ...", flush=True)
+    t0 = time.perf_counter()
+
+    def step(text: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {text}", file=sys.stderr, flush=True)
+
     report, manifest = train(
         settings,
         csv=args.csv,
@@ -378,6 +389,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         until=_time_arg(args.until, "--until"),
         schema=schema,
         seed=args.seed,
+        step=step,
     )
     print(
         f"trained on {report.devices} device(s), {report.rows:,} rows, {report.windows:,} normal windows "
@@ -412,7 +424,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    import time
     from pathlib import Path
 
     from itap_stream.adapters import artifacts
@@ -485,9 +496,12 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         msg = "--count must be at least 1"
         raise ConfigError(msg)
-    if not args.json:
-        what = ", ".join(args.device) or "all devices"
-        print(f"listening for alerts of {what} on {settings.broker_url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    what = ", ".join(args.device) or "all devices"
+
+    def ready() -> None:  # once subscribed: an unreachable broker is the only line otherwise
+        if not args.json:
+            print(f"listening for alerts of {what} on {settings.broker_url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
     watch_alerts(
         settings,
         sys.stdout,
@@ -497,6 +511,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
         colour=sys.stdout.isatty() and not args.no_colour and not os.environ.get("NO_COLOR"),
         count=args.count,
         timeout_s=parse_duration(args.timeout) if args.timeout else None,
+        on_ready=ready,
     )
     return 0
 

@@ -42,8 +42,11 @@ def test_testbed_protocol_runs_train_and_score_per_run(tmp_path, capsys):
 def test_train_detector_option_writes_that_detector(tmp_path, capsys, name):
     data, model = tmp_path / "fleet.csv", tmp_path / "m.joblib"
     assert main(["simulate", "--devices", "3", "--duration", "40m", "--out", str(data), "--seed", "5"]) == 0
+    assert "writing 7,200 readings" in capsys.readouterr().err  # long work shows where it is
     assert main(["train", "--csv", str(data), "--model", str(model), "--detector", name]) == 0
-    assert f"detector {name}" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert f"detector {name}" in out.out
+    assert "windowing and featuring 7,200 readings" in out.err and f"fitting {name} on" in out.err
     assert artifacts.read_manifest(model)["detector"] == name
     assert artifacts.load(model).detector.name == name
     assert main(["score", "--csv", str(data), "--model", str(model), "--out-dir", str(tmp_path / "o")]) == 0

@@ -42,7 +42,7 @@ def send_command(settings: Settings, name: str, body: dict[str, Any], *, timeout
         c.on_subscribe = lambda *_a: subscribed.set()
         c.on_message = on_message
 
-    client = connect_client(settings.broker_url, f"itap-cmd-{request_id[:12]}", setup=setup, what=f"itap {name}:")
+    client = connect_client(settings.broker_url, f"itap-cmd-{request_id[:12]}", setup=setup)
     try:
         if not subscribed.wait(timeout_s):
             msg = f"no answer from the broker at {settings.broker_url} within {timeout_s:g} s"

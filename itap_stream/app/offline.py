@@ -81,6 +81,7 @@ def train_from_frame(
     alarm_k: int = 3,
     alarm_n: int = 4,
     recall_target: float | None = None,
+    step: Callable[[str], None] | None = None,
 ) -> tuple[Artifact, TrainReport]:
     """Fit on the normal windows (RUN/IDLE, no label) of a readings table.
 
@@ -94,6 +95,8 @@ def train_from_frame(
     if df.empty:
         msg = "no readings to train on"
         raise DataError(msg)
+    say = step or (lambda _text: None)
+    say(f"windowing and featuring {len(df):,} readings ...")
     bw = windows_of_frame(df, schema, window, hop)
     normal = ~bw.any_label & ~bw.any_maint
     idx = np.flatnonzero(normal)
@@ -119,7 +122,9 @@ def train_from_frame(
         cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
         det = ColumnsDetector(det, cols)
         features_used = len(cols)
+    say(f"fitting {det.name} on {len(fit_idx):,} windows ({features_used} features) ...")
     det.fit(X_fit)
+    say(f"calibrating the threshold on {len(cal_idx):,} held-out windows ...")
     threshold = det.calibrate(bw.features[cal_idx], quantile)
     cal_scores = np.sort(det.score(bw.features[cal_idx]))
     threshold_by = f"quantile {quantile} of held-out normal scores"

@@ -77,6 +77,7 @@ def train(
     until: float | None = None,
     schema: SensorSchema | None = None,
     seed: int = 0,
+    step: Callable[[str], None] | None = None,
 ) -> tuple[TrainReport, dict[str, Any]]:
     """`itap train`: fit on normal operation from a CSV or the store, write the artifact."""
     schema = schema or settings.schema()
@@ -102,7 +103,7 @@ def train(
     artifact, report = train_from_frame(
         df, schema, window=settings.window, hop=settings.hop, quantile=settings.threshold_quantile, seed=seed,
         detector=settings.detector, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
-        recall_target=settings.recall_target,
+        recall_target=settings.recall_target, step=step,
     )
     manifest = artifacts.save(artifact, settings.model_path)
     return report, manifest
