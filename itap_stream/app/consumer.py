@@ -16,6 +16,7 @@ commits it, publishes ``offline`` on the status topic and disconnects.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,19 @@ LOG_EVERY_S = 10.0
 BATCH_MAX_BYTES = 1 << 20
 #: Pause before a crashed intake process is replaced.
 INTAKE_RESTART_DELAY_S = 1.0
+
+
+def model_info(artifact: Artifact) -> dict[str, Any]:
+    """What ``itap_model_info`` shows: version, detector, training time, threshold, schema hash."""
+    schema_hash = hashlib.sha256(json.dumps(artifact.schema, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "version": artifact.versions.get("itap_stream", ""),
+        "detector": getattr(artifact.detector, "name", type(artifact.detector).__name__),
+        "trained_at": artifact.trained_at,
+        "threshold": artifact.threshold,
+        "features": len(artifact.feature_names),
+        "schema_hash": schema_hash,
+    }
 
 
 class Consumer:
@@ -118,9 +132,7 @@ class Consumer:
             if settings.webhook_url else None
         )
         self.metrics = metrics or Metrics()
-        self.metrics.set_model(
-            {"trained_at": artifact.trained_at, "threshold": artifact.threshold, "features": len(artifact.feature_names)}
-        )
+        self.metrics.set_model(model_info(artifact))
         self.store = store
         self.writer = StoreWriter(store, on_written=lambda _b, dt: self.metrics.store_latency.observe(dt))
         self.on_alert = on_alert
@@ -301,8 +313,7 @@ class Consumer:
                     self.fleet.threshold = artifact.threshold
                     if proc.drift is not None:
                         proc.drift = DriftMonitor(delta=self.settings.drift_delta)
-                    self.metrics.set_model({"trained_at": artifact.trained_at, "threshold": artifact.threshold,
-                                            "features": len(artifact.feature_names)})
+                    self.metrics.set_model(model_info(artifact))
                 results[part] = "reloaded"
                 log.info("reloaded %s", part)
             except ItapError as exc:

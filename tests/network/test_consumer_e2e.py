@@ -162,6 +162,9 @@ def test_metrics_are_scraped_over_http_and_parse(settings):
         assert samples["itap_readings_processed_total"] == sent
         assert samples["itap_windows_scored_total"] > 0
         assert samples["itap_mqtt_connected"] == 1
+        info = next(s.labels for fam in text_string_to_metric_families(body) for s in fam.samples
+                    if s.name == "itap_model_info")
+        assert {"version", "detector", "trained_at", "schema_hash"} <= set(info) and len(info["schema_hash"]) == 16
     finally:
         server.shutdown()
         consumer.stop()
