@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,42 @@ def db_url(request, tmp_path):
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def _wait_for(pred, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture()
+def wait():
+    """``wait(pred, timeout=30)``: poll until ``pred()`` is true; False on timeout."""
+    return _wait_for
+
+
+@pytest.fixture()
+def start_consumer():
+    """``start_consumer(settings, metrics=None, clock=time.time)``: a consumer running in a
+    thread, ready (subscribed); stopped and joined when the test ends."""
+    from itap_stream.adapters.metrics import Metrics
+    from itap_stream.app.service import build_consumer
+
+    running = []
+
+    def start(settings, metrics=None, clock=time.time):
+        consumer = build_consumer(settings, metrics=metrics or Metrics(), clock=clock)
+        ready = threading.Event()
+        thread = threading.Thread(target=consumer.run, kwargs={"ready": ready}, daemon=True)
+        thread.start()
+        assert ready.wait(15)
+        running.append((consumer, thread))
+        return consumer
+
+    yield start
+    for consumer, thread in running:
+        consumer.stop()
+        thread.join(20)

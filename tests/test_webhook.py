@@ -57,25 +57,16 @@ def server(request):
     s.close()
 
 
-def _wait(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 @pytest.mark.parametrize("server", ["ok"], indirect=True)
-def test_alerts_are_posted_as_json_or_as_a_slack_message(server):
+def test_alerts_are_posted_as_json_or_as_a_slack_message(server, wait):
     plain = WebhookSink(server.url)
     plain.submit(ALERT)
-    assert _wait(lambda: len(server.bodies) == 1)
+    assert wait(lambda: len(server.bodies) == 1)
     assert server.bodies[0] == ALERT
     plain.close()
     slack = WebhookSink(server.url, fmt="slack")
     slack.submit(ALERT)
-    assert _wait(lambda: len(server.bodies) == 2)
+    assert wait(lambda: len(server.bodies) == 2)
     msg = server.bodies[1]
     assert msg["text"].startswith(":red_circle: CRITICAL firing: DEV-0008 power_instability")
     assert msg["blocks"][0]["type"] == "section" and "Likely fault:* power_instability (90%)" in msg["blocks"][1]["text"]["text"]
@@ -83,19 +74,19 @@ def test_alerts_are_posted_as_json_or_as_a_slack_message(server):
 
 
 @pytest.mark.parametrize("server", ["fail"], indirect=True)
-def test_a_failing_receiver_is_retried_with_backoff_then_given_up(server):
+def test_a_failing_receiver_is_retried_with_backoff_then_given_up(server, wait):
     waits, gave_up = [], []
     sink = WebhookSink(server.url, retries=4, backoff_s=0.5, sleep=waits.append,
                        on_give_up=lambda a, why: gave_up.append((a["id"], why)))
     sink.submit(ALERT)
-    assert _wait(lambda: gave_up)
+    assert wait(lambda: gave_up)
     assert server.hits == 4 and waits == [0.5, 1.0, 2.0]  # exponential backoff between the attempts
     assert gave_up[0][0] == "a1" and "4 attempts failed" in gave_up[0][1] and "500" in gave_up[0][1]
     sink.close()
 
 
 @pytest.mark.parametrize("server", ["hang"], indirect=True)
-def test_a_hanging_receiver_times_out_and_never_blocks_the_caller(server):
+def test_a_hanging_receiver_times_out_and_never_blocks_the_caller(server, wait):
     gave_up = []
     sink = WebhookSink(server.url, timeout_s=0.2, retries=2, backoff_s=0.0, queue_max=2,
                        on_give_up=lambda a, why: gave_up.append((a["id"], why)))
@@ -103,7 +94,7 @@ def test_a_hanging_receiver_times_out_and_never_blocks_the_caller(server):
     for i in range(50):  # the caller (scoring) goes on at once; the overflow is given up, oldest first
         sink.submit(ALERT | {"id": f"a{i}"})
     assert time.perf_counter() - t0 < 0.1
-    assert _wait(lambda: any("timed out" in why for _i, why in gave_up), 5)
+    assert wait(lambda: any("timed out" in why for _i, why in gave_up), 5)
     assert any(why == "webhook queue full" for _i, why in gave_up)
     sink.close(timeout_s=0.1)
 
@@ -117,11 +108,12 @@ def test_bad_webhook_settings_are_refused():
 
 @pytest.mark.network
 @pytest.mark.parametrize(("server", "fmt"), [("ok", "slack"), ("fail", "json")], indirect=["server"])
-def test_the_consumer_posts_published_alerts_and_dead_letters_what_it_cannot_deliver(settings, server, fmt):
+def test_the_consumer_posts_published_alerts_and_dead_letters_what_it_cannot_deliver(
+    settings, server, fmt, start_consumer, wait
+):
     import paho.mqtt.client as paho
 
     from itap_stream.adapters.metrics import Metrics
-    from itap_stream.app.service import build_consumer
     from simulator import Fault, simulate
     from simulator.transport import publish
 
@@ -137,21 +129,15 @@ def test_the_consumer_posts_published_alerts_and_dead_letters_what_it_cannot_del
     sub.loop_start()
     assert ready.wait(10)
     metrics = Metrics()
-    consumer = build_consumer(st, metrics=metrics)
-    started = threading.Event()
-    thread = threading.Thread(target=consumer.run, kwargs={"ready": started}, daemon=True)
-    thread.start()
+    start_consumer(st, metrics)
     try:
-        assert started.wait(15)
         sim = simulate(2, 900, seed=31, faults=[Fault("power_instability", "DEV-0002", 300, 600)], maint=False)
         publish(sim, st.broker_url, speed=0, qos=1, client_id=f"t-sim-hook-{fmt}")
         if fmt == "slack":
-            assert _wait(lambda: any("DEV-0002 power_instability" in b["text"] for b in server.bodies), 15)
+            assert wait(lambda: any("DEV-0002 power_instability" in b["text"] for b in server.bodies), 15)
         else:
-            assert _wait(lambda: any(d["reason"] == "webhook_failed" for d in dead), 20)
+            assert wait(lambda: any(d["reason"] == "webhook_failed" for d in dead), 20)
     finally:
-        consumer.stop()
-        thread.join(20)
         sub.disconnect()
         sub.loop_stop()
     if fmt == "json":

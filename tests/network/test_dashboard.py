@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from itap_stream.adapters.broker import free_port
 from itap_stream.adapters.metrics import Metrics, serve
-from itap_stream.app.service import build_consumer
 from simulator import Fault, simulate
 from simulator.transport import publish
 
@@ -33,28 +30,15 @@ def _chromium(url: str, *extra: str) -> str:
     return out.stdout
 
 
-def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_dashboard_shows_the_fleet_and_an_alert_appears_when_a_fault_is_injected(settings):
+def test_dashboard_shows_the_fleet_and_an_alert_appears_when_a_fault_is_injected(settings, start_consumer, wait):
     metrics = Metrics()
-    consumer = build_consumer(settings, metrics=metrics)
-    ready = threading.Event()
-    thread = threading.Thread(target=consumer.run, kwargs={"ready": ready}, daemon=True)
-    thread.start()
-    assert ready.wait(15)
+    consumer = start_consumer(settings, metrics)
     server = serve(f"127.0.0.1:{free_port()}", metrics.registry, fleet=consumer.fleet.snapshot)
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     try:
         healthy = simulate(3, 300, seed=12, maint=False)
         sent = publish(healthy, settings.broker_url, speed=0, qos=1, client_id="t-sim-dash1")
-        assert _wait(lambda: metrics.sample("itap_readings_processed_total") >= sent)
+        assert wait(lambda: metrics.sample("itap_readings_processed_total") >= sent)
         dom = _chromium(url, "--dump-dom")
         for dev in ("DEV-0001", "DEV-0002", "DEV-0003"):
             assert f'class="device" data-device="{dev}"' in dom
@@ -63,7 +47,7 @@ def test_dashboard_shows_the_fleet_and_an_alert_appears_when_a_fault_is_injected
         faulty = simulate(3, 600, seed=13, maint=False, faults=[Fault("power_instability", "DEV-0003", 0, 600)])
         faulty.ts = faulty.ts + 400.0
         publish(faulty, settings.broker_url, speed=0, qos=1, client_id="t-sim-dash2")
-        assert _wait(lambda: any(a["device_id"] == "DEV-0003" for a in consumer.fleet.snapshot()["alerts"]), 30)
+        assert wait(lambda: any(a["device_id"] == "DEV-0003" for a in consumer.fleet.snapshot()["alerts"]), 30)
         dom = _chromium(url, "--dump-dom")
         assert 'class="alert" data-device="DEV-0003"' in dom and "power_instability" in dom
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -73,8 +57,6 @@ def test_dashboard_shows_the_fleet_and_an_alert_appears_when_a_fault_is_injected
         assert shot.is_file() and shot.stat().st_size > 10_000
     finally:
         server.shutdown()
-        consumer.stop()
-        thread.join(20)
 
 
 def test_the_dashboard_needs_no_internet():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -15,7 +14,6 @@ import pytest
 
 from itap_stream.adapters.broker import free_port
 from itap_stream.adapters.metrics import Metrics, serve
-from itap_stream.app.service import build_consumer
 from simulator import simulate
 from simulator.transport import publish
 
@@ -32,13 +30,9 @@ def _query(base: str, expr: str) -> list:
     return body["data"]["result"] if body.get("status") == "success" else []
 
 
-def test_prometheus_scrapes_the_consumer_and_answers_a_query(settings, tmp_path):
+def test_prometheus_scrapes_the_consumer_and_answers_a_query(settings, tmp_path, start_consumer):
     metrics = Metrics()
-    consumer = build_consumer(settings, metrics=metrics)
-    ready = threading.Event()
-    thread = threading.Thread(target=consumer.run, kwargs={"ready": ready}, daemon=True)
-    thread.start()
-    assert ready.wait(15)
+    start_consumer(settings, metrics)
     exporter = serve(f"127.0.0.1:{free_port()}", metrics.registry)
     target = "127.0.0.1:%d" % exporter.server_address[1]
     prom_port = free_port()
@@ -77,5 +71,3 @@ def test_prometheus_scrapes_the_consumer_and_answers_a_query(settings, tmp_path)
         except subprocess.TimeoutExpired:
             prom.kill()
         exporter.shutdown()
-        consumer.stop()
-        thread.join(20)
