@@ -413,7 +413,7 @@ class Consumer:
         batch = self._rows(result, readings)
         self._emit([*transitions, *result.alerts], batch)
         if n_win and result.windows is not None and result.scores is not None and result.is_anomaly is not None:
-            self.fleet.update(result.windows.device_ids, result.scores, result.is_anomaly, result.windows.last_states,
+            self.fleet.update(result.windows.device_ids, result.scores, result.is_anomaly, result.states,
                               [*transitions, *result.alerts])
         elif transitions or result.alerts:
             self.fleet.update([], np.zeros(0), np.zeros(0, dtype=bool), [], [*transitions, *result.alerts])

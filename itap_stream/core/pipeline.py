@@ -42,6 +42,7 @@ class BatchResult:
     accepted: list[Reading] = field(default_factory=list)
     dropped: list[tuple[Reading, str]] = field(default_factory=list)  # (reading, "duplicate" | "out_of_order")
     windows: WindowBatch | None = None  # is_anomaly below is after k-of-n smoothing
+    states: list[str] = field(default_factory=list)  # state of each window's last reading
     features: npt.NDArray[np.float64] | None = None
     scores: npt.NDArray[np.float64] | None = None
     is_anomaly: npt.NDArray[np.bool_] | None = None
@@ -136,7 +137,7 @@ class Processor:
         result.windows = batch
         if not len(batch):
             return result
-        states = batch.last_states
+        states = result.states = batch.last_states
         if health is not None:
             result.alerts.extend(health.windows(batch.device_ids, batch.values, states, batch.start_ts.tolist(),
                                                 batch.end_ts.tolist()))
