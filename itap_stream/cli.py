@@ -363,7 +363,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if step == total or step % max(1, total // 20) == 0:
             print(f"\rpublished {step}/{steps} steps", end="", file=sys.stderr, flush=True)
 
-    n = publish(sim, settings.broker_url, topic_prefix=settings.topic_prefix, speed=args.speed, qos=args.qos, progress=progress)
+    n = publish(sim, settings.broker_url, topic_prefix=settings.topic_prefix, speed=args.speed, qos=args.qos,
+                progress=progress, auth=settings.broker_auth())
     print(f"\npublished {n:,} readings of {args.devices} devices ({desc}) to {settings.broker_url}")
     return 0
 

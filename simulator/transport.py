@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 
-from itap_stream.adapters.mqtt import connect_client
+from itap_stream.adapters.mqtt import BrokerAuth, connect_client
 from simulator.generator import FleetSimulation
 
 __all__ = ["publish", "write_csv"]
@@ -28,18 +28,21 @@ def publish(
     client_id: str = "itap-simulator",
     stop: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
+    auth: BrokerAuth | None = None,
 ) -> int:
     """Publish every reading to ``{prefix}/telemetry/{device_id}``, one message each.
 
     ``speed`` accelerates event time (60 = one simulated minute per second; 0 = as fast
-    as possible). Returns the number of readings published, all acknowledged for QoS 1.
+    as possible). ``auth``: credentials and TLS (a gateway account such as ``itap-simulator``
+    that may write every device's telemetry). Returns the number of readings published, all
+    acknowledged for QoS 1.
     """
 
     def limits(c: paho.Client) -> None:
         c.max_queued_messages_set(0)
         c.max_inflight_messages_set(200)
 
-    client = connect_client(url, client_id, setup=limits, what="simulator")
+    client = connect_client(url, client_id, setup=limits, what="simulator", auth=auth)
     steps = len(sim.ts)
     interval = float(sim.ts[1] - sim.ts[0]) if steps > 1 else 1.0
     t0 = time.monotonic()

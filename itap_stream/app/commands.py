@@ -18,7 +18,8 @@ __all__ = ["send_command"]
 
 
 def send_command(settings: Settings, name: str, body: dict[str, Any], *, timeout_s: float = 10.0) -> dict[str, Any]:
-    """Send one command and return the consumer's answer (``ok``, ``reason``...).
+    """Send one command and return the consumer's answer (``ok``, ``reason``...), logged in
+    with the settings' broker credentials (`Settings.broker_auth`).
 
     `BrokerError` when the broker cannot be reached or no consumer answers in time.
     """
@@ -42,7 +43,9 @@ def send_command(settings: Settings, name: str, body: dict[str, Any], *, timeout
         c.on_subscribe = lambda *_a: subscribed.set()
         c.on_message = on_message
 
-    client = connect_client(settings.broker_url, f"itap-cmd-{request_id[:12]}", setup=setup)
+    client = connect_client(
+        settings.broker_url, f"itap-cmd-{request_id[:12]}", setup=setup, auth=settings.broker_auth()
+    )
     try:
         if not subscribed.wait(timeout_s):
             msg = f"no answer from the broker at {settings.broker_url} within {timeout_s:g} s"
@@ -52,7 +55,12 @@ def send_command(settings: Settings, name: str, body: dict[str, Any], *, timeout
         if not got.wait(timeout_s):
             msg = (
                 f"no consumer answered within {timeout_s:g} s on {settings.broker_url} "
-                f"(is `itap run` running with topic prefix {settings.topic_prefix!r}?)"
+                f"(is `itap run` running with topic prefix {settings.topic_prefix!r}?"
+                + (
+                    f" May broker user {settings.broker_username!r} publish to {settings.topic('commands', '#')}"
+                    " (the itap-engineer role of mosquitto/acl)?" if settings.broker_username else ""
+                )
+                + ")"
             )
             raise BrokerError(msg)
     finally:

@@ -72,7 +72,9 @@ def watch_alerts(
         c.on_connect = lambda c, *_a: c.subscribe([(t, 1) for t in topics])
         c.on_subscribe = lambda *_a: subscribed.set()
 
-    client = connect_client(settings.broker_url, f"itap-alerts-{time.time_ns()}", setup=setup)
+    client = connect_client(
+        settings.broker_url, f"itap-alerts-{time.time_ns()}", setup=setup, auth=settings.broker_auth()
+    )
     try:
         if not subscribed.wait(10):
             msg = f"MQTT broker at {addr.host}:{addr.port} did not confirm the subscription"
