@@ -36,6 +36,9 @@ EPILOGS = {
     "ingest": "examples:\n  itap ingest data/fleet.csv --db sqlite:///plant.db\n  itap ingest data/history.csv --db postgresql://postgres@127.0.0.1/itap --rejected reports/bad_rows.csv",
     "validate": "examples:\n  itap validate data/fleet.csv\n  itap validate data/plant.csv --schema configs/plant-sensors.yaml --out reports/plant-quality.json",
     "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
+    "passwd": "examples:\n"
+    "  itap passwd mosquitto/passwd itap-consumer itap-operator itap-engineer itap-simulator DEV-0001 DEV-0002\n"
+    "  printf '%s\\n' \"$CONSUMER_PW\" | itap passwd --stdin mosquitto/passwd itap-consumer   # your own password",
     "train": "examples:\n  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n  itap train --csv data/normal.csv --model models/current.joblib\n"
     "  itap train --db sqlite:///plant.db --model models/2026-11.joblib --activate   # the running consumer switches to it",
 }
@@ -221,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write one row per input reading, in input order: score and anomaly (0/1) as a live run "
         "would have decided at that reading; warmup=1 before a device's first full window",
     )
+
+    p = sub.add_parser(
+        "passwd", help="add or replace users in a mosquitto password file (random passwords, printed once)",
+        epilog=EPILOGS["passwd"], formatter_class=fmt,
+    )
+    p.set_defaults(log_level=None)
+    p.add_argument("file", help="mosquitto password file, created (mode 0600) when missing; other users are kept")
+    p.add_argument("users", nargs="+", metavar="USER",
+                   help="usernames: a device's id, itap-consumer, itap-operator, ...")
+    p.add_argument("--stdin", action="store_true",
+                   help="read one password per line from stdin, in USER order, instead of generating them")
     return parser
 
 
@@ -674,7 +688,29 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"silence": _cmd_silence, "ack": _cmd_ack, "rules": _cmd_rules, "evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+def _cmd_passwd(args: argparse.Namespace) -> int:
+    from itap_stream.app.passwd import new_password, update_password_file
+
+    twice = sorted({u for u in args.users if args.users.count(u) > 1})
+    if twice:
+        msg = f"user(s) named more than once: {', '.join(twice)}"
+        raise ConfigError(msg)
+    if args.stdin:
+        lines = sys.stdin.read().splitlines()
+        if len(lines) != len(args.users):
+            msg = f"--stdin: {len(args.users)} user(s) need {len(args.users)} password line(s), got {len(lines)}"
+            raise ConfigError(msg)
+        passwords = dict(zip(args.users, lines, strict=True))
+    else:
+        passwords = {user: new_password() for user in args.users}
+    update_password_file(args.file, passwords)
+    if not args.stdin:  # shown once: the file only keeps their hashes
+        print("\n".join(f"{user} {password}" for user, password in passwords.items()))
+    print(f"{args.file}: set the password of {', '.join(args.users)}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"passwd": _cmd_passwd, "silence": _cmd_silence, "ack": _cmd_ack, "rules": _cmd_rules, "evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
