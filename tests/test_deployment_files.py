@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from paho.mqtt.client import topic_matches_sub
 
 from itap_stream.config import Settings
 
@@ -32,6 +35,110 @@ def test_compose_services_and_environment_match_settings():
     broker_mounts = services["mosquitto"]["volumes"]
     assert any(v.startswith("./mosquitto/mosquitto.conf:") for v in broker_mounts)
     assert (ROOT / "mosquitto" / "mosquitto.conf").is_file()
+
+
+def test_compose_broker_gets_the_acl_and_password_file_and_services_log_in():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    mounts = dict(v.split(":", 1) for v in services["mosquitto"]["volumes"])
+    conf = _directives((ROOT / "mosquitto" / "mosquitto.conf").read_text())
+    assert conf["allow_anonymous"] == "false"
+    for name in ("acl", "passwd"):  # mounted read-only where mosquitto.conf looks for them
+        target = mounts[f"./mosquitto/{name}"]
+        assert target.endswith(":ro")
+        assert conf[{"acl": "acl_file", "passwd": "password_file"}[name]] == target.removesuffix(":ro")
+    users = _acl(ROOT / "mosquitto" / "acl")[1]
+    for service, user, variable in (("consumer", "itap-consumer", "ITAP_CONSUMER_PASSWORD"),
+                                    ("simulator", "itap-simulator", "ITAP_SIMULATOR_PASSWORD")):
+        env = services[service]["environment"]
+        assert env["ITAP_BROKER_USERNAME"] == user and user in users
+        # the password comes from the environment or the gitignored .env, and compose stops without it
+        assert re.fullmatch(r"\$\{" + variable + r":\?.*mosquitto/README\.md\}", env["ITAP_BROKER_PASSWORD"])
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "mosquitto/passwd" in ignored and ".env" in ignored
+    readme = (ROOT / "mosquitto" / "README.md").read_text()
+    for word in ("itap passwd mosquitto/passwd", "ITAP_CONSUMER_PASSWORD", "ITAP_SIMULATOR_PASSWORD",
+                 "ITAP_BROKER_USERNAME", "ITAP_BROKER_PASSWORD_FILE", "ITAP_TLS_CA", "ITAP_TLS_CERT", "mqtts://"):
+        assert word in readme, word
+
+
+def _directives(text: str) -> dict[str, str]:
+    """The active ``key value`` lines of a mosquitto config (the last one of a key wins)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            out[key] = value.strip()
+    return out
+
+
+def _acl(path: Path) -> tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]]]:
+    """``(patterns, {user: [(access, topic)]})`` of a mosquitto ACL file."""
+    patterns: list[tuple[str, str]] = []
+    users: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            current = users.setdefault(words[1], [])
+            continue
+        access, topic = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
+        assert words[0] in ("topic", "pattern") and access in ("read", "write", "readwrite", "deny"), line
+        assert words[0] == "topic" or current is None, f"{line!r}: patterns belong before the first user line"
+        (patterns if words[0] == "pattern" else current).append((access, topic))
+    return patterns, users
+
+
+def _allowed(acl: tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]]], user: str, access: str,
+             topic: str) -> bool:
+    """mosquitto 2's decision: the user's deny lines, then its grants, then the patterns
+    (``%u`` = username) for every user (the order test_security.py checks on a real broker)."""
+    patterns, users = acl
+    own = users.get(user, [])
+    if any(a == "deny" and topic_matches_sub(t, topic) for a, t in own):
+        return False
+    lines = own + [(a, t.replace("%u", user)) for a, t in patterns]
+    return any(a in (access, "readwrite") and topic_matches_sub(t, topic) for a, t in lines)
+
+
+@pytest.mark.parametrize(
+    ("user", "access", "topic", "allowed"),
+    [
+        ("DEV-0001", "write", "itap/telemetry/DEV-0001", True),
+        ("DEV-0001", "write", "itap/telemetry/DEV-0002", False),
+        ("DEV-0001", "read", "itap/telemetry/DEV-0001", False),
+        ("DEV-0001", "write", "itap/alerts/DEV-0001", False),
+        ("DEV-0001", "write", "itap/commands/ack", False),
+        ("itap-consumer", "read", "itap/telemetry/DEV-0001", True),
+        ("itap-consumer", "read", "itap/commands/reload", True),
+        ("itap-consumer", "write", "itap/alerts/DEV-0001", True),
+        ("itap-consumer", "write", "itap/deadletter", True),
+        ("itap-consumer", "write", "itap/status/commands", True),
+        ("itap-consumer", "write", "itap/status/consumer/itap-consumer-1", True),
+        ("itap-consumer", "write", "itap/telemetry/itap-consumer", False),
+        ("itap-consumer", "write", "itap/commands/ack", False),
+        ("itap-operator", "read", "itap/alerts/DEV-0001", True),
+        ("itap-operator", "read", "itap/status/commands", True),
+        ("itap-operator", "read", "itap/telemetry/DEV-0001", False),
+        ("itap-operator", "write", "itap/telemetry/itap-operator", False),
+        ("itap-operator", "write", "itap/alerts/DEV-0001", False),
+        ("itap-operator", "write", "itap/commands/ack", False),
+        ("itap-operator", "read", "itap/deadletter", False),
+        ("itap-engineer", "read", "itap/alerts/DEV-0001", True),
+        ("itap-engineer", "read", "itap/status/commands", True),
+        ("itap-engineer", "read", "itap/deadletter", True),
+        ("itap-engineer", "write", "itap/commands/silence", True),
+        ("itap-engineer", "write", "itap/telemetry/itap-engineer", False),
+        ("itap-engineer", "write", "itap/alerts/DEV-0001", False),
+        ("itap-simulator", "write", "itap/telemetry/DEV-0042", True),
+        ("itap-simulator", "write", "itap/alerts/DEV-0042", False),
+        ("itap-simulator", "read", "itap/telemetry/DEV-0042", False),
+    ],
+)
+def test_acl_grants_each_role_what_mosquitto_readme_describes(user, access, topic, allowed):
+    assert _allowed(_acl(ROOT / "mosquitto" / "acl"), user, access, topic) is allowed
 
 
 def test_prometheus_in_compose_scrapes_the_consumers_metrics_port():
@@ -62,7 +169,17 @@ def test_broker_config_keeps_a_slow_consumers_backlog():
     assert "max_queued_messages 1000000" in conf and "persistence true" in conf
 
 
+def test_broker_config_tls_example_is_complete_and_commented_out():
+    conf = (ROOT / "mosquitto" / "mosquitto.conf").read_text()
+    for line in ("#listener 8883", "#cafile /mosquitto/config/certs/", "#certfile /mosquitto/config/certs/",
+                 "#keyfile /mosquitto/config/certs/", "#require_certificate true"):
+        assert line in conf, line
+    assert "mosquitto/certs/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_docker_compose_validates_the_file():
-    proc = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True)  # noqa: S603,S607
+    env = os.environ | {"ITAP_CONSUMER_PASSWORD": "x", "ITAP_SIMULATOR_PASSWORD": "y"}  # normally from .env
+    proc = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],  # noqa: S603,S607
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
