@@ -63,7 +63,20 @@ class Settings:
     webhook_format: str = "json"
     webhook_timeout: float = 5.0
     webhook_retries: int = 3
-
+    # broker credentials and TLS: the password only from ITAP_BROKER_PASSWORD or a file
+    broker_username: str = ""
+    broker_password: str = ""
+    broker_password_file: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # delivery
+    mqtt_version: int = 5
+    session_expiry: float = 86400.0
+    receive_max: int = 10_000
+    outbox_max: int = 100_000
+    reorder_tolerance: float = 0.0
+    max_clock_skew: float = 300.0
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1, 2):
@@ -99,6 +112,15 @@ class Settings:
         if not 1 <= self.alarm_k <= self.alarm_n:
             msg = f"alarm smoothing needs 1 <= alarm_k <= alarm_n, got {self.alarm_k} of {self.alarm_n}"
             raise ConfigError(msg)
+        if self.mqtt_version not in (4, 5):
+            msg = f"mqtt_version must be 5 (MQTT 5) or 4 (MQTT 3.1.1), got {self.mqtt_version}"
+            raise ConfigError(msg)
+        if self.session_expiry <= 0 or not 1 <= self.receive_max <= 65535 or self.outbox_max < 1:
+            msg = "session_expiry must be positive, receive_max in 1..65535 and outbox_max at least 1"
+            raise ConfigError(msg)
+        if self.reorder_tolerance < 0 or self.max_clock_skew <= 0:
+            msg = "reorder_tolerance must not be negative and max_clock_skew must be positive"
+            raise ConfigError(msg)
         if self.intake not in ("process", "thread"):
             msg = f"intake must be 'process' (MQTT intake in a child process) or 'thread', got {self.intake!r}"
             raise ConfigError(msg)
@@ -111,6 +133,27 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def broker_auth(self) -> Any:
+        """Credentials and TLS files for broker connections (`BrokerAuth`); the password
+        from ``broker_password`` (env) or the first line of ``broker_password_file``."""
+        from itap_stream.adapters.mqtt import BrokerAuth
+
+        password = self.broker_password or None
+        if self.broker_password_file:
+            try:
+                lines = Path(self.broker_password_file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                msg = f"cannot read broker_password_file {self.broker_password_file}: {exc.strerror or exc}"
+                raise ConfigError(msg) from exc
+            password = lines[0].strip() if lines else ""
+        return BrokerAuth(
+            username=self.broker_username or None,
+            password=password,
+            tls_ca=self.tls_ca or None,
+            tls_cert=self.tls_cert or None,
+            tls_key=self.tls_key or None,
+        )
 
     def schema(self) -> SensorSchema:
         return SensorSchema.from_dict(load_yaml(self.sensors_file, what="sensor schema"))
@@ -209,12 +252,22 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     if unknown:
         msg = f"configuration file {cfg_path}: unknown setting(s) {unknown}; known: {sorted(types)}"
         raise ConfigError(msg)
+    # a config file is committed and shared: secrets belong in the environment or in files outside the repo
+    if data.get("broker_password") or (
+        isinstance(data.get("broker_url"), str) and urlsplit(data["broker_url"]).password
+    ):
+        msg = (
+            f"configuration file {cfg_path} holds a broker password; set ITAP_BROKER_PASSWORD or "
+            "broker_password_file (a file outside the repository) instead"
+        )
+        raise ConfigError(msg)
     values: dict[str, Any] = {}
     for name, raw in data.items():
         if raw is None:
             continue
         values[name] = _coerce(name, raw, types[name])
-        if name in ("sensors_file", "rules_file", "devices_file", "silences_file") and values[name]:
+        if name in ("sensors_file", "rules_file", "devices_file", "silences_file", "broker_password_file",
+                    "tls_ca", "tls_cert", "tls_key") and values[name]:
             values[name] = str((cfg_path.parent / values[name]).resolve())
     for name, kind in types.items():
         key = f"ITAP_{name.upper()}"

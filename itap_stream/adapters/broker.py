@@ -56,20 +56,46 @@ class BrokerHandle:
     _thread: threading.Thread | None = None
     _broker: Any = None
     _tmp: Any = field(default=None, repr=False)
+    _argv: list[str] = field(default_factory=list, repr=False)  # how to start mosquitto again
+    scheme: str = "mqtt"
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
-    def stop(self) -> None:
+    @property
+    def directory(self) -> Path | None:
+        """The folder holding this mosquitto's config (and persistence, when enabled)."""
+        return Path(self._tmp.name) if self._tmp is not None else None
+
+    def terminate(self, timeout_s: float = 10.0) -> None:
+        """Stop mosquitto with SIGTERM (it saves its persistence) and wait; `start` runs it again."""
         if self._proc is not None:
             self._proc.terminate()
             try:
-                self._proc.wait(timeout=5)
+                self._proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL mosquitto (nothing saved); `start` runs it again."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def start(self) -> None:
+        """Start a stopped mosquitto again on the same port, config and persistence."""
+        if self.kind != "mosquitto" or not self._argv:
+            msg = "only a mosquitto broker started by start_broker can be restarted"
+            raise BrokerError(msg)
+        if self._proc is None:
+            self._proc = _spawn(self._argv, self.host, self.port)
+
+    def stop(self) -> None:
+        self.terminate(timeout_s=5.0)
         if self._loop is not None and self._broker is not None:
             fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
             try:
@@ -107,11 +133,25 @@ log_type warning
 """
 
 
-def start_broker(prefer: str = "auto", *, host: str = "127.0.0.1", port: int | None = None) -> BrokerHandle:
+def start_broker(
+    prefer: str = "auto",
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    conf: str | None = None,
+    persistence: bool = False,
+    scheme: str = "mqtt",
+) -> BrokerHandle:
     """Start a broker on ``host:port`` (a free port by default).
 
     ``prefer``: ``auto`` (mosquitto when installed, else embedded), ``mosquitto`` or ``embedded``.
+    ``conf`` replaces the whole mosquitto config (``{port}``, ``{host}`` and ``{dir}``, the
+    broker's own folder, are filled in); ``persistence`` keeps sessions and queued
+    messages in that folder across `BrokerHandle.terminate` / `BrokerHandle.start`.
+    Both need mosquitto.
     """
+    if (conf is not None or persistence) and prefer == "auto":
+        prefer = "mosquitto"
     if prefer not in ("auto", "mosquitto", "embedded"):
         msg = f"broker kind must be auto, mosquitto or embedded, got {prefer!r}"
         raise BrokerError(msg)
@@ -124,21 +164,36 @@ def start_broker(prefer: str = "auto", *, host: str = "127.0.0.1", port: int | N
         raise BrokerError(msg)
     if prefer != "embedded" and binary is not None:
         tmp = tempfile.TemporaryDirectory(prefix="itap-mosquitto-")
-        conf = Path(tmp.name) / "mosquitto.conf"
-        conf.write_text(MOSQUITTO_CONF.format(port=port, host=host), encoding="utf-8")
-        proc = subprocess.Popen(  # noqa: S603 - our own binary and config
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        handle = BrokerHandle("mosquitto", host, port, _proc=proc, _tmp=tmp)
+        path = Path(tmp.name) / "mosquitto.conf"
+        text = (conf if conf is not None else MOSQUITTO_CONF).format(port=port, host=host, dir=tmp.name)
+        if persistence:
+            text = text.replace("persistence false\n", "") + f"persistence true\npersistence_location {tmp.name}/\n"
+        path.write_text(text, encoding="utf-8")
+        argv = [binary, "-c", str(path)]
         try:
-            wait_for_port(host, port)
+            proc = _spawn(argv, host, port)
         except BrokerError:
-            err = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
-            handle.stop()
-            msg = f"mosquitto failed to start on {host}:{port}: {err.strip() or 'no output'}"
-            raise BrokerError(msg) from None
-        return handle
+            tmp.cleanup()
+            raise
+        return BrokerHandle("mosquitto", host, port, _proc=proc, _tmp=tmp, _argv=argv, scheme=scheme)
     return _start_embedded(host, port)
+
+
+def _spawn(argv: list[str], host: str, port: int) -> subprocess.Popen[bytes]:
+    """Run mosquitto and wait until it listens; `BrokerError` with its output if it does not."""
+    log_path = Path(argv[-1]).with_name("mosquitto.log")  # a file, not a pipe: a full pipe would stall it
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file)  # noqa: S603 - our own binary and config
+    try:
+        wait_for_port(host, port)
+    except BrokerError:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        err = log_path.read_text(errors="replace")[-2000:]
+        msg = f"mosquitto failed to start on {host}:{port}: {err.strip() or 'no output'}"
+        raise BrokerError(msg) from None
+    return proc
 
 
 def _start_embedded(host: str, port: int) -> BrokerHandle:

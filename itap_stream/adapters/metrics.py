@@ -71,6 +71,18 @@ class Metrics:
         )
         self.connected = Gauge("itap_mqtt_connected", "1 while connected to the broker", registry=r)
         self.reconnects = Counter("itap_mqtt_reconnects", "Reconnections to the broker", registry=r)
+        self.unacked = Gauge(
+            "itap_mqtt_unacked_messages", "Messages received but not yet acknowledged (acknowledged after the store commit)",
+            registry=r,
+        )
+        self.outbox = Gauge(
+            "itap_mqtt_outbox_messages", "Alerts, dead letters and replies waiting for the broker (held while it is away)",
+            registry=r,
+        )
+        self.publish_refused = Counter(
+            "itap_mqtt_publish_refused", "Publications refused because the outbox was full (alerts stay in the store)",
+            registry=r,
+        )
         self.model = Info("itap_model", "The model in use", registry=r)
 
     def sample(self, name: str, **labels: str) -> float:

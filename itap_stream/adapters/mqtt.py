@@ -1,14 +1,21 @@
 """The MQTT adapter (paho-mqtt): connect, subscribe on every (re)connect, enqueue, publish.
 
-Callbacks do nothing but enqueue: ``on_message`` puts ``(topic, payload, received_at)``
-in a bounded `Inbox` that the processing loop drains in micro-batches. When the inbox is
-full, ``on_message`` blocks, which stops paho reading the socket: back-pressure reaches
-the broker instead of memory growing without limit.
+Callbacks do nothing but enqueue: ``on_message`` puts ``(topic, payload, received_at,
+mid, qos)`` in a bounded `Inbox` that the processing loop drains in micro-batches. When
+the inbox is full, ``on_message`` blocks, which stops paho reading the socket:
+back-pressure reaches the broker instead of memory growing without limit.
+
+Delivery: the subscribing link keeps a persistent session (MQTT 5: clean start off and a
+session expiry; MQTT 3.1.1: clean session off) and acknowledges a message only when the
+caller says so (`MqttLink.ack`, after the store committed it). The broker sends at most
+``receive_max`` unacknowledged messages, so a slow store slows intake, and whatever was
+not acknowledged when the consumer died is delivered again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -19,15 +26,53 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from itap_stream.config import BrokerAddress, parse_broker_url
 from itap_stream.errors import BrokerError
 
-__all__ = ["Inbox", "Message", "MqttLink", "Will", "connect_client"]
+__all__ = ["BrokerAuth", "Inbox", "Message", "MqttLink", "Will", "connect_client"]
 
 log = logging.getLogger(__name__)
 
-Message = tuple[str, bytes, float]  # topic, payload, received at (time.time())
+Message = tuple[str, bytes, float, int, int]  # topic, payload, received at (time.time()), mid, qos
+
+#: Longest pause between reconnect attempts (paho doubles it from 1 s up to this).
+RECONNECT_MAX_DELAY_S = 10
+
+
+@dataclass(frozen=True)
+class BrokerAuth:
+    """Credentials and TLS for a broker connection (secrets come from env or files, never the repo).
+
+    ``username``/``password`` override those of the broker URL. TLS is on for
+    ``mqtts://`` URLs or when ``tls_ca`` is set: the broker's certificate must chain to
+    ``tls_ca`` (the system CAs when empty) and match its host name; ``tls_cert`` and
+    ``tls_key`` give a client certificate.
+    """
+
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def apply(self, client: paho.Client, address: BrokerAddress) -> None:
+        user = self.username or address.username
+        if user:
+            client.username_pw_set(user, self.password if self.password is not None else address.password)
+        if address.tls or self.tls_ca:
+            for what, path in (("tls_ca", self.tls_ca), ("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+                if path and not os.path.isfile(path):
+                    msg = f"{what} file not found: {path}"
+                    raise BrokerError(msg)
+            try:
+                client.tls_set(ca_certs=self.tls_ca or None, certfile=self.tls_cert or None,
+                               keyfile=self.tls_key or None, cert_reqs=ssl.CERT_REQUIRED)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                msg = f"cannot set up TLS for the broker connection: {exc}"
+                raise BrokerError(msg) from exc
 
 
 class Inbox:
@@ -196,6 +241,17 @@ class MqttLink:
         ``(topic filter, qos)`` pairs, (re)subscribed in ``on_connect``.
     inbox
         Where messages go; None = no subscription handling.
+    persistent
+        Keep the session (subscriptions and unacknowledged or queued QoS 1 messages) on
+        the broker while disconnected, for ``session_expiry_s`` (MQTT 5), and
+        acknowledge received messages only through `ack`.
+    protocol
+        5 (MQTT 5, the default) or 4 (MQTT 3.1.1, for brokers without MQTT 5).
+    receive_max
+        Unacknowledged messages the broker may send at once (MQTT 5 Receive Maximum).
+    outbox_max
+        Publications held while the broker is away (sent on reconnect); beyond it a
+        publish is refused (`publish` returns False) and counted by the caller.
     """
 
     def __init__(
@@ -207,11 +263,15 @@ class MqttLink:
         inbox: Inbox | None = None,
         will: Will | None = None,
         birth: Will | None = None,
-        clean_session: bool = True,
+        persistent: bool = False,
         keepalive: int = 30,
         on_connection: Callable[[bool], None] | None = None,
-        tls_ca: str | None = None,
+        auth: BrokerAuth | None = None,
         announce: bool = True,
+        protocol: int = 5,
+        session_expiry_s: float = 86400.0,
+        receive_max: int = 10_000,
+        outbox_max: int = 100_000,
     ) -> None:
         self.address: BrokerAddress = parse_broker_url(url)
         self._announce = announce  # publish ``birth`` on (re)connect; False until `announce()`
@@ -223,35 +283,50 @@ class MqttLink:
         self.subscribed = threading.Event()
         self._ever_connected = False
         self._on_connection = on_connection
-        c = _Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=clean_session,
-            protocol=paho.MQTTv311,
-        )
-        c.max_queued_messages_set(0)
+        self.persistent = persistent
+        self.protocol = protocol
+        self.refused = 0  # publications refused because the outbox was full
+        self.connect_failures = 0  # failed (re)connection attempts
+        if protocol not in (4, 5):
+            msg = f"MQTT protocol must be 5 or 4 (3.1.1), got {protocol}"
+            raise BrokerError(msg)
+        if protocol == 5:
+            c = _Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                        manual_ack=persistent)
+            props = Properties(PacketTypes.CONNECT)
+            if persistent:
+                props.SessionExpiryInterval = int(session_expiry_s)
+                props.ReceiveMaximum = max(1, min(65535, receive_max))
+            self._connect_kw: dict[str, Any] = {"clean_start": not persistent, "properties": props}
+        else:
+            c = _Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent,
+                        protocol=paho.MQTTv311, manual_ack=persistent)
+            self._connect_kw = {}
+        c.max_queued_messages_set(outbox_max)
         c.max_inflight_messages_set(1000)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
-        if self.address.username:
-            c.username_pw_set(self.address.username, self.address.password)
-        if self.address.tls:
-            c.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED)
+        c.reconnect_delay_set(min_delay=1, max_delay=RECONNECT_MAX_DELAY_S)
+        (auth or BrokerAuth()).apply(c, self.address)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         c.on_connect = self._on_connect
-        c.on_subscribe = lambda *_a: self.subscribed.set()
+        c.on_connect_fail = self._on_connect_fail
+        c.on_subscribe = self._on_subscribe
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         self.client = c
         self.keepalive = keepalive
+        self.refusal: str | None = None  # why the broker refused the connection, if it did
 
     # -- callbacks: no logic beyond bookkeeping and enqueueing
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
+            self.refusal = str(rc)
             log.error("broker %s:%s refused the connection: %s", self.address.host, self.address.port, rc)
             return
+        self.refusal = None
+        self.connect_failures = 0
         if self._ever_connected:
-            log.warning("reconnected to broker %s:%s", self.address.host, self.address.port)
+            log.warning("%s reconnected to broker %s:%s", self.client_id, self.address.host, self.address.port)
         self._ever_connected = True
         if self.subscriptions:
             # one SUBSCRIBE for all filters: `start` returns once the broker acknowledged it,
@@ -265,29 +340,61 @@ class MqttLink:
         if self._on_connection:
             self._on_connection(True)
 
+    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        bad = [str(c) for c in codes if getattr(c, "is_failure", False) or getattr(c, "value", 0) >= 0x80]
+        if bad:
+            self.refusal = f"subscription refused: {', '.join(bad)}"
+            log.error("broker %s:%s refused the subscription to %s: %s", self.address.host, self.address.port,
+                      [t for t, _q in self.subscriptions], ", ".join(bad))
+        self.subscribed.set()
+
+    def _on_connect_fail(self, _c: paho.Client, _u: Any) -> None:
+        self.connect_failures += 1
+        if self.connect_failures in (1, 2, 5) or self.connect_failures % 10 == 0:
+            log.warning("%s: broker %s:%s unreachable (attempt %d); retrying with backoff up to %ss", self.client_id,
+                        self.address.host, self.address.port, self.connect_failures, RECONNECT_MAX_DELAY_S)
+
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         if self._on_connection:
             self._on_connection(False)
         if getattr(rc, "value", rc) != 0:
-            log.warning("disconnected from broker: %s (reconnecting with backoff)", rc)
+            log.warning("%s disconnected from broker: %s (reconnecting with backoff)", self.client_id, rc)
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if self.inbox is not None:
-            self.inbox.put((msg.topic, msg.payload, time.time()))
+            self.inbox.put((msg.topic, msg.payload, time.time(), msg.mid, msg.qos))
+
+    def ack(self, acks: Sequence[tuple[int, int]]) -> None:
+        """Acknowledge received messages ``(mid, qos)`` in the order they arrived (after
+        they were committed); QoS 0 messages (mid 0) need none."""
+        if not self.persistent:
+            return
+        for mid, qos in acks:
+            if qos > 0:
+                self.client.ack(mid, qos)
 
     # -- lifecycle
     def start(self, timeout_s: float = 10.0) -> None:
         """Connect and start the network thread; raises `BrokerError` if unreachable."""
         try:
-            self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive)
+            self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive, **self._connect_kw)
         except (OSError, ValueError) as exc:
             msg = f"cannot reach MQTT broker at {self.address.host}:{self.address.port}: {exc}"
             raise BrokerError(msg) from exc
         self.client.loop_start()
-        if not self.connected.wait(timeout_s) or not self.subscribed.wait(timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while not (self.connected.is_set() and self.subscribed.is_set()) and self.refusal is None:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        if self.refusal is not None or not (self.connected.is_set() and self.subscribed.is_set()):
             self.client.loop_stop()
-            msg = f"MQTT broker at {self.address.host}:{self.address.port} did not accept the connection within {timeout_s:.0f}s"
+            self.client.disconnect()
+            why = self.refusal or f"did not accept the connection within {timeout_s:.0f}s" + (
+                " (if it speaks only MQTT 3.1.1, set mqtt_version: 4)" if self.protocol == 5 else "")
+            msg = f"MQTT broker at {self.address.host}:{self.address.port}: {why}"
             raise BrokerError(msg)
 
     def announce(self) -> None:
@@ -297,8 +404,18 @@ class MqttLink:
         if self.birth is not None and self.connected.is_set():
             self.publish(self.birth.topic, self.birth.payload, qos=self.birth.qos, retain=self.birth.retain)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
+        """Publish now, or hold it until the broker is back (QoS 1); False when the outbox is full."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            self.refused += 1
+            return False
+        return True
+
+    @property
+    def outbox(self) -> int:
+        """Publications not yet acknowledged by the broker (held while it is away)."""
+        return len(self.client._out_messages)  # noqa: SLF001 - paho has no public accessor
 
     def unsubscribe_all(self) -> None:
         for topic, _qos in self.subscriptions:
@@ -318,23 +435,57 @@ class MqttLink:
 
 
 def connect_client(
-    url: str, client_id: str, *, setup: Callable[[paho.Client], None] | None = None, what: str = ""
+    url: str,
+    client_id: str,
+    *,
+    setup: Callable[[paho.Client], None] | None = None,
+    what: str = "",
+    auth: BrokerAuth | None = None,
 ) -> paho.Client:
     """A plain paho client for short-lived tools (simulator, `itap alerts`): credentials and
-    TLS from the URL, ``setup`` (callbacks, limits) applied before connecting, network
-    thread started; `BrokerError` when the broker cannot be reached."""
+    TLS from the URL and ``auth``, ``setup`` (callbacks, limits) applied before connecting,
+    network thread started; `BrokerError` when the broker cannot be reached."""
     addr = parse_broker_url(url)
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
-    if addr.username:
-        client.username_pw_set(addr.username, addr.password)
-    if addr.tls:
-        client.tls_set()
+    (auth or BrokerAuth()).apply(client, addr)
     if setup is not None:
         setup(client)
+    answered = threading.Event()
+    outcome: list[Any] = []
+    user_on_connect = client.on_connect
+
+    def on_connect(c: paho.Client, *args: Any) -> None:
+        rc = args[2] if len(args) > 2 else None
+        outcome.append(rc)
+        answered.set()
+        if user_on_connect is not None and not getattr(rc, "is_failure", False):
+            user_on_connect(c, *args)
+
+    client.on_connect = on_connect
+    user_on_disconnect = client.on_disconnect
+
+    def on_disconnect(c: paho.Client, *args: Any) -> None:
+        if not answered.is_set():  # closed before any CONNACK (e.g. a TLS client certificate refused)
+            outcome.append("the connection was closed before the broker answered")
+            answered.set()
+        if user_on_disconnect is not None:
+            user_on_disconnect(c, *args)
+
+    client.on_disconnect = on_disconnect
     try:
         client.connect(addr.host, addr.port, keepalive=30)
     except OSError as exc:
         msg = f"{what + ' ' if what else ''}cannot reach MQTT broker at {addr.host}:{addr.port}: {exc}"
         raise BrokerError(msg) from exc
     client.loop_start()
+    refused = None
+    if not answered.wait(10):
+        refused = "no answer within 10 s"
+    elif isinstance(outcome[0], str) or getattr(outcome[0], "is_failure", False):
+        refused = str(outcome[0])
+    if refused is not None:
+        client.loop_stop()
+        client.disconnect()
+        msg = f"{what + ' ' if what else ''}MQTT broker at {addr.host}:{addr.port} refused the connection: {refused}"
+        raise BrokerError(msg)
     return client

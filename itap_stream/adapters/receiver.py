@@ -4,12 +4,18 @@ paho-mqtt spends about 25 µs of Python per received message (packet parsing, me
 objects, callbacks). In the consumer process that time competes for the GIL with
 decoding, scoring and the store writer, and the benchmark showed the consumer at half
 the bare subscriber's rate. Here a child process owns the subscribing connection (stable
-client id, persistent session) and hands micro-batches of raw messages
-``(topic, payload, received_at)`` to the consumer over a pipe; the consumer keeps its own
+client id, persistent session, manual acknowledgement) and hands micro-batches of raw
+messages ``(topic, payload, received_at, mid, qos)`` to the consumer over a pipe; the
+consumer sends back the ``(mid, qos)`` of messages once their readings are committed,
+and only then does the child acknowledge them to the broker. The consumer keeps its own
 connection for publishing alerts, dead letters and status.
 
-The child exits when the consumer asks it to (after unsubscribing and handing over
-everything it received) or when the pipe closes (the consumer died).
+Protocol (child -> consumer): ``ready``, ``error``, ``conn`` (up/down), ``batch``,
+``stopped``. (consumer -> child): ``ack``, ``stop`` (forward nothing more), ``close``
+(acknowledgements are done: disconnect, keeping the session). A reader thread in the
+child takes the consumer's messages, so acknowledgements never wait behind a full pipe.
+The child also exits when the pipe closes (the consumer died): what it did not
+acknowledge stays with the broker and is delivered again.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from itap_stream.adapters.mqtt import Inbox, Message, MqttLink
+from itap_stream.adapters.mqtt import BrokerAuth, Inbox, Message, MqttLink
 from itap_stream.errors import BrokerError
 
 __all__ = ["Receiver"]
@@ -39,9 +45,11 @@ class Receiver:
     Parameters
     ----------
     url, client_id, subscriptions
-        As for `MqttLink`; the child subscribes with ``clean_session=False``.
+        As for `MqttLink`; the child keeps a persistent session under ``client_id``.
     on_connection
         Called in the consumer (from `drain`) when the intake connection goes up or down.
+    auth, protocol, session_expiry_s, receive_max
+        Passed to the child's `MqttLink`.
     """
 
     def __init__(
@@ -53,6 +61,10 @@ class Receiver:
         on_connection: Callable[[bool], None] | None = None,
         queue_max: int = 100_000,
         log_level: str = "INFO",
+        auth: BrokerAuth | None = None,
+        protocol: int = 5,
+        session_expiry_s: float = 86400.0,
+        receive_max: int = 10_000,
     ) -> None:
         self._on_connection = on_connection
         ctx = multiprocessing.get_context("spawn")  # no inherited threads or sockets
@@ -63,11 +75,17 @@ class Receiver:
             "subscriptions": list(subscriptions),
             "queue_max": queue_max,
             "log_level": log_level,
+            "auth": auth,
+            "protocol": protocol,
+            "session_expiry_s": session_expiry_s,
+            "receive_max": receive_max,
         }
         self._proc = ctx.Process(target=_child_main, args=(child_end, params), name="itap-receiver", daemon=True)
         self._child_end = child_end
         self._carry: list[Message] = []
-        self.stopped = False
+        self._send_lock = threading.Lock()
+        self.stopped = False  # the child forwards nothing more (asked to stop, or gone)
+        self.gone = False  # the child's pipe closed
 
     def __len__(self) -> int:
         return len(self._carry)
@@ -89,13 +107,30 @@ class Receiver:
             if kind == "error":
                 self._kill()
                 raise BrokerError(data)
+            if kind == "gone":
+                msg = f"the MQTT intake process ended while connecting (exit code {self._proc.exitcode})"
+                raise BrokerError(msg)
             self._handle(kind, data)
+
+    def _send(self, kind: str, data: Any) -> bool:
+        with self._send_lock:
+            try:
+                self._conn.send((kind, data))
+                return True
+            except (OSError, ValueError, BrokenPipeError):
+                return False
+
+    def ack(self, acks: Sequence[tuple[int, int]]) -> None:
+        """Have the child acknowledge ``(mid, qos)`` messages (called once they are committed;
+        any thread). Lost when the child is gone: the broker then delivers them again."""
+        if acks and not self.gone:
+            self._send("ack", list(acks))
 
     def _recv(self) -> tuple[str, Any]:
         try:
             return self._conn.recv()  # type: ignore[no-any-return]
         except (EOFError, OSError):
-            self.stopped = True
+            self.stopped = self.gone = True
             return "gone", None
 
     def _handle(self, kind: str, data: Any) -> None:
@@ -131,23 +166,31 @@ class Receiver:
         return out
 
     def stop(self, timeout_s: float = 5.0) -> list[Message]:
-        """Ask the child to unsubscribe and hand over what it holds; returns those messages."""
+        """Ask the child to forward nothing more; returns what it had already forwarded.
+        The connection stays up for the acknowledgements until `close`."""
         rest: list[Message] = []
         if self._proc.is_alive() and not self.stopped:
-            try:
-                self._conn.send(("stop", None))
-            except (OSError, ValueError):
-                self.stopped = True
+            if not self._send("stop", None):
+                self.stopped = self.gone = True
             deadline = time.monotonic() + timeout_s
             while not self.stopped and time.monotonic() < deadline:
                 rest += self.drain(1 << 30, wait_s=max(0.0, deadline - time.monotonic()), linger_s=0.0)
         rest = self._carry + rest
         self._carry = []
+        return rest
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Let the child send the acknowledgements it was given, disconnect (the session
+        stays on the broker) and exit."""
+        if not self.stopped:
+            self.stop(timeout_s)
+        if not self.gone:
+            self._send("close", None)
         self._proc.join(timeout=timeout_s)
         if self._proc.is_alive():
             self._kill()
         self._conn.close()
-        return rest
+        self.gone = True
 
     def _kill(self) -> None:
         if self._proc.is_alive():
@@ -176,33 +219,65 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
         params["client_id"],
         subscriptions=params["subscriptions"],
         inbox=inbox,
-        clean_session=False,
-        on_connection=lambda up: send("conn", up),
+        persistent=True,
+        on_connection=lambda up: _quiet(send, "conn", up),
+        auth=params["auth"],
+        protocol=params["protocol"],
+        session_expiry_s=params["session_expiry_s"],
+        receive_max=params["receive_max"],
     )
     try:
         link.start()
     except BrokerError as exc:
         send("error", str(exc))
         return
+    stop, close = threading.Event(), threading.Event()
+
+    def read_commands() -> None:
+        # acknowledgements arrive in commit order, which is the order of arrival
+        try:
+            while True:
+                kind, data = conn.recv()
+                if kind == "ack":
+                    link.ack(data)
+                elif kind == "stop":
+                    stop.set()
+                elif kind == "close":
+                    break
+        except (EOFError, OSError):
+            pass  # the consumer is gone: what was not acknowledged is delivered again later
+        stop.set()
+        close.set()
+
+    reader = threading.Thread(target=read_commands, name="itap-receiver-commands", daemon=True)
+    reader.start()
     send("ready", None)
     try:
-        while True:
-            if conn.poll(0):
-                kind, _data = conn.recv()
-                if kind == "stop":
-                    break
+        while not stop.is_set():
             batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
             if batch:
                 send("batch", (batch, sum(len(m[1]) for m in batch)))
-        link.unsubscribe_all()
-        time.sleep(0.1)  # what the broker already sent is still arriving
-        while True:
-            batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
-            if not batch:
-                break
-            send("batch", (batch, sum(len(m[1]) for m in batch)))
+        # forwarded messages are acknowledged once committed; the rest stay unacknowledged
+        # in the session and come again with the next connection
         send("stopped", None)
     except (EOFError, OSError, BrokenPipeError):
         pass  # the consumer is gone: nothing to hand over to
-    finally:
-        link.stop()
+    close.wait()
+    reader.join(timeout=1.0)
+    _wait_sent(link)
+    link.stop()
+
+
+def _quiet(send: Callable[[str, Any], None], kind: str, data: Any) -> None:
+    try:
+        send(kind, data)
+    except (OSError, ValueError):
+        pass
+
+
+def _wait_sent(link: MqttLink, timeout_s: float = 2.0) -> None:
+    """Give paho's network thread a moment to write the last acknowledgements."""
+    deadline = time.monotonic() + timeout_s
+    client = link.client
+    while time.monotonic() < deadline and link.connected.is_set() and getattr(client, "_out_packet", None):
+        time.sleep(0.01)

@@ -1,8 +1,9 @@
 """The SQL store (SQLAlchemy Core): SQLite by default, any URL by configuration.
 
 Tables: ``devices``, ``readings`` (one column per signal of the schema), ``windows``
-(every scored window), ``anomalies`` (with their explanation) and ``alerts`` (every
-transition). Writes are idempotent: unique keys plus insert-or-ignore, so a reading
+(every scored window), ``anomalies`` (with their explanation), ``alerts`` (every
+transition) and ``deadletters`` (every refused payload or reading, as published on the
+dead-letter topic, so "stored or dead-lettered" can be checked in one place). Writes are idempotent: unique keys plus insert-or-ignore, so a reading
 delivered twice is stored once and a CSV ingested twice adds nothing.
 Times are stored as epoch seconds (REAL), UTC.
 """
@@ -45,11 +46,12 @@ class StoreBatch:
     windows: list[Any] = field(default_factory=list)  # tuples in WINDOW_COLUMNS order, or mappings
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    deadletters: list[dict[str, Any]] = field(default_factory=list)  # dead-letter bodies
     devices: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (first, last) ts
     on_commit: list[Any] = field(default_factory=list)  # callables run after the commit
 
     def __len__(self) -> int:
-        return len(self.readings) + len(self.windows) + len(self.anomalies) + len(self.alerts)
+        return len(self.readings) + len(self.windows) + len(self.anomalies) + len(self.alerts) + len(self.deadletters)
 
 
 class Store:
@@ -149,6 +151,17 @@ class Store:
             # one row per transition: reminders repeat a status, at another time
             sa.UniqueConstraint("alert_id", "status", "changed_at", name="uq_alerts_id_status_at"),
         )
+        self.deadletters = sa.Table(
+            "deadletters",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("received_at", sa.Float, nullable=False),
+            sa.Column("topic", sa.String(256), nullable=False),
+            sa.Column("reason", sa.String(32), nullable=False),
+            sa.Column("device_id", sa.String(128)),
+            sa.Column("detail", sa.Text),
+            sa.Column("payload", sa.Text, nullable=False),  # truncated to 1 KiB, as published
+        )
         # readings, windows and anomalies are found by device through their unique
         # (device_id, time) index; a second index on device_id alone only slows inserts
         sa.Index("ix_alerts_device", self.alerts.c.device_id)
@@ -225,6 +238,11 @@ class Store:
                 for table, rows in ((self.anomalies, batch.anomalies), (self.alerts, batch.alerts)):
                     if rows:
                         conn.execute(self._insert_ignore(table), rows)
+                if batch.deadletters:
+                    conn.execute(self.deadletters.insert(), [
+                        {k: d.get(k) for k in ("received_at", "topic", "reason", "device_id", "detail", "payload")}
+                        for d in batch.deadletters
+                    ])
                 if batch.devices:
                     self._note_devices(conn, batch.devices)
         except SQLAlchemyError as exc:
@@ -299,7 +317,8 @@ class Store:
     def read_frame(self, table: str, *, since: float | None = None, until: float | None = None) -> pd.DataFrame:
         """A whole table (optionally a time range) as a DataFrame, in insertion order."""
         t = self.metadata.tables[table]
-        tcol = t.c.ts if "ts" in t.c else t.c.window_end if "window_end" in t.c else t.c.changed_at
+        tcol = (t.c.ts if "ts" in t.c else t.c.window_end if "window_end" in t.c
+                else t.c.received_at if "received_at" in t.c else t.c.changed_at)
         q = sa.select(t).order_by(t.c.id) if "id" in t.c else sa.select(t)
         if since is not None:
             q = q.where(tcol >= since)

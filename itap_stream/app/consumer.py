@@ -47,6 +47,24 @@ from itap_stream.errors import BrokerError, ConfigError, ItapError
 
 __all__ = ["Consumer"]
 
+#: What a dead letter says about a reading the windows could not take.
+_DROP_DETAIL = {
+    "duplicate": "a reading with this timestamp was already received; stored once, counted once",
+    "late": "older than every reading in the device's window; stored, not used for features",
+    "out_of_order": "earlier than the device's newest reading (beyond the reorder tolerance); stored, not used for features",
+    "future": "timestamp beyond the clock-skew bound (max_clock_skew) ahead of the service clock; not stored",
+}
+
+
+def _reading_json(r: Reading, schema: SensorSchema) -> str:
+    """A reading as the JSON object a device would have sent (for its dead letter)."""
+    obj: dict[str, Any] = {"device_id": r.device_id, "ts": r.ts, "state": r.state}
+    obj.update({n: (None if v != v else v) for n, v in zip(schema.names, r.values)})
+    for key in ("seq", "tag", "label"):
+        if getattr(r, key) is not None:
+            obj[key] = getattr(r, key)
+    return json.dumps(obj)
+
 log = logging.getLogger(__name__)
 
 #: At most one log line per rejection reason in this many seconds.
@@ -118,6 +136,8 @@ class Consumer:
                     stale_after_s=settings.stale_after, decommissioned=settings.decommissioned(),
                 ),
             ),
+            reorder_tolerance_s=settings.reorder_tolerance,
+            max_clock_skew_s=settings.max_clock_skew,
         )
         self._stale_checked = 0.0
         self.silences = SilenceBook(settings.silences(self.clock()))
@@ -144,6 +164,7 @@ class Consumer:
         subscriptions = [(settings.topic("telemetry", "+"), settings.qos), (settings.topic("commands", "#"), 1)]
         self._cmd_prefix = settings.topic("commands") + "/"
         self.inbox: Inbox | Receiver
+        self.auth = settings.broker_auth()
         if settings.intake == "process":
             # the child holds the subscription (and the persistent session under client_id);
             # this process publishes alerts, dead letters and status on its own connection
@@ -159,10 +180,16 @@ class Consumer:
             inbox=link_inbox,
             will=self._offline,
             birth=Will(status, b"online", qos=1, retain=True),
-            clean_session=link_inbox is None,
+            persistent=link_inbox is not None,
             on_connection=on_link,
             announce=link_inbox is not None,  # "online" only once the intake process is subscribed
+            auth=self.auth,
+            protocol=settings.mqtt_version,
+            session_expiry_s=settings.session_expiry,
+            receive_max=settings.receive_max,
+            outbox_max=settings.outbox_max,
         )
+        self._unacked = 0  # messages handed to the store, not yet acknowledged
         self._was_connected = False
         self._reject_log: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
         self.batches = 0
@@ -177,6 +204,10 @@ class Consumer:
             on_connection=self._on_connection,
             queue_max=st.queue_max,
             log_level=st.log_level,
+            auth=self.auth,
+            protocol=st.mqtt_version,
+            session_expiry_s=st.session_expiry,
+            receive_max=st.receive_max,
         )
 
     def _restart_intake(self) -> None:
@@ -189,13 +220,14 @@ class Consumer:
         assert isinstance(old, Receiver)
         rest = old.stop(timeout_s=1.0)
         if rest:
-            self.process_messages(rest)
+            self.process_messages(rest)  # not acknowledged (the old connection is gone): delivered again, stored once
+        old.close(timeout_s=1.0)
         receiver = self._new_receiver()
         try:
             receiver.start()
         except BrokerError as exc:
             log.error("cannot restart MQTT intake: %s; retrying", exc)
-            receiver.stop(timeout_s=1.0)
+            receiver.close(timeout_s=1.0)
             receiver.stopped = True  # the loop tries again
             self.inbox = receiver
             return
@@ -242,20 +274,21 @@ class Consumer:
                 self._step(timeout_s=0.1)
                 if isinstance(self.inbox, Receiver) and self.inbox.stopped and not self._stop.is_set():
                     self._restart_intake()
-            # stop intake, then drain what the broker already handed us
+            # stop intake (the subscription stays in our session, so the broker keeps
+            # queueing for us), process and commit what was handed over, acknowledge it
             if isinstance(self.inbox, Receiver):
                 rest = self.inbox.stop()
-                for i in range(0, len(rest), self.settings.batch_max):
-                    self.process_messages(rest[i : i + self.settings.batch_max])
             else:
-                self.link.unsubscribe_all()
-                time.sleep(0.05)
-                while self._step(timeout_s=0.05):
-                    pass
+                n = len(self.inbox)  # what arrived so far; later messages stay unacknowledged
+                rest = self.inbox.drain(n, wait_s=0.0, linger_s=0.0) if n else []
+            for i in range(0, len(rest), self.settings.batch_max):
+                self.process_messages(rest[i : i + self.settings.batch_max])
+            if self.processor.held:
+                self.process_messages([], flush=True)
             self.writer.flush()
         finally:
-            if isinstance(self.inbox, Receiver) and not self.inbox.stopped:
-                self.inbox.stop(timeout_s=1.0)
+            if isinstance(self.inbox, Receiver):
+                self.inbox.close(timeout_s=2.0)
             if self.webhook is not None:
                 self.webhook.close()
             self.link.stop(final=self._offline)
@@ -267,8 +300,8 @@ class Consumer:
         msgs = self.inbox.drain(
             self.settings.batch_max, timeout_s, self.settings.batch_wait_ms / 1000.0, max_bytes=BATCH_MAX_BYTES
         )
-        if msgs:
-            self.process_messages(msgs)
+        if msgs or (self.processor.held and not self._stop.is_set()):
+            self.process_messages(msgs)  # an empty batch releases readings the reorder buffer held long enough
         self.check_stale()
         self._maybe_reload()
         return len(msgs)
@@ -379,11 +412,13 @@ class Consumer:
                                                note="published at the end of a silence; the condition still holds"))
         return out
 
-    def process_messages(self, msgs: list[Message]) -> BatchResult:
-        """Decode, process, publish and hand to the store one micro-batch of messages."""
+    def process_messages(self, msgs: list[Message], *, flush: bool = False) -> BatchResult:
+        """Decode, process, publish and hand to the store one micro-batch of messages;
+        they are acknowledged to the broker once the store committed them."""
         m = self.metrics
-        m.messages.inc(len(msgs))
-        m.batch_size.observe(len(msgs))
+        if msgs:
+            m.messages.inc(len(msgs))
+            m.batch_size.observe(len(msgs))
         m.queue_depth.set(len(self.inbox))
         readings: list[Reading] = []
         plen = self._prefix_len
@@ -391,7 +426,8 @@ class Consumer:
         schema = self.schema
         cmd_prefix = self._cmd_prefix
         transitions: list[Alert] = []
-        for topic, payload, _t in msgs:
+        dead: list[dict[str, Any]] = []
+        for topic, payload, _t, _mid, _qos in msgs:
             if topic.startswith(cmd_prefix):
                 transitions.extend(self._command(topic[len(cmd_prefix) :], payload))
                 continue
@@ -400,25 +436,47 @@ class Consumer:
             if good:
                 readings.extend(good)
             for rej in bad:
-                self._dead_letter(topic, payload, rej)
+                dead.append(self._dead_letter(topic, payload, rej))
         m.received.inc(len(readings))
-        result = self.processor.process(readings, now=self.clock())
+        result = self.processor.process(readings, now=self.clock(), flush=flush)
         m.processed.inc(len(result.accepted))
-        for _r, reason in result.dropped:
-            m.rejected.labels(reason).inc()
+        future: set[int] = set()
+        for r, reason in result.dropped:
+            dead.append(self._dead_letter(self.settings.topic("telemetry", r.device_id), _reading_json(r, schema),
+                                          Rejection(reason, _DROP_DETAIL[reason], r.device_id)))
+            if reason == "future":
+                future.add(id(r))
+        if future:
+            readings = [r for r in readings if id(r) not in future]  # not stored: it would sit ahead of every real reading
         n_win = result.n_windows
         if n_win:
             m.windows.inc(n_win)
         m.active_devices.set(len(self.processor.windows))
         batch = self._rows(result, readings)
+        batch.deadletters = dead
         self._emit([*transitions, *result.alerts], batch)
         if n_win and result.windows is not None and result.scores is not None and result.is_anomaly is not None:
             self.fleet.update(result.windows.device_ids, result.scores, result.is_anomaly, result.states,
                               [*transitions, *result.alerts])
         elif transitions or result.alerts:
             self.fleet.update([], np.zeros(0), np.zeros(0, dtype=bool), [], [*transitions, *result.alerts])
-        oldest = min(t for _topic, _p, t in msgs)
-        batch.on_commit.append(lambda: m.latency.observe(max(0.0, time.time() - oldest)))
+        if msgs:
+            oldest = min(msg[2] for msg in msgs)
+            acks = [(msg[3], msg[4]) for msg in msgs if msg[4] > 0]
+            # acknowledged to the connection that delivered them, and only after the commit:
+            # a crash before it means the broker delivers them again (stored once)
+            ack = self.inbox.ack if isinstance(self.inbox, Receiver) else self.link.ack
+            self._unacked += len(acks)
+            m.unacked.set(self._unacked)
+
+            def committed() -> None:
+                m.latency.observe(max(0.0, time.time() - oldest))
+                ack(acks)
+                self._unacked -= len(acks)
+                m.unacked.set(self._unacked)
+
+            batch.on_commit.append(committed)
+        m.outbox.set(self.link.outbox)
         self.writer.submit(batch)
         self.batches += 1
         return result
@@ -442,7 +500,7 @@ class Consumer:
                 m.silenced.labels(alert.rule).inc()
             payload = json.dumps(d)
             if not silenced:
-                self.link.publish(alert_topic("alerts", alert.device_id), payload, qos=1)
+                self._publish(alert_topic("alerts", alert.device_id), payload)
                 if self.webhook is not None:
                     self.webhook.submit(d)
             m.alerts.labels(alert.rule, alert.severity, alert.status).inc()
@@ -542,7 +600,7 @@ class Consumer:
         self.metrics.commands.labels(name if name in known else "unknown", "ok" if reply["ok"] else "refused").inc()
         if not reply["ok"]:
             log.warning("command %s refused: %s", name, reply["reason"])
-        self.link.publish(self.settings.topic("status", "commands"), json.dumps(reply), qos=1)
+        self._publish(self.settings.topic("status", "commands"), json.dumps(reply))
         return out
 
     def _ack_command(self, body: dict[str, Any], reply: dict[str, Any]) -> list[Alert]:
@@ -595,9 +653,23 @@ class Consumer:
             "payload": json.dumps(alert)[:1024],
             "received_at": time.time(),
         }
-        self.link.publish(self.settings.topic("deadletter"), json.dumps(body), qos=1)
+        self._publish(self.settings.topic("deadletter"), json.dumps(body))
 
-    def _dead_letter(self, topic: str, payload: bytes, rej: Rejection) -> None:
+    def _publish(self, topic: str, payload: str | bytes) -> None:
+        """QoS 1 publish; held while the broker is away; counted when the outbox is full."""
+        if not self.link.publish(topic, payload, qos=1):
+            self.metrics.publish_refused.inc()
+            now = time.monotonic()
+            last, quiet = self._reject_log.get("_outbox", (-LOG_EVERY_S, 0))
+            if now - last >= LOG_EVERY_S:
+                log.error("outbox full (%d messages waiting for the broker): %s not published (%d more since the "
+                          "last report); alerts stay in the store", self.settings.outbox_max, topic, quiet)
+                self._reject_log["_outbox"] = (now, 0)
+            else:
+                self._reject_log["_outbox"] = (last, quiet + 1)
+
+    def _dead_letter(self, topic: str, payload: bytes | str, rej: Rejection) -> dict[str, Any]:
+        """Publish a refused payload or reading on the dead-letter topic; returns its store row."""
         self.metrics.rejected.labels(rej.reason).inc()
         # one log line per reason every LOG_EVERY_S: a device spewing bad data must not
         # flood the log (every rejection still goes to the dead-letter topic and metric)
@@ -609,11 +681,19 @@ class Consumer:
             self._reject_log[rej.reason] = (now, 0)
         else:
             self._reject_log[rej.reason] = (last, quiet + 1)
+        if rej.element is not None:
+            text = rej.element  # the bad element of an array payload
+        elif isinstance(payload, bytes):
+            text = payload[:1024].decode("utf-8", errors="replace")
+        else:
+            text = payload[:1024]
         body = {
             "topic": topic,
             "reason": rej.reason,
             "detail": rej.detail,
-            "payload": payload[:1024].decode("utf-8", errors="replace"),
+            "device_id": rej.device_id,
+            "payload": text,
             "received_at": time.time(),
         }
-        self.link.publish(self.settings.topic("deadletter"), json.dumps(body), qos=1)
+        self._publish(self.settings.topic("deadletter"), json.dumps(body))
+        return body

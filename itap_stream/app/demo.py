@@ -69,6 +69,8 @@ def run_demo(
             db_url=f"sqlite:///{db_path}",
             model_path=str(model_path),
             client_id=f"itap-demo-{int(time.time())}",
+            # the embedded broker (amqtt) speaks MQTT 3.1.1 only
+            mqtt_version=4 if broker is not None and broker.kind == "embedded" else None,
         )
         schema = cfg.schema()
         if not model_path.exists():

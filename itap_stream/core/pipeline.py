@@ -22,11 +22,12 @@ from itap_stream.core.explain import Explanation, explain
 from itap_stream.core.features import extract, feature_families, feature_names
 from itap_stream.core.health import SensorHealth
 from itap_stream.core.model import Artifact, confidence
+from itap_stream.core.ordering import Reorderer
 from itap_stream.core.readings import Reading
 from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.core.smoothing import smooth
-from itap_stream.core.window import DUPLICATE, FleetWindows, WindowBatch
+from itap_stream.core.window import DROP_REASONS, FleetWindows, WindowBatch
 from itap_stream.errors import SchemaMismatch
 
 __all__ = ["Assessment", "BatchResult", "Processor", "TableResult", "assess", "check_compatible", "score_table"]
@@ -40,7 +41,9 @@ class BatchResult:
     """What one micro-batch produced."""
 
     accepted: list[Reading] = field(default_factory=list)
-    dropped: list[tuple[Reading, str]] = field(default_factory=list)  # (reading, "duplicate" | "out_of_order")
+    # (reading, reason): "duplicate", "late", "out_of_order" (stored, not featured) or
+    # "future" (beyond the clock-skew bound: neither stored nor featured)
+    dropped: list[tuple[Reading, str]] = field(default_factory=list)
     windows: WindowBatch | None = None  # is_anomaly below is after k-of-n smoothing
     states: list[str] = field(default_factory=list)  # state of each window's last reading
     features: npt.NDArray[np.float64] | None = None
@@ -105,8 +108,12 @@ class Processor:
         alarm_n: int = 4,
         drift: DriftMonitor | None = None,
         health: SensorHealth | None = None,
+        reorder_tolerance_s: float = 0.0,
+        max_clock_skew_s: float | None = None,
     ) -> None:
         check_compatible(artifact, schema, window, hop)
+        self.reorder = Reorderer(reorder_tolerance_s)
+        self.max_clock_skew_s = max_clock_skew_s
         self.drift = drift
         self.health = health
         self.schema = schema
@@ -118,13 +125,32 @@ class Processor:
         self.alarm_k, self.alarm_n = alarm_k, alarm_n
         self._alarm_state: dict[str, int] = {}
 
-    def process(self, readings: Sequence[Reading], now: float | None = None) -> BatchResult:
+    @property
+    def held(self) -> int:
+        """Readings waiting in the reorder buffer."""
+        return len(self.reorder)
+
+    def process(self, readings: Sequence[Reading], now: float | None = None, *, flush: bool = False) -> BatchResult:
         """Run one micro-batch of readings (arrival order) through the core; ``now`` is the
-        service clock at arrival (for stale devices; the core never reads a clock)."""
+        service clock at arrival (for stale devices, the clock-skew bound and the reorder
+        buffer; the core never reads a clock). ``flush`` releases every held reading."""
         result = BatchResult()
         health = self.health
+        skew = self.max_clock_skew_s
+        if skew is not None and now is not None and readings:
+            limit = now + skew
+            if any(r.ts > limit for r in readings):
+                result.dropped.extend((r, "future") for r in readings if r.ts > limit)
+                readings = [r for r in readings if r.ts <= limit]
         if health is not None and now is not None and readings:
             result.alerts.extend(health.seen({r.device_id for r in readings}, now))
+        reorder = self.reorder
+        if reorder.tolerance_s > 0:
+            readings = reorder.add(readings, now)
+            if flush:
+                readings.extend(reorder.flush())
+            elif now is not None and reorder.held:
+                readings.extend(reorder.expire(now))
         push = self.windows.push
         accepted = result.accepted
         for r in readings:
@@ -132,7 +158,7 @@ class Processor:
             if status >= 0:
                 accepted.append(r)
             else:
-                result.dropped.append((r, "duplicate" if status == DUPLICATE else "out_of_order"))
+                result.dropped.append((r, DROP_REASONS[status]))
         batch = self.windows.take_due()
         result.windows = batch
         if not len(batch):

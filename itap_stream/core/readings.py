@@ -35,6 +35,8 @@ REJECTION_REASONS: tuple[str, ...] = (
     "non_finite",
     "out_of_range",
 )
+#: Reasons the stream gives for readings that decoded but cannot go into the features.
+TIME_REASONS: tuple[str, ...] = ("duplicate", "late", "out_of_order", "future")
 
 _NAN = float("nan")
 
@@ -62,6 +64,7 @@ class Rejection:
     reason: str
     detail: str
     device_id: str | None = None
+    element: str | None = None  # the refused element of an array payload, as JSON (truncated)
 
 
 def parse_ts(value: Any) -> float:
@@ -224,10 +227,18 @@ def decode(
         return [], [Rejection("empty_batch", "payload is an empty array", topic_device)]
     good: list[Reading] = []
     bad: list[Rejection] = []
-    for item in items:
+    many = isinstance(obj, list)
+    for i, item in enumerate(items):
         r = reading_from_mapping(item, schema, topic_device)
         if isinstance(r, Reading):
             good.append(r)
+        elif many:
+            # one bad element of a batch: name it, keep the good ones
+            try:
+                text = json.dumps(item, allow_nan=True)[:1024]
+            except (TypeError, ValueError):
+                text = None
+            bad.append(Rejection(r.reason, f"element {i}: {r.detail}", r.device_id, text))
         else:
             bad.append(r)
     return good, bad

@@ -6,8 +6,11 @@ buffers grow by doubling when new devices appear.
 
 Ordering rule (stated once, used by stream and batch alike): per device, a reading is
 accepted only when its timestamp is later than every reading accepted before it. A
-reading with the same timestamp as the latest one is a ``duplicate``; an earlier one
-is ``out_of_order``. Both are dropped from features and counted.
+reading whose timestamp is already in the device's window is a ``duplicate``; one older
+than every reading in the window is ``late``; any other earlier one is ``out_of_order``.
+All three are dropped from features and counted (the stream stores late and
+out-of-order readings; a `~itap_stream.core.ordering.Reorderer` in front of the
+windows can put slightly reordered arrivals back in order first).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import numpy.typing as npt
 from itap_stream.core.readings import Reading
 from itap_stream.core.schema import STATES
 
-__all__ = ["ACCEPTED", "DUE", "DUPLICATE", "OUT_OF_ORDER", "FleetWindows", "WindowBatch"]
+__all__ = ["ACCEPTED", "DROP_REASONS", "DUE", "DUPLICATE", "LATE", "OUT_OF_ORDER", "FleetWindows", "WindowBatch"]
 
 ACCEPTED = 0
 DUE = 1
 DUPLICATE = -1
 OUT_OF_ORDER = -2
+LATE = -3
+#: `FleetWindows.push` status -> the reason a reading was kept out of the features.
+DROP_REASONS = {DUPLICATE: "duplicate", OUT_OF_ORDER: "out_of_order", LATE: "late"}
 
 _STATE_CODE = {s: i for i, s in enumerate(STATES)}
 
@@ -71,8 +77,8 @@ class FleetWindows:
     >>> batch = fw.take_due()
     >>> batch.values[:, :, 0].tolist()
     [[0.0, 1.0, 2.0], [2.0, 3.0, 4.0]]
-    >>> fw.push(Reading("D1", 4, "RUN", (9.0,)))
-    -2
+    >>> [fw.push(Reading("D1", t, "RUN", (9.0,))) for t in (4, 4.5, 1)]  # duplicate, out of order, late
+    [-1, -2, -3]
     """
 
     def __init__(self, n_signals: int, window: int = 32, hop: int = 4, *, capacity: int = 4096) -> None:
@@ -128,14 +134,37 @@ class FleetWindows:
         return slot
 
     def push(self, reading: Reading) -> int:
-        """Add a reading; returns `ACCEPTED`, `DUE` (a window closed), `DUPLICATE` or `OUT_OF_ORDER`."""
+        """Add a reading; returns `ACCEPTED`, `DUE` (a window closed), `DUPLICATE`, `LATE` or `OUT_OF_ORDER`."""
+        return self._put(reading, snapshot=True)
+
+    def restore(self, device_id: str, readings: list[Reading], count: int) -> None:
+        """Refill a device's ring after a restart: its last readings (oldest first) as the
+        ``count``-th accepted readings, so windows close where they would have without the
+        restart and readings delivered again are recognised. Closes no window."""
+        if not readings or device_id in self._slots:
+            return
+        slot = self._slot(device_id)
+        self._count[slot] = max(0, count - len(readings))
+        for r in readings:
+            self._put(r, snapshot=False)
+
+    def _classify_old(self, slot: int, ts: float) -> int:
+        """Why an earlier reading cannot go in: a timestamp already in the window is a
+        duplicate, one older than the whole window is late, anything else out of order."""
+        held = self._blocks[slot // self._block][slot % self._block, :, self.n_signals]
+        held = held[~np.isnan(held)]
+        if (held == ts).any():
+            return DUPLICATE
+        return LATE if not len(held) or ts < held.min() else OUT_OF_ORDER
+
+    def _put(self, reading: Reading, *, snapshot: bool) -> int:
         device_id, ts, state, values, _seq, tag, label = reading
         slot = self._slots.get(device_id)
         if slot is None:
             slot = self._slot(device_id)
         last = self._last_ts[slot]
         if ts <= last:
-            return DUPLICATE if ts == last else OUT_OF_ORDER
+            return DUPLICATE if ts == last else self._classify_old(slot, ts)
         self._last_ts[slot] = ts
         n = self._count[slot]
         window = self.window
@@ -150,7 +179,7 @@ class FleetWindows:
             tags[pos] = tag
         n += 1
         self._count[slot] = n
-        if n >= window and (n - window) % self.hop == 0:
+        if snapshot and n >= window and (n - window) % self.hop == 0:
             self._snapshot(slot, n % window, device_id)
             return DUE
         return ACCEPTED

@@ -346,12 +346,13 @@ def test_itap_ack_without_a_consumer_is_one_clear_error(broker, capsys):
 
 
 def test_a_silent_device_goes_stale_by_the_injected_clock_and_clears_on_its_next_reading(settings):
-    now = [1_000_000.0]
+    sim = simulate(2, 60, seed=5, maint=False)
+    now = [float(sim.ts[-1])]  # the service clock agrees with the devices' clocks (no clock-skew dead letters)
     sub = Subscriber(settings.broker_url, f"{settings.topic_prefix}/alerts/#")
     metrics = Metrics()
     consumer, thread = _start(settings, metrics, clock=lambda: now[0])
     try:
-        sent = publish(simulate(2, 60, seed=5, maint=False), settings.broker_url, speed=0, qos=1, client_id="t-stale")
+        sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-stale")
         assert _wait(lambda: metrics.sample("itap_readings_received_total") >= sent)
         now[0] += settings.stale_after - 1  # not yet: the loop checks at this time and finds nothing
         assert _wait(lambda: consumer.stale_checked_at == now[0], 5)
@@ -385,12 +386,12 @@ def test_a_silent_device_goes_stale_by_the_injected_clock_and_clears_on_its_next
 def test_silenced_alerts_are_stored_not_published_and_published_when_the_silence_ends(settings, tmp_path, capsys):
     from itap_stream.cli import main
 
-    now = [2_000_000.0]
+    sim = simulate(2, 900, seed=31, faults=[Fault("power_instability", "DEV-0002", 300, 600)], maint=False)
+    now = [float(sim.ts[-1])]  # the service clock agrees with the devices' clocks
     silences = tmp_path / "silences.yaml"
     silences.write_text(f"silences:\n  - {{id: pump-swap, device: DEV-0002, start: {now[0]}, duration: 10m,"
                         " comment: bearing change}\n")
     st = settings.replace(silences_file=str(silences))
-    sim = simulate(2, 900, seed=31, faults=[Fault("power_instability", "DEV-0002", 300, 600)], maint=False)
     sub = Subscriber(st.broker_url, f"{st.topic_prefix}/alerts/#")
     metrics = Metrics()
     consumer, thread = _start(st, metrics, clock=lambda: now[0])
