@@ -166,9 +166,19 @@ def check_sequences(db_path: Path | str, devices: list[str], per_device: int) ->
     con = sqlite3.connect(str(db_path))
     try:
         rows = con.execute("SELECT device_id, seq FROM readings WHERE seq IS NOT NULL ORDER BY id").fetchall()
-        dead = con.execute("SELECT COUNT(*) FROM deadletters").fetchone()[0]
+        dead = con.execute("SELECT reason, payload FROM deadletters").fetchall()
     finally:
         con.close()
+    stored = set(rows)
+    redelivered = 0  # dead letters that are copies of stored readings (a redelivery after a fault)
+    reasons: dict[str, int] = {}
+    for reason, payload in dead:
+        reasons[reason] = reasons.get(reason, 0) + 1
+        try:
+            obj = json.loads(payload)
+            redelivered += (obj.get("device_id"), obj.get("seq")) in stored
+        except (ValueError, AttributeError):
+            pass
     seen: dict[str, list[int]] = {d: [] for d in devices}
     for device, seq in rows:
         seen.setdefault(device, []).append(int(seq))
@@ -182,8 +192,8 @@ def check_sequences(db_path: Path | str, devices: list[str], per_device: int) ->
             if s < top:
                 reordered += 1
             top = max(top, s)
-    return {"stored": len(rows), "dead_lettered": int(dead), "lost": lost, "duplicated": duplicated,
-            "reordered": reordered}
+    return {"stored": len(rows), "dead_lettered": len(dead), "redelivered": redelivered, "lost": lost,
+            "duplicated": duplicated, "reordered": reordered, "dead_reasons": reasons}
 
 
 def stored_count(db_path: Path) -> int:
@@ -224,6 +234,8 @@ class Outcome:
     lost: int
     duplicated: int
     reordered: int = 0
+    redelivered: int = 0  # dead letters that are copies of stored readings (duplicate / late after a redelivery)
+    dead_reasons: dict[str, int] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -394,12 +406,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[chaos] {name} …", file=sys.stderr, flush=True)
             rows.append(run_scenario(name, model, per_device=per_device, quick=args.quick))
-    header = f"| {'scenario':<38} | sent | stored | dead-lettered | lost | duplicated | reordered | notes |"
+    header = (f"| {'scenario':<38} | sent | stored | dead-lettered (redelivered copies) | lost | duplicated "
+              "| reordered | notes |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
         notes = ", ".join(f"{k}={v}" for k, v in r.notes.items())
-        print(f"| {r.scenario:<38} | {r.sent} | {r.stored} | {r.dead_lettered} | {r.lost} | {r.duplicated} "
+        print(f"| {r.scenario:<38} | {r.sent} | {r.stored} | {r.dead_lettered} ({r.redelivered}) | {r.lost} | {r.duplicated} "
               f"| {r.reordered} | {notes} |")
     Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
     bad = [r.scenario for r in rows if r.lost or r.duplicated]

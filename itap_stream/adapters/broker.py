@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -167,7 +168,12 @@ def start_broker(
         path = Path(tmp.name) / "mosquitto.conf"
         text = (conf if conf is not None else MOSQUITTO_CONF).format(port=port, host=host, dir=tmp.name)
         if persistence:
-            text = text.replace("persistence false\n", "") + f"persistence true\npersistence_location {tmp.name}/\n"
+            # started as root, mosquitto drops to its own user: the folder must be writable for it
+            data = Path(tmp.name) / "data"
+            data.mkdir()
+            os.chmod(tmp.name, 0o755)
+            os.chmod(data, 0o777)
+            text = text.replace("persistence false\n", "") + f"persistence true\npersistence_location {data}/\n"
         path.write_text(text, encoding="utf-8")
         argv = [binary, "-c", str(path)]
         try:

@@ -36,7 +36,7 @@ __all__ = ["BrokerAuth", "Inbox", "Message", "MqttLink", "Will", "connect_client
 
 log = logging.getLogger(__name__)
 
-Message = tuple[str, bytes, float, int, int]  # topic, payload, received at (time.time()), mid, qos
+Message = tuple[str, bytes, float, int, int]  # topic, payload, received at (time.time()), ack token, qos
 
 #: Longest pause between reconnect attempts (paho doubles it from 1 s up to this).
 RECONNECT_MAX_DELAY_S = 10
@@ -286,6 +286,7 @@ class MqttLink:
         self.persistent = persistent
         self.protocol = protocol
         self.refused = 0  # publications refused because the outbox was full
+        self._epoch = 0  # connection number: part of each message's ack token
         self.connect_failures = 0  # failed (re)connection attempts
         if protocol not in (4, 5):
             msg = f"MQTT protocol must be 5 or 4 (3.1.1), got {protocol}"
@@ -325,6 +326,7 @@ class MqttLink:
             return
         self.refusal = None
         self.connect_failures = 0
+        self._epoch += 1  # acknowledgements of messages from an earlier connection are not sent on this one
         if self._ever_connected:
             log.warning("%s reconnected to broker %s:%s", self.client_id, self.address.host, self.address.port)
         self._ever_connected = True
@@ -364,16 +366,21 @@ class MqttLink:
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if self.inbox is not None:
-            self.inbox.put((msg.topic, msg.payload, time.time(), msg.mid, msg.qos))
+            # the ack token is the packet id plus the connection it came on: after a reconnect
+            # the broker sends unacknowledged messages again (same ids) and may give a freed id
+            # to a new message, so an acknowledgement is only valid on its own connection
+            self.inbox.put((msg.topic, msg.payload, time.time(), (self._epoch << 16) | msg.mid, msg.qos))
 
     def ack(self, acks: Sequence[tuple[int, int]]) -> None:
-        """Acknowledge received messages ``(mid, qos)`` in the order they arrived (after
-        they were committed); QoS 0 messages (mid 0) need none."""
+        """Acknowledge received messages ``(token, qos)`` in the order they arrived (after
+        they were committed); QoS 0 messages need none, and messages of an earlier
+        connection none either (the broker has delivered them again)."""
         if not self.persistent:
             return
-        for mid, qos in acks:
-            if qos > 0:
-                self.client.ack(mid, qos)
+        epoch = self._epoch
+        for token, qos in acks:
+            if qos > 0 and token >> 16 == epoch:
+                self.client.ack(token & 0xFFFF, qos)
 
     # -- lifecycle
     def start(self, timeout_s: float = 10.0) -> None:
