@@ -16,6 +16,7 @@ import paho.mqtt.client as paho
 from itap_stream.adapters import artifacts
 from itap_stream.adapters.broker import BrokerHandle, start_broker
 from itap_stream.adapters.metrics import Metrics
+from itap_stream.adapters.mqtt import connect_client
 from itap_stream.app.offline import train_from_frame
 from itap_stream.app.render import format_alert, format_summary
 from itap_stream.app.service import build_consumer
@@ -108,7 +109,7 @@ def run_demo(
             with printed:
                 _say(out, format_alert(alert))
 
-        watcher = _alert_watcher(broker_url, cfg.topic("alerts", "#"), on_alert_msg)
+        watcher = _alert_watcher(broker_url, cfg.topic("alerts", "#"), on_alert_msg, cfg.broker_auth())
         metrics = Metrics()
         consumer = build_consumer(cfg, metrics=metrics)
         ready = threading.Event()
@@ -133,7 +134,8 @@ def run_demo(
                     )
 
         t0 = time.perf_counter()
-        sent = publish(sim, broker_url, topic_prefix=cfg.topic_prefix, speed=speed, qos=1, progress=progress)
+        sent = publish(sim, broker_url, topic_prefix=cfg.topic_prefix, speed=speed, qos=1, progress=progress,
+                       auth=cfg.broker_auth())
         _wait_drained(consumer, sent, lambda: int(metrics.sample("itap_readings_received_total")))
         time.sleep(0.5)  # let the last alerts reach the watcher
         consumer.stop()
@@ -176,21 +178,15 @@ def run_demo(
             broker.stop()
 
 
-def _alert_watcher(url: str, topic: str, on_message: Callable[..., None]) -> paho.Client:
-    addr = parse_broker_url(url)
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"itap-demo-watch-{int(time.time() * 1000)}")
-    if addr.username:
-        c.username_pw_set(addr.username, addr.password)
+def _alert_watcher(url: str, topic: str, on_message: Callable[..., None], auth: Any = None) -> paho.Client:
     subscribed = threading.Event()
-    c.on_connect = lambda cl, _u, _f, _rc, _p: cl.subscribe(topic, qos=1)
-    c.on_subscribe = lambda *_a: subscribed.set()
-    c.on_message = on_message
-    try:
-        c.connect(addr.host, addr.port)
-    except OSError as exc:
-        msg = f"cannot reach MQTT broker at {addr.host}:{addr.port}: {exc}"
-        raise BrokerError(msg) from exc
-    c.loop_start()
+
+    def setup(c: paho.Client) -> None:
+        c.on_connect = lambda cl, _u, _f, _rc, _p: cl.subscribe(topic, qos=1)
+        c.on_subscribe = lambda *_a: subscribed.set()
+        c.on_message = on_message
+
+    c = connect_client(url, f"itap-demo-watch-{int(time.time() * 1000)}", setup=setup, auth=auth)
     subscribed.wait(10)
     return c
 
