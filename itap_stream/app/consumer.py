@@ -304,6 +304,7 @@ class Consumer:
             self.process_messages(msgs)  # an empty batch releases readings the reorder buffer held long enough
         self.check_stale()
         self._maybe_reload()
+        self.metrics.outbox.set(self.link.outbox)
         return len(msgs)
 
     # -- hot reload

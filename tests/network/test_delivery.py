@@ -215,3 +215,52 @@ def test_time_chaos_is_counted_per_rule_and_features_equal_the_sorted_deduplicat
     for key, row in batch.items():
         np.testing.assert_array_equal(stream[key], row)
     assert extract  # the same feature code serves both paths (imported by both)
+
+
+def test_alerts_raised_while_the_broker_is_away_are_held_and_published_on_reconnect(
+    settings, start_consumer, wait, tmp_path
+):
+    from itap_stream.adapters.broker import start_broker
+
+    broker = start_broker("mosquitto", persistence=True)
+    try:
+        st = settings.replace(broker_url=broker.url, stale_after=60.0)
+        now = [time.time()]
+        metrics = Metrics()
+        consumer = start_consumer(st, metrics, clock=lambda: now[0])
+        got: list[dict] = []
+        watcher = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="t-held-watch", clean_session=False)
+        watcher.on_message = lambda _c, _u, m: got.append(json.loads(m.payload))
+        watcher.reconnect_delay_set(1, 2)
+        watcher.connect(broker.host, broker.port)
+        watcher.subscribe("itap/alerts/#", qos=1)
+        watcher.loop_start()
+        pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="t-held-pub")
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        pub.publish("itap/telemetry/DEV-0007", json.dumps([_reading("DEV-0007", now[0] - 5 + i) for i in range(5)]),
+                    qos=1).wait_for_publish(5)
+        pub.disconnect()
+        pub.loop_stop()
+        assert wait(lambda: metrics.sample("itap_readings_processed_total") == 5)
+        broker.terminate()
+        assert wait(lambda: metrics.sample("itap_mqtt_connected") == 0, 10)
+        now[0] += 61  # DEV-0007 goes stale while the broker is away: the alert waits in the outbox
+        assert wait(lambda: metrics.sample("itap_mqtt_outbox_messages") >= 1, 10)
+        assert not got
+        broker.start()
+        assert wait(lambda: any(a["rule"] == "device_stale" and a["device_id"] == "DEV-0007" for a in got), 30)
+        assert metrics.sample("itap_mqtt_reconnects_total") >= 1
+        assert metrics.sample("itap_mqtt_publish_refused_total") == 0
+        consumer.stop()
+        watcher.disconnect()
+        watcher.loop_stop()
+    finally:
+        broker.stop()
+
+
+def test_metrics_and_dashboard_bind_to_loopback_by_default():
+    from itap_stream.config import PACKAGE_CONFIGS, Settings, load
+
+    assert Settings().http_addr.startswith("127.0.0.1:")
+    assert load(PACKAGE_CONFIGS / "itap.yaml", environ={}).http_addr.startswith("127.0.0.1:")
