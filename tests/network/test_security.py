@@ -493,3 +493,21 @@ def test_require_certificate_lets_in_a_client_certificate_only(accounts, pki):
         # broker checks for a certificate and hangs up, so the refusal comes as a disconnect
         with pytest.raises(BrokerError, match="refused the connection"):
             connect_client(broker.url, "t-no-cert", auth=_auth("DEV-0001", passwords, tls_ca=ca))
+
+
+@needs_openssl
+def test_a_server_certificate_for_another_host_name_is_refused(accounts, pki, tmp_path):
+    """The CA is right but the broker's certificate names another host: the host name check fails."""
+    passwd, passwords = accounts
+    d = tmp_path / "elsewhere"
+    d.mkdir()
+    (d / "ca.crt").write_bytes((pki / "ca.crt").read_bytes())
+    cnf = d / "openssl.cnf"
+    cnf.write_text(_OPENSSL_CNF.replace("IP:127.0.0.1, DNS:localhost", "DNS:broker.elsewhere.invalid"), encoding="utf-8")
+    _openssl("req", "-new", "-config", cnf, "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", d / "server.key", "-out", d / "server.csr", "-subj", "/CN=broker.elsewhere.invalid")
+    _openssl("x509", "-req", "-in", d / "server.csr", "-CA", pki / "ca.crt", "-CAkey", pki / "ca.key",
+             "-set_serial", "4242", "-days", "2", "-extfile", cnf, "-extensions", "server", "-out", d / "server.crt")
+    with start_broker(conf=_deployment_conf(passwd, ROOT / "mosquitto" / "acl", tls=d), scheme="mqtts") as broker:
+        with pytest.raises(BrokerError, match="mismatch"):  # "IP address mismatch, certificate is not valid for …"
+            connect_client(broker.url, "t-wrong-host", auth=_auth("DEV-0001", passwords, tls_ca=str(d / "ca.crt")))
