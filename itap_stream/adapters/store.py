@@ -306,6 +306,32 @@ class Store:
             msg = f"store write failed ({_safe_url(self.url)}): {exc}"
             raise StoreError(msg) from exc
 
+    def recent_readings(self, window: int, max_devices: int = 100_000) -> dict[str, tuple[list[Reading], int]]:
+        """Per device: its last ``window`` stored readings (oldest first) and how many it has
+        stored in all, to refill the ring buffers after a restart."""
+        r = self.readings
+        out: dict[str, tuple[list[Reading], int]] = {}
+        try:
+            with self.engine.connect() as conn:
+                counts = conn.execute(
+                    sa.select(r.c.device_id, sa.func.count()).group_by(r.c.device_id).limit(max_devices)
+                ).all()
+                cols = [r.c.ts, r.c.state, r.c.seq, r.c.tag, r.c.label, *[r.c[n] for n in self.schema.names]]
+                for device_id, n in counts:
+                    rows = conn.execute(
+                        sa.select(*cols).where(r.c.device_id == device_id).order_by(r.c.ts.desc()).limit(window)
+                    ).all()
+                    readings = [
+                        Reading(device_id, float(row[0]), row[1],
+                                tuple(float("nan") if v is None else float(v) for v in row[5:]), row[2], row[3], row[4])
+                        for row in reversed(rows)
+                    ]
+                    out[device_id] = (readings, int(n))
+        except SQLAlchemyError as exc:
+            msg = f"cannot read recent readings from {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+        return out
+
     def count(self, table: str, **where: Any) -> int:
         t = self.metadata.tables[table]
         q = sa.select(sa.func.count()).select_from(t)

@@ -249,8 +249,22 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def restore_windows(self) -> int:
+        """Refill every device's window from the store (a restart loses no context and
+        recognises readings the broker delivers again); returns the devices restored."""
+        t0 = time.perf_counter()
+        try:
+            n = self.processor.restore(self.store.recent_readings(self.settings.window))
+        except ItapError as exc:
+            log.warning("could not refill device windows from the store, starting empty: %s", exc)
+            return 0
+        if n:
+            log.info("refilled the windows of %d device(s) from the store in %.2fs", n, time.perf_counter() - t0)
+        return n
+
     def run(self, ready: threading.Event | None = None) -> None:
         """Connect and process until `stop` is called; everything received is stored."""
+        self.restore_windows()
         self.link.start()
         if isinstance(self.inbox, Receiver):
             try:

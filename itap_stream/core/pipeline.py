@@ -125,6 +125,14 @@ class Processor:
         self.alarm_k, self.alarm_n = alarm_k, alarm_n
         self._alarm_state: dict[str, int] = {}
 
+    def restore(self, recent: dict[str, tuple[list[Reading], int]]) -> int:
+        """Refill the device windows from stored readings after a restart (see
+        `FleetWindows.restore`); returns the devices restored. Windows then close where
+        they would have without the restart, and readings delivered again count as duplicates."""
+        for device_id, (readings, count) in recent.items():
+            self.windows.restore(device_id, readings, count)
+        return len(recent)
+
     @property
     def held(self) -> int:
         """Readings waiting in the reorder buffer."""
