@@ -189,7 +189,10 @@ class Consumer:
             receive_max=settings.receive_max,
             outbox_max=settings.outbox_max,
         )
-        self._unacked = 0  # messages handed to the store, not yet acknowledged
+        # messages handed to the store / acknowledged after its commit: each counter has one
+        # writer (this loop / the store writer thread), the gauge is their difference
+        self._to_ack = 0
+        self._acked = 0
         self._was_connected = False
         self._reject_log: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
         self.batches = 0
@@ -481,14 +484,14 @@ class Consumer:
             # acknowledged to the connection that delivered them, and only after the commit:
             # a crash before it means the broker delivers them again (stored once)
             ack = self.inbox.ack if isinstance(self.inbox, Receiver) else self.link.ack
-            self._unacked += len(acks)
-            m.unacked.set(self._unacked)
+            self._to_ack += len(acks)
+            m.unacked.set(self._to_ack - self._acked)
 
             def committed() -> None:
                 m.latency.observe(max(0.0, time.time() - oldest))
                 ack(acks)
-                self._unacked -= len(acks)
-                m.unacked.set(self._unacked)
+                self._acked += len(acks)
+                m.unacked.set(self._to_ack - self._acked)
 
             batch.on_commit.append(committed)
         m.outbox.set(self.link.outbox)
