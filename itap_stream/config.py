@@ -79,8 +79,10 @@ class Settings:
     max_clock_skew: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.qos not in (0, 1, 2):
-            msg = f"qos must be 0, 1 or 2, got {self.qos}"
+        if self.qos not in (0, 1):
+            # QoS 2 cannot be acknowledged after the commit (the client answers PUBREC at once),
+            # so a crash could lose a reading: QoS 1 plus the idempotent store is exactly-once in effect
+            msg = f"qos must be 1 (at least once, acknowledged after the store commit) or 0 (best effort), got {self.qos}"
             raise ConfigError(msg)
         if self.window < 2:
             msg = f"window must be at least 2 readings, got {self.window}"
@@ -143,10 +145,13 @@ class Settings:
         if self.broker_password_file:
             try:
                 lines = Path(self.broker_password_file).read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                msg = f"cannot read broker_password_file {self.broker_password_file}: {exc.strerror or exc}"
+            except (OSError, ValueError) as exc:
+                msg = f"cannot read broker_password_file {self.broker_password_file}: {getattr(exc, 'strerror', None) or exc}"
                 raise ConfigError(msg) from exc
             password = lines[0].strip() if lines else ""
+        if (self.tls_cert or self.tls_key) and not (self.tls_ca or self.broker_url.startswith(("mqtts:", "ssl:"))):
+            msg = "tls_cert / tls_key are set but TLS is off: use an mqtts:// broker URL or set tls_ca"
+            raise ConfigError(msg)
         return BrokerAuth(
             username=self.broker_username or None,
             password=password,

@@ -29,6 +29,11 @@ class Metrics:
         self.rejected = Counter(
             "itap_readings_rejected", "Readings or payloads rejected, by reason", ["reason"], registry=r
         )
+        self.redelivered = Counter(
+            "itap_readings_redelivered",
+            "Readings the broker delivered again after a reconnect that were already in (stored once, not dead-lettered)",
+            registry=r,
+        )
         self.windows = Counter("itap_windows_scored", "Windows featured and scored", registry=r)
         self.anomalies = Counter("itap_anomalies", "Anomalous windows, by dominant family", ["family"], registry=r)
         self.alerts = Counter(

@@ -36,7 +36,8 @@ __all__ = ["BrokerAuth", "Inbox", "Message", "MqttLink", "Will", "connect_client
 
 log = logging.getLogger(__name__)
 
-Message = tuple[str, bytes, float, int, int]  # topic, payload, received at (time.time()), ack token, qos
+# topic, payload, received at (time.time()), ack token, qos, dup (1: the broker delivers it again)
+Message = tuple[str, bytes, float, int, int, int]
 
 #: Longest pause between reconnect attempts (paho doubles it from 1 s up to this).
 RECONNECT_MAX_DELAY_S = 10
@@ -99,6 +100,7 @@ class Inbox:
         self.max_bytes = max_bytes
         self._items: deque[Message] = deque()
         self._ready = threading.Event()
+        self._closed = False
         self._in_bytes = 0  # written by the producer only
         self._out_bytes = 0  # written by the consumer only
 
@@ -109,10 +111,16 @@ class Inbox:
     def pending_bytes(self) -> int:
         return self._in_bytes - self._out_bytes
 
+    def close(self) -> None:
+        """From now on `put` drops what it is given instead of blocking (shutting down)."""
+        self._closed = True
+
     def put(self, item: Message) -> None:
-        """Append; blocks (polling every millisecond) while the inbox is full."""
+        """Append; blocks (polling every millisecond) while the inbox is full, unless closed."""
         items = self._items
         while len(items) >= self.maxsize or (items and self._in_bytes - self._out_bytes >= self.max_bytes):
+            if self._closed:
+                return
             self._ready.set()
             time.sleep(0.001)
         items.append(item)
@@ -285,7 +293,6 @@ class MqttLink:
         self._on_connection = on_connection
         self.persistent = persistent
         self.protocol = protocol
-        self.refused = 0  # publications refused because the outbox was full
         self._epoch = 0  # connection number: part of each message's ack token
         self.connect_failures = 0  # failed (re)connection attempts
         if protocol not in (4, 5):
@@ -357,6 +364,7 @@ class MqttLink:
                         self.address.host, self.address.port, self.connect_failures, RECONNECT_MAX_DELAY_S)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self._epoch += 1  # from now on no acknowledgement of this connection's messages goes out
         self.connected.clear()
         self.subscribed.clear()
         if self._on_connection:
@@ -369,7 +377,7 @@ class MqttLink:
             # the ack token is the packet id plus the connection it came on: after a reconnect
             # the broker sends unacknowledged messages again (same ids) and may give a freed id
             # to a new message, so an acknowledgement is only valid on its own connection
-            self.inbox.put((msg.topic, msg.payload, time.time(), (self._epoch << 16) | msg.mid, msg.qos))
+            self.inbox.put((msg.topic, msg.payload, time.time(), (self._epoch << 16) | msg.mid, msg.qos, int(msg.dup)))
 
     def ack(self, acks: Sequence[tuple[int, int]]) -> None:
         """Acknowledge received messages ``(token, qos)`` in the order they arrived (after
@@ -414,20 +422,12 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> bool:
         """Publish now, or hold it until the broker is back (QoS 1); False when the outbox is full."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
-            self.refused += 1
-            return False
-        return True
+        return info.rc != paho.MQTT_ERR_QUEUE_SIZE
 
     @property
     def outbox(self) -> int:
         """Publications not yet acknowledged by the broker (held while it is away)."""
         return len(self.client._out_messages)  # noqa: SLF001 - paho has no public accessor
-
-    def unsubscribe_all(self) -> None:
-        for topic, _qos in self.subscriptions:
-            self.client.unsubscribe(topic)
-        self.subscriptions = []
 
     def stop(self, final: Will | None = None) -> None:
         """Publish ``final`` (e.g. the offline status), disconnect cleanly, stop the thread."""

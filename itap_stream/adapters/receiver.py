@@ -108,6 +108,7 @@ class Receiver:
                 self._kill()
                 raise BrokerError(data)
             if kind == "gone":
+                self._kill()
                 msg = f"the MQTT intake process ended while connecting (exit code {self._proc.exitcode})"
                 raise BrokerError(msg)
             self._handle(kind, data)
@@ -189,13 +190,17 @@ class Receiver:
         self._proc.join(timeout=timeout_s)
         if self._proc.is_alive():
             self._kill()
-        self._conn.close()
+        if not self._conn.closed:
+            self._conn.close()
         self.gone = True
 
     def _kill(self) -> None:
+        """End the child for good (it ignores SIGTERM: the consumer decides when it stops)."""
         if self._proc.is_alive():
-            self._proc.terminate()
+            self._proc.kill()
             self._proc.join(timeout=5)
+        self.gone = self.stopped = True
+        self._conn.close()
 
 
 def _child_main(conn: Any, params: dict[str, Any]) -> None:
@@ -246,8 +251,11 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
                     break
         except (EOFError, OSError):
             pass  # the consumer is gone: what was not acknowledged is delivered again later
-        stop.set()
-        close.set()
+        except Exception:  # noqa: BLE001 - a reader that dies silently would stall every acknowledgement
+            log.exception("intake command reader failed; closing the intake")
+        finally:
+            stop.set()
+            close.set()
 
     reader = threading.Thread(target=read_commands, name="itap-receiver-commands", daemon=True)
     reader.start()
@@ -262,10 +270,14 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
         send("stopped", None)
     except (EOFError, OSError, BrokenPipeError):
         pass  # the consumer is gone: nothing to hand over to
-    close.wait()
+    # until the consumer has sent its last acknowledgements, keep paho's thread from
+    # blocking on a full inbox (it must write those acknowledgements): what arrives now is
+    # dropped unacknowledged, and the broker delivers it again next time
+    while not close.wait(0.05):
+        inbox.drain(1 << 30, wait_s=0.0, linger_s=0.0)
+    inbox.close()
     reader.join(timeout=1.0)
-    _wait_sent(link)
-    link.stop()
+    link.stop()  # paho writes what it queued (the acknowledgements) before its thread ends
 
 
 def _quiet(send: Callable[[str, Any], None], kind: str, data: Any) -> None:
@@ -273,11 +285,3 @@ def _quiet(send: Callable[[str, Any], None], kind: str, data: Any) -> None:
         send(kind, data)
     except (OSError, ValueError):
         pass
-
-
-def _wait_sent(link: MqttLink, timeout_s: float = 2.0) -> None:
-    """Give paho's network thread a moment to write the last acknowledgements."""
-    deadline = time.monotonic() + timeout_s
-    client = link.client
-    while time.monotonic() < deadline and link.connected.is_set() and getattr(client, "_out_packet", None):
-        time.sleep(0.01)

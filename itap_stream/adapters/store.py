@@ -78,6 +78,11 @@ class Store:
             msg = f"cannot use database URL {_safe_url(url)}: {exc}"
             raise StoreError(msg) from exc
         self.dialect = self.engine.dialect.name
+        if self.dialect not in ("sqlite", "postgresql"):
+            # writes must be insert-or-ignore: a reading delivered again would otherwise fail its
+            # batch for ever
+            msg = f"database {self.dialect!r} is not supported ({_safe_url(url)}): use SQLite or PostgreSQL"
+            raise StoreError(msg)
         if self.dialect == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         md = sa.MetaData()
@@ -207,7 +212,8 @@ class Store:
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
             return pg_insert(table).on_conflict_do_nothing()
-        return table.insert()
+        msg = f"no insert-or-ignore for {self.dialect}"  # refused in __init__ already
+        raise StoreError(msg)
 
     def _rows(self, table: sa.Table, columns: Sequence[str], rows: Sequence[Any]) -> list[tuple[Any, ...]]:
         if rows and isinstance(rows[0], Mapping):
@@ -306,7 +312,7 @@ class Store:
             msg = f"store write failed ({_safe_url(self.url)}): {exc}"
             raise StoreError(msg) from exc
 
-    def recent_readings(self, window: int, max_devices: int = 100_000) -> dict[str, tuple[list[Reading], int]]:
+    def recent_readings(self, window: int) -> dict[str, tuple[list[Reading], int]]:
         """Per device: its last ``window`` stored readings (oldest first) and how many it has
         stored in all, to refill the ring buffers after a restart."""
         r = self.readings
@@ -314,7 +320,7 @@ class Store:
         try:
             with self.engine.connect() as conn:
                 counts = conn.execute(
-                    sa.select(r.c.device_id, sa.func.count()).group_by(r.c.device_id).limit(max_devices)
+                    sa.select(r.c.device_id, sa.func.count()).group_by(r.c.device_id)
                 ).all()
                 cols = [r.c.ts, r.c.state, r.c.seq, r.c.tag, r.c.label, *[r.c[n] for n in self.schema.names]]
                 for device_id, n in counts:

@@ -322,6 +322,7 @@ class Consumer:
         self.check_stale()
         self._maybe_reload()
         self.metrics.outbox.set(self.link.outbox)
+        self.metrics.unacked.set(self._to_ack - self._acked)  # set here only: one writer
         return len(msgs)
 
     # -- hot reload
@@ -445,7 +446,8 @@ class Consumer:
         cmd_prefix = self._cmd_prefix
         transitions: list[Alert] = []
         dead: list[dict[str, Any]] = []
-        for topic, payload, _t, _mid, _qos in msgs:
+        again: set[int] = set()  # readings of messages the broker marked as delivered again
+        for topic, payload, _t, _token, _qos, dup in msgs:
             if topic.startswith(cmd_prefix):
                 transitions.extend(self._command(topic[len(cmd_prefix) :], payload))
                 continue
@@ -453,6 +455,8 @@ class Consumer:
             good, bad = decode(payload, schema, device, max_bytes=max_bytes)
             if good:
                 readings.extend(good)
+                if dup:
+                    again.update(map(id, good))
             for rej in bad:
                 dead.append(self._dead_letter(topic, payload, rej))
         m.received.inc(len(readings))
@@ -460,6 +464,11 @@ class Consumer:
         m.processed.inc(len(result.accepted))
         future: set[int] = set()
         for r, reason in result.dropped:
+            if reason != "future" and id(r) in again:
+                # at least once: a copy of a reading this consumer already took, sent again by the
+                # broker after a reconnect; stored once, counted here, no dead letter
+                m.redelivered.inc()
+                continue
             dead.append(self._dead_letter(self.settings.topic("telemetry", r.device_id), _reading_json(r, schema),
                                           Rejection(reason, _DROP_DETAIL[reason], r.device_id)))
             if reason == "future":
@@ -485,13 +494,11 @@ class Consumer:
             # a crash before it means the broker delivers them again (stored once)
             ack = self.inbox.ack if isinstance(self.inbox, Receiver) else self.link.ack
             self._to_ack += len(acks)
-            m.unacked.set(self._to_ack - self._acked)
 
             def committed() -> None:
                 m.latency.observe(max(0.0, time.time() - oldest))
                 ack(acks)
                 self._acked += len(acks)
-                m.unacked.set(self._to_ack - self._acked)
 
             batch.on_commit.append(committed)
         m.outbox.set(self.link.outbox)

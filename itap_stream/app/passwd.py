@@ -128,8 +128,8 @@ def update_password_file(path: str | Path, passwords: Mapping[str, str]) -> None
             raise ConfigError(msg)
     try:
         old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    except OSError as exc:
-        msg = f"cannot read password file {path}: {exc.strerror or exc}"
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, so not a mosquitto password file
+        msg = f"cannot read password file {path}: {getattr(exc, 'strerror', None) or exc}"
         raise ConfigError(msg) from exc
     kept = [line for line in old if line.split(":", 1)[0] not in passwords]
     lines = kept + [f"{user}:{hash_password(password)}" for user, password in passwords.items()]

@@ -38,11 +38,12 @@ class Reorderer:
     [5.0]
     """
 
-    def __init__(self, tolerance_s: float) -> None:
+    def __init__(self, tolerance_s: float, max_held: int = 10_000) -> None:
         if tolerance_s < 0:
             msg = f"reorder tolerance must not be negative, got {tolerance_s}"
             raise ValueError(msg)
         self.tolerance_s = float(tolerance_s)
+        self.max_held = max_held  # per device: beyond it the oldest is released at once
         self._heaps: dict[str, list[tuple[float, int, Reading]]] = {}
         self._newest: dict[str, float] = {}  # device -> newest event time seen
         self._since: dict[str, float] = {}  # device -> service time its oldest held reading arrived
@@ -63,11 +64,14 @@ class Reorderer:
             heap = heaps.get(r.device_id)
             if heap is None:
                 heap = heaps[r.device_id] = []
-            if not heap and now is not None:
+            if not heap and now is not None and r.device_id not in self._since:
                 self._since[r.device_id] = now
             heapq.heappush(heap, (r.ts, self._n, r))
             self._n += 1
             self.held += 1
+            if len(heap) > self.max_held:  # a device whose clock stands still must not fill memory
+                out.append(heapq.heappop(heap)[2])
+                self.held -= 1
             if r.ts > newest.get(r.device_id, -float("inf")):
                 newest[r.device_id] = r.ts
             touched[r.device_id] = None
@@ -83,8 +87,8 @@ class Reorderer:
         if not heap:
             del self._heaps[device]
             self._since.pop(device, None)
-        elif now is not None:
-            self._since[device] = now
+        # otherwise the clock of the oldest wait keeps running: a device whose readings never
+        # get ``tolerance_s`` ahead (a stuck clock) is still flushed every ``tolerance_s``
 
     def expire(self, now: float) -> list[Reading]:
         """Release everything of devices whose held readings waited ``tolerance_s`` of service time."""

@@ -35,8 +35,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     "non_finite",
     "out_of_range",
 )
-#: Reasons the stream gives for readings that decoded but cannot go into the features.
-TIME_REASONS: tuple[str, ...] = ("duplicate", "late", "out_of_order", "future")
+
 
 _NAN = float("nan")
 

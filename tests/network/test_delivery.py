@@ -40,10 +40,11 @@ def test_chaos_scenario_loses_and_duplicates_nothing(name, model_file, tmp_path)
     log = (tmp_path / "consumer.log").read_text(errors="replace")[-3000:]
     assert (out.lost, out.duplicated) == (0, 0), (out, log)
     assert out.stored == out.sent == 600
-    # at least once: a fault may bring readings again; each copy is dead-lettered (duplicate, or
-    # late when it is older than the window by then) and never stored twice
-    assert out.dead_lettered == out.redelivered, out.dead_reasons
-    assert set(out.dead_reasons) <= {"duplicate", "late", "out_of_order"}
+    # at least once: a fault may bring readings again; the copies are counted as redelivered
+    # (itap_readings_redelivered_total), never stored twice and not dead letters
+    assert out.dead_lettered == 0, out.dead_reasons
+    if name.startswith("broker"):
+        assert out.redelivered > 0, out  # the messages in flight when the broker went away came again
     if name.startswith("consumer SIGTERM"):
         assert out.notes["exit_code"] == 0 and out.notes["exit_s"] < 10, out.notes
         assert out.notes["stored_at_exit"] > 0  # it drained and committed what it had before exiting
