@@ -104,6 +104,9 @@ class Receiver:
             kind, data = self._recv()
             if kind == "ready":
                 return
+            if kind == "batch":  # a backlog from our session can arrive before the SUBACK
+                self._carry.extend(data[0])
+                continue
             if kind == "error":
                 self._kill()
                 raise BrokerError(data)
@@ -231,12 +234,28 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
         session_expiry_s=params["session_expiry_s"],
         receive_max=params["receive_max"],
     )
-    try:
-        link.start()
-    except BrokerError as exc:
-        send("error", str(exc))
-        return
     stop, close = threading.Event(), threading.Event()
+
+    def forward() -> None:
+        # runs from before the connection: a broker with a backlog for our session sends it
+        # at once, ahead of the SUBACK that `link.start` waits for, and paho must not block
+        # on a full inbox meanwhile
+        try:
+            while not stop.is_set():
+                batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
+                if batch:
+                    send("batch", (batch, sum(len(m[1]) for m in batch)))
+            # forwarded messages are acknowledged once committed; the rest stay unacknowledged
+            # in the session and come again with the next connection
+            send("stopped", None)
+        except (EOFError, OSError, BrokenPipeError):
+            pass  # the consumer is gone: nothing to hand over to
+        # until the consumer has sent its last acknowledgements, keep paho's thread from
+        # blocking on a full inbox (it must write those acknowledgements): what arrives now
+        # is dropped unacknowledged, and the broker delivers it again next time
+        while not close.wait(0.05):
+            inbox.drain(1 << 30, wait_s=0.0, linger_s=0.0)
+        inbox.close()
 
     def read_commands() -> None:
         # acknowledgements arrive in commit order, which is the order of arrival
@@ -257,25 +276,20 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
             stop.set()
             close.set()
 
+    forwarder = threading.Thread(target=forward, name="itap-receiver-forward", daemon=True)
+    forwarder.start()
+    try:
+        link.start()
+    except BrokerError as exc:
+        stop.set()
+        close.set()
+        forwarder.join(timeout=1.0)
+        _quiet(send, "error", str(exc))
+        return
     reader = threading.Thread(target=read_commands, name="itap-receiver-commands", daemon=True)
     reader.start()
     send("ready", None)
-    try:
-        while not stop.is_set():
-            batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
-            if batch:
-                send("batch", (batch, sum(len(m[1]) for m in batch)))
-        # forwarded messages are acknowledged once committed; the rest stay unacknowledged
-        # in the session and come again with the next connection
-        send("stopped", None)
-    except (EOFError, OSError, BrokenPipeError):
-        pass  # the consumer is gone: nothing to hand over to
-    # until the consumer has sent its last acknowledgements, keep paho's thread from
-    # blocking on a full inbox (it must write those acknowledgements): what arrives now is
-    # dropped unacknowledged, and the broker delivers it again next time
-    while not close.wait(0.05):
-        inbox.drain(1 << 30, wait_s=0.0, linger_s=0.0)
-    inbox.close()
+    forwarder.join()  # ends once the consumer said close (or went away)
     reader.join(timeout=1.0)
     link.stop()  # paho writes what it queued (the acknowledgements) before its thread ends
 

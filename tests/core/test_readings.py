@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from itap_stream.core.readings import decode
+from itap_stream.core.readings import Reading, decode
 
 
 def _ok(**over):
@@ -71,3 +71,18 @@ def test_integer_and_string_values_take_the_slow_path_correctly(schema):
     assert not bad and good[0].values[0] == 1500.0 and good[0].ts == 1767225600.0
     _, bad = decode(json.dumps(_ok(ts=float("inf"))).encode(), schema, "D1")
     assert bad[0].reason == "bad_ts"
+
+
+def test_reorder_buffer_is_bounded_and_flushes_a_device_whose_clock_stands_still():
+    from itap_stream.core.ordering import Reorderer
+
+    ro = Reorderer(tolerance_s=2.0, max_held=50)
+    released = 0
+    for i in range(1000):  # one reading a second, all with the same (stuck) timestamp
+        released += len(ro.add([Reading("D1", 5.0, "RUN", (0.0,))], now=float(i)))
+        released += len(ro.expire(now=float(i)))
+        assert ro.held <= 3  # flushed every 2 s of service time, not held for ever
+    assert released == 1000 - ro.held
+    burst = Reorderer(tolerance_s=3600.0, max_held=50)
+    out = burst.add([Reading("D2", float(t), "RUN", (0.0,)) for t in range(200, 0, -1)], now=0.0)
+    assert burst.held == 50 and len(out) == 150  # the cap releases the oldest at once

@@ -304,3 +304,54 @@ def test_a_restarted_consumer_refills_its_windows_from_the_store(settings, start
                           [[r[n] for n in ("rpm", "temp_c", "voltage_v", "current_a", "vibration_mm_s")] for r in readings],
                           window=32, hop=4)
     assert ends == whole.end_ts.tolist()  # 43 windows, none missing after the restart, none twice
+
+
+def test_stopping_under_a_flood_of_large_payloads_neither_hangs_nor_loses(settings, start_consumer, wait, request):
+    """More in flight than the intake child's inbox holds: at stop the child must keep
+    draining (paho has to write the last acknowledgements) and exit; the next start gets
+    the rest from the session."""
+    from itap_stream.adapters.broker import start_broker
+
+    broker = start_broker("mosquitto")
+    request.addfinalizer(broker.stop)
+    st = settings.replace(receive_max=5000, broker_url=broker.url)
+    metrics = Metrics()
+    consumer = start_consumer(st, metrics)
+    child = consumer.inbox._proc  # noqa: SLF001 - the test checks the process itself
+    host, port = st.broker_url.removeprefix("mqtt://").split(":")
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"t-flood-{time.monotonic_ns()}")
+    pub.max_inflight_messages_set(1000)
+    pub.connect(host, int(port))
+    pub.loop_start()
+    t0 = time.time() - 50_000
+    infos = []
+    for k in range(1200):  # 1200 payloads of 40 readings (~9 KB each): about 11 MB
+        batch = [_reading(f"DEV-{k % 20:04d}", t0 + (k // 20) * 40 + i) for i in range(40)]
+        infos.append(pub.publish(f"itap/telemetry/DEV-{k % 20:04d}", json.dumps(batch), qos=1))
+    for info in infos:
+        info.wait_for_publish(30)
+    pub.disconnect()
+    pub.loop_stop()
+    assert wait(lambda: metrics.sample("itap_readings_received_total") > 0)
+    t_stop = time.monotonic()
+    consumer.stop()
+    child.join(20)
+    assert not child.is_alive() and time.monotonic() - t_stop < 20
+    again = Metrics()
+    start_consumer(st, again)
+    db = sqlite3.connect(st.db_url.removeprefix("sqlite:///"))
+    try:
+        assert wait(lambda: db.execute("select count(*) from readings").fetchone()[0] == 1200 * 40, 60), (
+            broker.directory / "mosquitto.log").read_text()[-2000:]
+    finally:
+        db.close()
+
+
+def test_qos_2_and_a_client_certificate_without_tls_are_refused():
+    from itap_stream.config import Settings
+    from itap_stream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="qos must be 1"):
+        Settings(qos=2)
+    with pytest.raises(ConfigError, match="TLS is off"):
+        Settings(tls_cert="/etc/client.crt", tls_key="/etc/client.key").broker_auth()
