@@ -305,7 +305,7 @@ class Consumer:
             self.writer.flush()
         finally:
             if isinstance(self.inbox, Receiver):
-                self.inbox.close(timeout_s=2.0)
+                self.inbox.close(timeout_s=5.0)
             if self.webhook is not None:
                 self.webhook.close()
             self.link.stop(final=self._offline)
