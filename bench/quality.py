@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=12)
     p.add_argument("--hours", type=float, default=4.0)
     p.add_argument("--seeds", default=",".join(map(str, EVAL_SEEDS)))
-    p.add_argument("--detectors", default=",".join(DETECTORS), help="comma list (default: all)")
+    p.add_argument("--detectors", default=",".join(d for d in DETECTORS if d != "auto"),
+                   help="comma list (default: all; auto is isolation_forest on this fleet's hours of data)")
     p.add_argument("--out", default=str(ROOT / "bench" / "quality.json"))
     args = p.parse_args(argv)
     settings = load(ROOT / "configs" / "itap.yaml", environ={})
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[quality] {name} seed {seed}: F1 {r['f1']:.3f}, recall by fault {r['recall_by_fault']}", file=sys.stderr)
             runs.append(r)
         med = _median(runs)
-        label = name + (" (default)" if name == settings.detector else "")
+        # the default `auto` is the forest for hours of multi-state data like this fleet's
+        default = "isolation_forest" if settings.detector == "auto" else settings.detector
+        label = name + (" (default)" if name == default else "")
         results[label] = {"median": med, "met": _met(med), "runs": runs, "wall_s": round(time.perf_counter() - t1, 1)}
     print(table(results))
     default = next(k for k in results if k.endswith("(default)")) if any(k.endswith("(default)") for k in results) else None

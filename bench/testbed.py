@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=20261126)
     p.add_argument("--profile", choices=sorted(PROFILES), default="published",
                    help="published: calibrated to the published baseline (default); harsh: clear faults, strong warm-up")
-    p.add_argument("--detectors", default="isolation_forest,pca,hst,ensemble",
+    p.add_argument("--detectors", default="auto,isolation_forest,pca,hst,ensemble",
                    help="comma list, passed as `itap train --detector NAME` (default: all)")
     p.add_argument("--train-args", default="", help="extra `itap train` arguments (one string)")
     p.add_argument("--score-args", default="", help="extra `itap score` arguments (one string)")

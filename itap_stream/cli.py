@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", help="sensor schema YAML (default: configured sensors_file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--detector", help="isolation_forest (default), pca (Hotelling T² + SPE chart), hst (river Half-Space Trees) "
-        "or ensemble (env ITAP_DETECTOR, config detector)",
+        "--detector", help="auto (default: isolation_forest, or a mean-shift chart for a short recording), "
+        "isolation_forest, pca (Hotelling T² + SPE chart), hst (river Half-Space Trees) or ensemble "
+        "(env ITAP_DETECTOR, config detector)",
     )
     p.add_argument("--quantile", type=float, help="threshold: this quantile of held-out normal scores (config threshold_quantile)")
     p.add_argument(
@@ -411,8 +412,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"({report.train_windows:,} fit, {report.calibration_windows:,} calibration), {report.start} .. {report.end}\n"
         f"detector {manifest['detector']}"
         + (
-            f" on {report.features_used} of {report.features} features (short training: level, spread and "
-            "dropouts of each signal)" if report.features_used < report.features else ""
+            f" on {report.features_used} of {report.features} features (short training: "
+            + ("the level of each signal, one operating state)" if manifest["detector"] == "meanshift"
+               else "level, spread and dropouts of each signal)")
+            if report.features_used < report.features else ""
         )
         + f"; threshold {report.threshold:.4f} ({report.threshold_by}); "
         f"model written to {settings.model_path} (sha256 {manifest['sha256'][:12]}…)"

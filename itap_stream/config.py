@@ -51,7 +51,7 @@ class Settings:
     alarm_k: int = 3
     alarm_n: int = 4
     intake: str = "process"
-    detector: str = "isolation_forest"
+    detector: str = "auto"
     recall_target: float | None = None
     drift_delta: float = 0.002
     stale_after: float = 300.0

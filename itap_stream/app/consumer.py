@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 LOG_EVERY_S = 10.0
 #: A micro-batch ends once its payloads reach this size (array payloads carry many readings).
 BATCH_MAX_BYTES = 1 << 20
+#: At stop, seconds spent processing what intake had handed over (the rest is delivered again).
+STOP_BUDGET_S = 4.0
 #: Pause before a crashed intake process is replaced.
 INTAKE_RESTART_DELAY_S = 1.0
 
@@ -298,7 +300,13 @@ class Consumer:
             else:
                 n = len(self.inbox)  # what arrived so far; later messages stay unacknowledged
                 rest = self.inbox.drain(n, wait_s=0.0, linger_s=0.0) if n else []
+            # what does not fit in the budget stays unacknowledged: the broker delivers it
+            # again to the next start, so a large hand-over cannot hold up the exit
+            deadline = time.monotonic() + STOP_BUDGET_S
             for i in range(0, len(rest), self.settings.batch_max):
+                if time.monotonic() > deadline:
+                    log.info("stopping: %d handed-over messages left to the broker's session", len(rest) - i)
+                    break
                 self.process_messages(rest[i : i + self.settings.batch_max])
             if self.processor.held:
                 self.process_messages([], flush=True)

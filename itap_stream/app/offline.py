@@ -18,14 +18,20 @@ import pandas as pd
 from itap_stream.adapters import artifacts
 from itap_stream.core.aggregate import summarize
 from itap_stream.core.batch import BatchWindows, batch_windows, frame_to_arrays
-from itap_stream.core.detectors import ColumnsDetector, make_detector
+from itap_stream.core.detectors import (
+    ColumnsDetector,
+    MeanShiftDetector,
+    canonical_name,
+    level_standard_errors,
+    make_detector,
+)
 from itap_stream.core.drift import DriftMonitor
 from itap_stream.core.features import feature_names
 from itap_stream.core.model import Artifact, TrainStats
 from itap_stream.core.pipeline import TableResult, check_compatible, score_table
 from itap_stream.core.quality import choose_threshold
 from itap_stream.core.rules import RuleEngine, iso
-from itap_stream.core.schema import SensorSchema
+from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import DataError
 
 __all__ = ["ScoreReport", "TrainReport", "row_decisions", "score_frame", "train_from_frame", "windows_of_frame", "write_score_outputs"]
@@ -68,6 +74,22 @@ def windows_of_frame(
     )
 
 
+def _normal_segments(df: pd.DataFrame, schema: SensorSchema) -> list[Any]:
+    """Each device's normal readings (RUN/IDLE, no label) in time order, as ``(n, signals)`` arrays."""
+    a = frame_to_arrays(df, schema)
+    labels = a["labels"]
+    normal = np.asarray(a["states"]) != STATES.index("MAINT")
+    if labels is not None:
+        normal &= np.array([not (isinstance(x, str) and x) for x in labels], dtype=bool)
+    out = []
+    dev = np.asarray(a["device_ids"], dtype=object)
+    ts = np.asarray(a["ts"], dtype=np.float64)
+    for d in pd.unique(dev[normal]):
+        rows = np.flatnonzero(normal & (dev == d))
+        out.append(np.asarray(a["values"], dtype=np.float64)[rows[np.argsort(ts[rows], kind="stable")]])
+    return out
+
+
 def train_from_frame(
     df: pd.DataFrame,
     schema: SensorSchema,
@@ -77,7 +99,7 @@ def train_from_frame(
     quantile: float = 0.999,
     calibration_frac: float = 0.2,
     seed: int = 0,
-    detector: str = "isolation_forest",
+    detector: str = "auto",
     alarm_k: int = 3,
     alarm_n: int = 4,
     recall_target: float | None = None,
@@ -119,15 +141,32 @@ def train_from_frame(
     features_used = len(names)
     if len(fit_idx) < SAMPLES_PER_FEATURE * len(names):
         # few windows for many features (a short recording): fit on what they can estimate
-        cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
-        det = ColumnsDetector(det, cols)
+        states = set(df["state"][df["state"] != "MAINT"].astype(str)) if "state" in df else {"RUN"}
+        if canonical_name(detector) == "auto" and len(states) == 1:
+            # one operating state (a test rig at its working point): the level of each signal
+            # and its noise, from the readings themselves; with several states (RUN and IDLE
+            # levels differ) a few hundred readings cannot say where each state sits
+            cols = [names.index(f"{sig}_mean") for sig in schema.names]
+            det = MeanShiftDetector(cols, level_standard_errors(_normal_segments(df, schema), window))
+        else:
+            cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
+            det = ColumnsDetector(det, cols)
         features_used = len(cols)
+    if isinstance(det, MeanShiftDetector):
+        # its limit comes from the chi-square distribution, not from held-out windows: the
+        # level is best estimated from every normal window
+        fit_idx = idx
+        X_fit = bw.features[fit_idx]
     say(f"fitting {det.name} on {len(fit_idx):,} windows ({features_used} features) ...")
     det.fit(X_fit)
-    say(f"calibrating the threshold on {len(cal_idx):,} held-out windows ...")
+    if isinstance(det, MeanShiftDetector):
+        say("setting the chart's chi-square limit ...")
+    else:
+        say(f"calibrating the threshold on {len(cal_idx):,} held-out windows ...")
     threshold = det.calibrate(bw.features[cal_idx], quantile)
     cal_scores = np.sort(det.score(bw.features[cal_idx]))
-    threshold_by = f"quantile {quantile} of held-out normal scores"
+    threshold_by = (f"chi-square limit of the mean-shift chart (tail {(1 - quantile) / 10:g})"
+                    if isinstance(det, MeanShiftDetector) else f"quantile {quantile} of held-out normal scores")
     sweep: list[dict[str, float]] = []
     faulty = np.flatnonzero(bw.any_label & ~bw.any_maint)
     if len(faulty):

@@ -15,7 +15,12 @@ pca                multivariate control chart: Hotelling T² and Q (SPE) on a
 hst                river's online Half-Space Trees
 ensemble           the mean of the members' scores, each divided by its own
                    calibrated threshold
+auto               isolation_forest; for a short recording (fewer than 10
+                   training windows per feature) the mean-shift chart below
 =================  ==========================================================
+
+`MeanShiftDetector` (reported as ``meanshift``) is what ``auto`` trains on a short
+recording, such as the 400 normal readings at the start of a test-bed run.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ __all__ = [
     "ColumnsDetector",
     "EnsembleDetector",
     "HalfSpaceTreesDetector",
+    "MeanShiftDetector",
     "PCADetector",
     "canonical_name",
+    "level_standard_errors",
     "make_detector",
     "robust_scale",
 ]
@@ -322,8 +329,91 @@ class ColumnsDetector:
         return float(self.inner.calibrate(np.asarray(X, dtype=np.float64)[:, self.columns], quantile))
 
 
+def level_standard_errors(segments: list[Array], window: int) -> Array:
+    """Standard error of a ``window``-reading mean, per signal, from normal readings.
+
+    Readings of industrial signals are autocorrelated: a window mean varies more than
+    ``std / sqrt(window)``. Under an AR(1) model with lag-1 autocorrelation ``phi`` the
+    variance of the mean is ``std² (1 + phi) / ((1 - phi) window)``; ``phi`` is pooled
+    over ``segments`` (one array of readings ``(n, signals)`` per device, in time order),
+    clipped to [0, 0.95], and the result floored like `robust_scale`.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> white = rng.normal(size=(4000, 1))
+    >>> round(float(level_standard_errors([white], 16)[0]), 2)  # 1 / sqrt(16)
+    0.25
+    """
+    rows = [np.asarray(x, dtype=np.float64) for x in segments if len(x) > 1]
+    if not rows:
+        msg = "need at least two readings of one device to estimate the noise of its signals"
+        raise ValueError(msg)
+    d = rows[0].shape[1]
+    centred = [x - np.nanmean(x, axis=0) for x in rows]
+    var = np.nanmean(np.concatenate([c * c for c in centred]), axis=0)
+    lag = np.nanmean(np.concatenate([c[1:] * c[:-1] for c in centred]), axis=0)
+    var = np.nan_to_num(var, nan=0.0)
+    phi = np.clip(np.nan_to_num(lag / np.where(var > 0, var, 1.0), nan=0.0), 0.0, 0.95)
+    se = np.sqrt(var * (1 + phi) / ((1 - phi) * window))
+    magnitude = np.nan_to_num(np.nanmean(np.abs(np.concatenate(rows)), axis=0), nan=0.0)
+    return np.maximum(se, np.maximum(0.01 * magnitude / np.sqrt(window), 1e-6)).reshape(d)
+
+
+class MeanShiftDetector:
+    """A multivariate Shewhart chart on the window means, for short recordings.
+
+    A few hundred readings give too few windows to learn the shape of normal operation,
+    but enough to know each signal's level and noise. The score is the root mean square,
+    over the signals, of ``(window mean - training level) / standard error`` with the
+    standard error from `level_standard_errors` (autocorrelation included), so under
+    normal operation ``signals * score²`` follows a chi-square distribution with one
+    degree of freedom per signal. The limit comes from that distribution, not from a
+    handful of held-out windows: the chi-square quantile at a tail ten times thinner than
+    the configured quantile's (the level itself is estimated from the same few hundred
+    readings). Dropouts (NaN means) are left out of the mean square.
+
+    Examples
+    --------
+    >>> det = MeanShiftDetector([0, 1], np.array([0.5, 2.0]))
+    >>> det.fit(np.array([[10.0, 100.0, 7.0], [10.0, 100.0, 9.0]]))
+    >>> det.score(np.array([[10.0, 100.0, 0.0], [11.0, 100.0, 0.0], [10.0, np.nan, 0.0]])).tolist()
+    [0.0, 1.4142135623730951, 0.0]
+    >>> round(det.calibrate(np.zeros((1, 3)), 0.999), 3)  # sqrt(chi2(0.9999, 2) / 2)
+    3.035
+    """
+
+    name = "meanshift"
+
+    def __init__(self, columns: list[int], standard_errors: Array) -> None:
+        self.columns = np.asarray(columns, dtype=np.intp)
+        self.se = np.asarray(standard_errors, dtype=np.float64)
+        if len(self.columns) != len(self.se) or not len(self.columns):
+            msg = "the mean-shift chart needs one standard error per level column"
+            raise ConfigError(msg)
+        self.centre = np.zeros(len(self.columns))
+
+    def fit(self, X: Array) -> None:
+        levels = np.asarray(X, dtype=np.float64)[:, self.columns]
+        with np.errstate(invalid="ignore"):
+            self.centre = np.nan_to_num(np.nanmean(levels, axis=0), nan=0.0)
+
+    def score(self, X: Array) -> Array:
+        z = (np.asarray(X, dtype=np.float64)[:, self.columns] - self.centre) / self.se
+        seen = ~np.isnan(z)
+        n = seen.sum(axis=1)
+        total = np.where(seen, z * z, 0.0).sum(axis=1)
+        return np.sqrt(np.divide(total, n, out=np.zeros(len(z)), where=n > 0))
+
+    def calibrate(self, X: Array, quantile: float) -> float:
+        from scipy.stats import chi2
+
+        d = len(self.columns)
+        return float(np.sqrt(chi2.ppf(1.0 - (1.0 - quantile) / 10.0, d) / d))
+
+
 #: Detector names accepted in config (``detector:``) and by ``itap train --detector``.
-DETECTORS = ("isolation_forest", "pca", "hst", "ensemble")
+DETECTORS = ("auto", "isolation_forest", "pca", "hst", "ensemble")
 _ALIASES = {"iforest": "isolation_forest", "if": "isolation_forest", "half_space_trees": "hst",
             "pca_t2_spe": "pca", "t2": "pca"}
 
@@ -348,15 +438,15 @@ def make_detector(name: str, *, seed: int = 0) -> Detector:
 
     Examples
     --------
-    >>> make_detector("pca").name, make_detector("iforest").name
-    ('pca', 'isolation_forest')
+    >>> make_detector("pca").name, make_detector("iforest").name, make_detector("auto").name
+    ('pca', 'isolation_forest', 'isolation_forest')
     >>> make_detector("svm")
     Traceback (most recent call last):
     ...
-    itap_stream.errors.ConfigError: unknown detector 'svm'; choose one of isolation_forest, pca, hst, ensemble
+    itap_stream.errors.ConfigError: unknown detector 'svm'; choose one of auto, isolation_forest, pca, hst, ensemble
     """
     key = canonical_name(name)
-    if key == "isolation_forest":
+    if key in ("isolation_forest", "auto"):  # `train_from_frame` decides what auto means for its data
         return IsolationForestDetector(seed=seed)
     if key == "pca":
         return PCADetector(seed=seed)

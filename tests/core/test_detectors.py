@@ -55,7 +55,7 @@ def test_saved_and_reloaded_models_give_identical_scores(models, fleet_windows, 
     bw, _ = fleet_windows
     path = tmp_path / f"{name}.joblib"
     manifest = artifacts.save(models[name], path)
-    assert manifest["detector"] == name
+    assert manifest["detector"] == ("isolation_forest" if name == "auto" else name)  # auto on a long recording
     again = artifacts.load(path)
     np.testing.assert_array_equal(again.detector.score(bw.features), models[name].detector.score(bw.features))
     assert again.threshold == models[name].threshold
@@ -89,7 +89,7 @@ def test_pca_limits_are_the_held_out_quantiles_of_t2_and_q():
 
 
 def test_unknown_detector_is_a_clear_error():
-    with pytest.raises(ConfigError, match="unknown detector 'svm'; choose one of isolation_forest, pca, hst, ensemble"):
+    with pytest.raises(ConfigError, match="unknown detector 'svm'; choose one of auto, isolation_forest, pca, hst, ensemble"):
         make_detector("svm")
 
 
@@ -188,7 +188,7 @@ def test_a_short_recording_fits_the_detector_on_the_compact_features(schema, tmp
     from itap_stream.core.features import feature_names
 
     short = simulate(1, 400.0, seed=31, maint=False).to_frame()  # 93 windows for 52 features
-    art, rep = train_from_frame(short, schema, window=32, hop=4)
+    art, rep = train_from_frame(short, schema, window=32, hop=4, detector="isolation_forest")
     names = feature_names(schema)
     assert isinstance(art.detector, ColumnsDetector) and art.detector.name == "isolation_forest"
     assert [names[i] for i in art.detector.columns] == [n for n in names if n.endswith(COMPACT_SUFFIXES)]
@@ -202,3 +202,68 @@ def test_a_short_recording_fits_the_detector_on_the_compact_features(schema, tmp
     # a long one keeps every feature
     long_art, long_rep = train_from_frame(simulate(2, 3600.0, seed=33, maint=False).to_frame(), schema, window=32, hop=4)
     assert not isinstance(long_art.detector, ColumnsDetector) and long_rep.features_used == len(names)
+
+
+def test_by_default_a_short_recording_of_one_state_gets_the_mean_shift_chart(tmp_path):
+    """400 readings of a test rig at its working point: each signal's level and its
+    (autocorrelated) noise, and a chi-square limit; a valve fault stands out."""
+    import yaml
+    from scipy.stats import chi2
+
+    from bench.testbed import SETS, make_run, schema_yaml
+    from itap_stream.adapters.csvio import read_readings as frame_from_csv
+    from itap_stream.core.detectors import MeanShiftDetector, level_standard_errors
+    from itap_stream.core.features import feature_names
+    from itap_stream.core.schema import SensorSchema
+
+    frame, truth, _info = make_run(np.random.default_rng(11), "pump8", "valve")
+    schema = SensorSchema.from_dict(yaml.safe_load(schema_yaml("pump8")))
+    frame.iloc[:400].to_csv(tmp_path / "train.csv", sep=";", index=False)
+    frame.iloc[400:].to_csv(tmp_path / "test.csv", sep=";", index=False)
+    train = frame_from_csv(tmp_path / "train.csv", schema)
+    art, rep = train_from_frame(train, schema, window=32, hop=4)  # detector "auto"
+    det = art.detector
+    names = feature_names(schema)
+    assert isinstance(det, MeanShiftDetector) and det.name == "meanshift"
+    assert [names[i] for i in det.columns] == [f"{n}_mean" for n in schema.names]
+    d = len(SETS["pump8"])
+    assert art.threshold == pytest.approx(np.sqrt(chi2.ppf(1 - (1 - 0.999) / 10, d) / d))
+    np.testing.assert_allclose(det.se, level_standard_errors([train.sort_values("ts")[list(schema.names)].to_numpy(float)], 32))
+    bw = windows_of_frame(train, schema, 32, 4)
+    np.testing.assert_allclose(det.centre, bw.features[:, det.columns].mean(axis=0))  # every normal window
+    tb = windows_of_frame(frame_from_csv(tmp_path / "test.csv", schema), schema, 32, 4)
+    faulty = truth[400:][tb.end_row]  # the window's closing reading is inside the fault
+    scores = det.score(tb.features)
+    assert roc_auc(scores, faulty) > 0.9
+    hit, false = (scores[faulty] >= art.threshold).mean(), (scores[~faulty] >= art.threshold).mean()
+    assert hit > 0.8 and hit > 2 * false, (hit, false)  # the rig drifts a little after the valve reopens
+    path = tmp_path / "short.joblib"
+    assert artifacts.save(art, path)["detector"] == "meanshift"
+    np.testing.assert_array_equal(artifacts.load(path).detector.score(tb.features), scores)
+    assert rep.features_used == d
+
+
+def test_a_short_recording_of_several_states_keeps_the_forest(schema):
+    from itap_stream.core.detectors import ColumnsDetector
+
+    short = simulate(1, 400.0, seed=41, maint=False).to_frame()  # RUN and IDLE: levels differ by state
+    assert set(short["state"]) == {"RUN", "IDLE"}
+    art, _ = train_from_frame(short, schema, window=32, hop=4)
+    assert isinstance(art.detector, ColumnsDetector) and art.detector.name == "isolation_forest"
+
+
+def test_level_standard_errors_account_for_autocorrelation():
+    from itap_stream.core.detectors import level_standard_errors
+
+    rng = np.random.default_rng(5)
+    phi, n = 0.8, 200_000
+    e = rng.normal(size=n) * np.sqrt(1 - phi**2)
+    x = np.empty(n)
+    x[0] = 0.0
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + e[i]
+    se = level_standard_errors([x[:, None]], 32)[0]
+    # unit variance, AR(1) 0.8: sqrt((1 + 0.8) / (0.2 * 32)) = 0.53, twice the white-noise 1/sqrt(32)
+    assert se == pytest.approx(np.sqrt(1.8 / (0.2 * 32)), rel=0.03)
+    means = x[: n // 32 * 32].reshape(-1, 32).mean(axis=1)
+    assert se == pytest.approx(means.std(), rel=0.1)  # what window means really scatter by
