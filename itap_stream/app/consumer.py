@@ -314,6 +314,8 @@ class Consumer:
         finally:
             if isinstance(self.inbox, Receiver):
                 self.inbox.close(timeout_s=5.0)
+            else:
+                self.inbox.close()  # paho's thread must not block on a full inbox while it disconnects
             if self.webhook is not None:
                 self.webhook.close()
             self.link.stop(final=self._offline)
