@@ -343,7 +343,7 @@ SCENARIOS: dict[str, Callable[[Bed], dict[str, Any]]] = {
 
 def run_scenario(name: str, model_path: str | Path, *, devices: int = 10, per_device: int = 200,
                  rate: float = 800.0, quick: bool = False, receive_max: int = 500,
-                 workdir: Path | None = None) -> Outcome:
+                 workdir: Path | None = None, intake: str = "process") -> Outcome:
     """Run one scenario from `SCENARIOS` on a fresh broker, consumer and store."""
     tmp = tempfile.TemporaryDirectory(prefix="itap-chaos-") if workdir is None else None
     work = Path(tmp.name) if tmp is not None else workdir
@@ -359,6 +359,7 @@ def run_scenario(name: str, model_path: str | Path, *, devices: int = 10, per_de
         "ITAP_CLIENT_ID": f"itap-chaos-{time.monotonic_ns()}",
         "ITAP_HTTP_ADDR": f"127.0.0.1:{http_port}",
         "ITAP_RECEIVE_MAX": str(receive_max),
+        "ITAP_INTAKE": intake,
         "ITAP_LOG_LEVEL": "INFO",
     }
     consumer = ConsumerProc(env, work / "consumer.log")

@@ -57,6 +57,14 @@ def test_chaos_scenario_loses_and_duplicates_nothing(name, model_file, tmp_path)
         assert 0 < out.notes["peak_unacked"] <= RECEIVE_MAX, out.notes
 
 
+@pytest.mark.parametrize("name", ["consumer kill -9 mid-stream", "broker SIGTERM + restart under load"])
+def test_the_thread_intake_gives_the_same_guarantees(name, model_file, tmp_path):
+    out = run_scenario(name, model_file, devices=5, per_device=120, rate=600.0, receive_max=RECEIVE_MAX,
+                       workdir=tmp_path, intake="thread")
+    assert (out.lost, out.duplicated, out.dead_lettered) == (0, 0, 0), out
+    assert out.stored == out.sent == 600
+
+
 def _reading(device, ts, **over):
     obj = {"device_id": device, "ts": ts, "state": "RUN", "rpm": 1500.0, "temp_c": 60.0, "voltage_v": 230.0,
            "current_a": 10.0, "vibration_mm_s": 2.0}
