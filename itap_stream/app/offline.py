@@ -22,6 +22,7 @@ from itap_stream.core.detectors import (
     ColumnsDetector,
     MeanShiftDetector,
     canonical_name,
+    level_correlation,
     level_standard_errors,
     make_detector,
 )
@@ -147,7 +148,8 @@ def train_from_frame(
             # and its noise, from the readings themselves; with several states (RUN and IDLE
             # levels differ) a few hundred readings cannot say where each state sits
             cols = [names.index(f"{sig}_mean") for sig in schema.names]
-            det = MeanShiftDetector(cols, level_standard_errors(_normal_segments(df, schema), window))
+            segments = _normal_segments(df, schema)
+            det = MeanShiftDetector(cols, level_standard_errors(segments, window), level_correlation(segments))
         else:
             cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
             det = ColumnsDetector(det, cols)

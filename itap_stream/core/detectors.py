@@ -41,6 +41,7 @@ __all__ = [
     "MeanShiftDetector",
     "PCADetector",
     "canonical_name",
+    "level_correlation",
     "level_standard_errors",
     "make_detector",
     "robust_scale",
@@ -360,15 +361,47 @@ def level_standard_errors(segments: list[Array], window: int) -> Array:
     return np.maximum(se, np.maximum(0.01 * magnitude / np.sqrt(window), 1e-6)).reshape(d)
 
 
+def level_correlation(segments: list[Array], shrink: float = 0.1) -> Array:
+    """Correlation of the signals' readings (pooled over ``segments``, each centred on its
+    own mean), shrunk ``shrink`` of the way to the identity so that a few hundred readings
+    give a well-conditioned matrix. Signals that never varied are uncorrelated.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> a = rng.normal(size=2000)
+    >>> r = level_correlation([np.column_stack([a, a + 0.1 * rng.normal(size=2000), np.zeros(2000)])], shrink=0.0)
+    >>> np.round(r, 2).tolist()
+    [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    rows = np.concatenate([np.asarray(x, dtype=np.float64) - np.nanmean(np.asarray(x, dtype=np.float64), axis=0)
+                           for x in segments if len(x) > 1])
+    rows = rows[~np.isnan(rows).any(axis=1)]
+    d = rows.shape[1]
+    if len(rows) < d + 2:
+        return np.eye(d)
+    sd = rows.std(axis=0)
+    live = sd > 0
+    r = np.eye(d)
+    if live.sum() > 1:
+        z = rows[:, live] / sd[live]
+        r[np.ix_(live, live)] = (z.T @ z) / len(z)
+    np.fill_diagonal(r, 1.0)
+    return (1.0 - shrink) * r + shrink * np.eye(d)
+
+
 class MeanShiftDetector:
     """A multivariate Shewhart chart on the window means, for short recordings.
 
     A few hundred readings give too few windows to learn the shape of normal operation,
-    but enough to know each signal's level and noise. The score is the root mean square,
-    over the signals, of ``(window mean - training level) / standard error`` with the
-    standard error from `level_standard_errors` (autocorrelation included), so under
-    normal operation ``signals * score²`` follows a chi-square distribution with one
-    degree of freedom per signal. The limit comes from that distribution, not from a
+    but enough to know each signal's level, noise and how the signals move together. With
+    ``z = (window mean - training level) / standard error`` per signal (standard error from
+    `level_standard_errors`, autocorrelation included) and ``R`` the signals' correlation
+    (`level_correlation`; the identity when not given), the score is Hotelling's
+    ``sqrt(z' R⁻¹ z / signals)``: a load swing that moves flow, pressure and current
+    together counts less than the same deviations breaking that pattern. Under normal
+    operation ``signals * score²`` follows a chi-square distribution with one degree of
+    freedom per signal. The limit comes from that distribution, not from a
     handful of held-out windows: the chi-square quantile at a tail ten times thinner than
     the configured quantile's (the level itself is estimated from the same few hundred
     readings). Dropouts (NaN means) are left out of the mean square.
@@ -379,19 +412,29 @@ class MeanShiftDetector:
     >>> det.fit(np.array([[10.0, 100.0, 7.0], [10.0, 100.0, 9.0]]))
     >>> det.score(np.array([[10.0, 100.0, 0.0], [11.0, 100.0, 0.0], [10.0, np.nan, 0.0]])).tolist()
     [0.0, 1.4142135623730951, 0.0]
+    >>> tied = MeanShiftDetector([0, 1], np.array([1.0, 1.0]), np.array([[1.0, 0.9], [0.9, 1.0]]))
+    >>> tied.fit(np.zeros((1, 2)))
+    >>> np.round(tied.score(np.array([[2.0, 2.0], [2.0, -2.0]])), 2).tolist()  # with the pattern, against it
+    [1.45, 6.32]
     >>> round(det.calibrate(np.zeros((1, 3)), 0.999), 3)  # sqrt(chi2(0.9999, 2) / 2)
     3.035
     """
 
     name = "meanshift"
 
-    def __init__(self, columns: list[int], standard_errors: Array) -> None:
+    def __init__(self, columns: list[int], standard_errors: Array, correlation: Array | None = None) -> None:
         self.columns = np.asarray(columns, dtype=np.intp)
         self.se = np.asarray(standard_errors, dtype=np.float64)
-        if len(self.columns) != len(self.se) or not len(self.columns):
+        d = len(self.columns)
+        if len(self.se) != d or not d:
             msg = "the mean-shift chart needs one standard error per level column"
             raise ConfigError(msg)
-        self.centre = np.zeros(len(self.columns))
+        corr = np.eye(d) if correlation is None else np.asarray(correlation, dtype=np.float64)
+        if corr.shape != (d, d):
+            msg = "the mean-shift chart's correlation matrix must be signals x signals"
+            raise ConfigError(msg)
+        self.precision = np.linalg.inv(corr)
+        self.centre = np.zeros(d)
 
     def fit(self, X: Array) -> None:
         levels = np.asarray(X, dtype=np.float64)[:, self.columns]
@@ -400,10 +443,9 @@ class MeanShiftDetector:
 
     def score(self, X: Array) -> Array:
         z = (np.asarray(X, dtype=np.float64)[:, self.columns] - self.centre) / self.se
-        seen = ~np.isnan(z)
-        n = seen.sum(axis=1)
-        total = np.where(seen, z * z, 0.0).sum(axis=1)
-        return np.sqrt(np.divide(total, n, out=np.zeros(len(z)), where=n > 0))
+        z = np.nan_to_num(z, nan=0.0)  # a dropped-out signal counts as at its level
+        t2 = np.einsum("ij,jk,ik->i", z, self.precision, z)
+        return np.sqrt(np.maximum(t2, 0.0) / len(self.columns))
 
     def calibrate(self, X: Array, quantile: float) -> float:
         from scipy.stats import chi2

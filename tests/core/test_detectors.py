@@ -212,7 +212,7 @@ def test_by_default_a_short_recording_of_one_state_gets_the_mean_shift_chart(tmp
 
     from bench.testbed import SETS, make_run, schema_yaml
     from itap_stream.adapters.csvio import read_readings as frame_from_csv
-    from itap_stream.core.detectors import MeanShiftDetector, level_standard_errors
+    from itap_stream.core.detectors import MeanShiftDetector, level_correlation, level_standard_errors
     from itap_stream.core.features import feature_names
     from itap_stream.core.schema import SensorSchema
 
@@ -228,7 +228,9 @@ def test_by_default_a_short_recording_of_one_state_gets_the_mean_shift_chart(tmp
     assert [names[i] for i in det.columns] == [f"{n}_mean" for n in schema.names]
     d = len(SETS["pump8"])
     assert art.threshold == pytest.approx(np.sqrt(chi2.ppf(1 - (1 - 0.999) / 10, d) / d))
-    np.testing.assert_allclose(det.se, level_standard_errors([train.sort_values("ts")[list(schema.names)].to_numpy(float)], 32))
+    readings = train.sort_values("ts")[list(schema.names)].to_numpy(float)
+    np.testing.assert_allclose(det.se, level_standard_errors([readings], 32))
+    np.testing.assert_allclose(det.precision, np.linalg.inv(level_correlation([readings])))  # Hotelling's T²
     bw = windows_of_frame(train, schema, 32, 4)
     np.testing.assert_allclose(det.centre, bw.features[:, det.columns].mean(axis=0))  # every normal window
     tb = windows_of_frame(frame_from_csv(tmp_path / "test.csv", schema), schema, 32, 4)
