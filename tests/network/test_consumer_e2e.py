@@ -9,6 +9,7 @@ import time
 
 import paho.mqtt.client as paho
 import pytest
+from conftest import _wait_for
 
 from itap_stream.adapters.metrics import Metrics
 from itap_stream.app.service import build_consumer
@@ -59,13 +60,7 @@ def _run_through(settings, sim, client_id, metrics=None):
     return sent, metrics
 
 
-def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
+_wait = _wait_for  # the polling helper of tests/conftest.py
 
 
 @pytest.mark.parametrize("intake", ["process", "thread"])

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import _wait_for
 
 from itap_stream.adapters.broker import BrokerHandle, start_broker
 from itap_stream.adapters.mqtt import BrokerAuth, connect_client
@@ -144,13 +145,7 @@ def _publish(url: str, auth: BrokerAuth, *messages: tuple[str, str]) -> None:
         client.loop_stop()
 
 
-def _wait(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
+_wait = _wait_for  # the polling helper of tests/conftest.py
 
 
 def test_anonymous_unknown_and_wrong_password_are_refused_the_right_one_connects(secured):
