@@ -50,7 +50,19 @@ from itap_stream.cli import main as itap
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"f1": 0.78, "far": 0.20}
 N_TRAIN = 400
-REFERENCES = ("always anomaly", "raw IsolationForest")  # rows of the table that are not itap
+REFERENCES = ("always anomaly", "raw IsolationForest", "point-wise T²")  # rows of the table that are not itap
+#: The public SKAB leaderboard (outlier detection; F1, FAR %, MAR %) and the corpus it was
+#: computed on (v0.9: 34 files, 37 401 readings, 13 067 of them anomalous, training on each
+#: file's first 400 readings). `published_on_test_parts` converts it to the judges' protocol.
+LEADERBOARD: dict[str, tuple[float, float, float]] = {
+    "Conv-AE": (0.79, 13.69, 17.77),
+    "MSET": (0.73, 20.82, 20.08),
+    "LSTM-AE": (0.68, 14.24, 35.56),
+    "T-squared+Q (PCA)": (0.67, 13.95, 36.32),
+    "T-squared": (0.56, 12.14, 52.56),
+    "Isolation forest": (0.40, 6.86, 72.09),
+}
+CORPUS = {"files": 34, "readings": 37401, "anomalous": 13067}
 FAULTS = ("valve", "imbalance", "cavitation", "leak", "fluid", "friction")
 # role: (column, schema name, family, unit, level lo, level hi, noise std, AR phi, quantum, min, max)
 SETS: dict[str, dict[str, tuple]] = {
@@ -252,6 +264,53 @@ def raw_iforest(frame: pd.DataFrame, sensor_set: str, truth: np.ndarray) -> dict
     return counts(pred, truth[N_TRAIN:])
 
 
+def pointwise_t2(frame: pd.DataFrame, sensor_set: str, truth: np.ndarray) -> dict[str, Any]:
+    """The leaderboard's "T-squared" entry as published: Hotelling's T² of each standardised
+    reading against the first 400, a running median of 5, alarm above twice the F-based
+    upper control limit at 0.999. A calibration point: on the real test bed it scored F1 0.56."""
+    from scipy.stats import f as f_dist
+
+    cols = [v[0] for v in SETS[sensor_set].values()]
+    x = frame[cols].to_numpy(dtype=float)
+    train = x[:N_TRAIN]
+    mu, sd = train.mean(0), train.std(0) + 1e-12
+    z, zt = (x - mu) / sd, (train - mu) / sd
+    precision = np.linalg.pinv(np.cov(zt.T))
+    t2 = pd.Series(np.einsum("ij,jk,ik->i", z, precision, z)).rolling(5).median().to_numpy()
+    n, m = zt.shape
+    ucl = m * (n - 1) * (n + 1) / (n * (n - m)) * f_dist.ppf(0.999, m, n - m)
+    pred = np.nan_to_num(t2, nan=0.0) > 2 * ucl
+    return counts(pred[N_TRAIN:], truth[N_TRAIN:])
+
+
+def published_on_test_parts(corpus: dict[str, int] = CORPUS, train: int = N_TRAIN) -> list[dict[str, Any]]:
+    """The leaderboard's rows in the judges' terms.
+
+    The leaderboard's F1 follows from its FAR and MAR only if its false alarms are counted
+    over every normal reading of every file, the 400 training readings included (recomputed
+    F1 below, equal to the published one to two decimals). The judges score the readings
+    after the first 400, so the same alarms give a higher false-alarm rate there: FP over the
+    normal readings of the test parts, assuming, as for a model fitted on those 400 readings,
+    that no alarm fell on them (at most that; exactly that when none did).
+
+    Examples
+    --------
+    >>> row = published_on_test_parts()[0]
+    >>> row["method"], row["f1_recomputed"], row["far_test_parts"]
+    ('Conv-AE', 0.792, 0.31)
+    """
+    anomalous = corpus["anomalous"]
+    normal = corpus["readings"] - anomalous
+    normal_test = normal - corpus["files"] * train
+    out = []
+    for method, (f1, far, mar) in LEADERBOARD.items():
+        tp, fp = (1 - mar / 100) * anomalous, far / 100 * normal
+        p, r = tp / (tp + fp), tp / anomalous
+        out.append({"method": method, "f1": f1, "far": far / 100, "mar": mar / 100,
+                    "f1_recomputed": round(2 * p * r / (p + r), 3), "far_test_parts": round(fp / normal_test, 3)})
+    return out
+
+
 def has_detector_option() -> bool:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
@@ -308,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         per = [{"run": r["run"], "set": r["set"], "fault": r["fault"],
                 **raw_iforest(r["frame"], r["set"], r["truth"])} for r in runs]
         results["raw IsolationForest"] = {"pooled": pooled(per), "runs": per, "seconds": time.perf_counter() - t}
+        t = time.perf_counter()
+        per = [{"run": r["run"], "set": r["set"], "fault": r["fault"],
+                **pointwise_t2(r["frame"], r["set"], r["truth"])} for r in runs]
+        results["point-wise T²"] = {"pooled": pooled(per), "runs": per, "seconds": time.perf_counter() - t}
         for label, extra in detectors:
             t = time.perf_counter()
             per = []
@@ -335,8 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         q = res["pooled"]
         print(f"  {label:20s} " + "  ".join(f"{f} {v:.2f}" for f, v in q["recall_by_fault"].items())
               + " | " + "  ".join(f"{s} {v:.2f}" for s, v in q["f1_by_set"].items()))
+    published = published_on_test_parts()
+    print("\nthe public leaderboard in the judges' terms (false alarms after each file's first 400 readings):")
+    for row in published:
+        print(f"  {row['method']:18s} F1 {row['f1']:.2f} (recomputed {row['f1_recomputed']:.3f})  "
+              f"FAR {row['far']:.3f} over whole files -> {row['far_test_parts']:.3f} over the scored parts")
     report = {
         "args": vars(args), "runs": n_runs, "targets": TARGETS, "wall_s": time.perf_counter() - t0,
+        "published_on_test_parts": published,
         "generated": [{k: v for k, v in r.items() if k not in ("frame", "truth", "dir")} for r in runs],
         "results": results,
         "targets_met": {k: v["pooled"]["met"] for k, v in results.items() if k not in REFERENCES},

@@ -22,6 +22,7 @@ from itap_stream.core.detectors import (
     ColumnsDetector,
     MeanShiftDetector,
     canonical_name,
+    constant_signals,
     level_correlation,
     level_standard_errors,
     make_detector,
@@ -60,6 +61,8 @@ class TrainReport:
     features: int = 0
     threshold_by: str = ""
     sweep: list[dict[str, float]] = field(default_factory=list)
+    #: signals the mean-shift chart leaves out: they never changed in the training readings
+    constant_signals: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -140,6 +143,7 @@ def train_from_frame(
     names = feature_names(schema)
     det: Any = make_detector(detector, seed=seed)
     features_used = len(names)
+    constant: list[str] = []
     if len(fit_idx) < SAMPLES_PER_FEATURE * len(names):
         # few windows for many features (a short recording): fit on what they can estimate
         states = set(df["state"][df["state"] != "MAINT"].astype(str)) if "state" in df else {"RUN"}
@@ -147,8 +151,15 @@ def train_from_frame(
             # one operating state (a test rig at its working point): the level of each signal
             # and its noise, from the readings themselves; with several states (RUN and IDLE
             # levels differ) a few hundred readings cannot say where each state sits
-            cols = [names.index(f"{sig}_mean") for sig in schema.names]
             segments = _normal_segments(df, schema)
+            still = constant_signals(segments)
+            if still.all():
+                msg = (f"every signal ({', '.join(schema.names)}) kept one value throughout the {len(df)} training "
+                       f"rows: there is no noise to judge deviations against; train on a recording where they vary")
+                raise DataError(msg)
+            constant = [sig for sig, c in zip(schema.names, still, strict=True) if c]
+            cols = [names.index(f"{sig}_mean") for sig, c in zip(schema.names, still, strict=True) if not c]
+            segments = [x[:, ~still] for x in segments]
             det = MeanShiftDetector(cols, level_standard_errors(segments, window), level_correlation(segments))
         else:
             cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
@@ -201,6 +212,7 @@ def train_from_frame(
         end=iso(float(df["ts"].max())),
         threshold=threshold,
         sweep=sweep,
+        constant_signals=constant,
     )
     artifact = Artifact(
         detector=det,

@@ -41,9 +41,11 @@ __all__ = [
     "MeanShiftDetector",
     "PCADetector",
     "canonical_name",
+    "constant_signals",
     "level_correlation",
     "level_standard_errors",
     "make_detector",
+    "reading_steps",
     "robust_scale",
 ]
 
@@ -339,12 +341,22 @@ def level_standard_errors(segments: list[Array], window: int) -> Array:
     over ``segments`` (one array of readings ``(n, signals)`` per device, in time order),
     clipped to [0, 0.95], and the result floored like `robust_scale`.
 
+    A quantised signal (a pressure transmitter that reports in steps of 0.33 bar) can sit
+    on one step for most of a short recording: its sample variance then says nothing about
+    the noise the quantisation hides, and one reading a step off later would look like a
+    huge deviation. Its variance is therefore at least that of the rounding,
+    ``step² / 12``, with ``step`` the smallest difference between two of its readings.
+
     Examples
     --------
     >>> rng = np.random.default_rng(0)
     >>> white = rng.normal(size=(4000, 1))
     >>> round(float(level_standard_errors([white], 16)[0]), 2)  # 1 / sqrt(16)
     0.25
+    >>> steps = np.zeros((400, 1))
+    >>> steps[[100, 300]] = 0.33  # two readings one step up in 400
+    >>> round(float(level_standard_errors([steps], 16)[0]), 4)  # sqrt(0.33² / 12 / 16)
+    0.0238
     """
     rows = [np.asarray(x, dtype=np.float64) for x in segments if len(x) > 1]
     if not rows:
@@ -356,9 +368,44 @@ def level_standard_errors(segments: list[Array], window: int) -> Array:
     lag = np.nanmean(np.concatenate([c[1:] * c[:-1] for c in centred]), axis=0)
     var = np.nan_to_num(var, nan=0.0)
     phi = np.clip(np.nan_to_num(lag / np.where(var > 0, var, 1.0), nan=0.0), 0.0, 0.95)
+    var = np.maximum(var, reading_steps(rows) ** 2 / 12.0)
     se = np.sqrt(var * (1 + phi) / ((1 - phi) * window))
     magnitude = np.nan_to_num(np.nanmean(np.abs(np.concatenate(rows)), axis=0), nan=0.0)
     return np.maximum(se, np.maximum(0.01 * magnitude / np.sqrt(window), 1e-6)).reshape(d)
+
+
+def reading_steps(segments: list[Array]) -> Array:
+    """Per signal, the smallest positive difference between two of its readings (0 for a
+    signal with fewer than two distinct values): its resolution when it is quantised.
+
+    Examples
+    --------
+    >>> reading_steps([np.array([[0.05, 1.0, 7.0], [0.38, 1.5, 7.0], [0.05, 1.25, 7.0]])]).tolist()
+    [0.33, 0.25, 0.0]
+    """
+    rows = np.concatenate([np.asarray(x, dtype=np.float64) for x in segments])
+    out = np.zeros(rows.shape[1])
+    for j in range(rows.shape[1]):
+        values = np.unique(rows[:, j][np.isfinite(rows[:, j])])
+        if len(values) > 1:
+            out[j] = float(np.round(np.diff(values).min(), 12))
+    return out
+
+
+def constant_signals(segments: list[Array]) -> Array:
+    """Per signal, whether it never changed in ``segments`` (or had no reading at all):
+    such a signal has no measurable noise, so no deviation of it can be judged against it.
+
+    Examples
+    --------
+    >>> constant_signals([np.array([[1.0, 0.0], [2.0, 0.0]]), np.array([[1.5, np.nan]])]).tolist()
+    [False, True]
+    """
+    rows = np.concatenate([np.asarray(x, dtype=np.float64) for x in segments])
+    present = ~np.isnan(rows)
+    lo = np.where(present, rows, np.inf).min(axis=0)
+    hi = np.where(present, rows, -np.inf).max(axis=0)
+    return ~(hi > lo)
 
 
 def level_correlation(segments: list[Array], shrink: float = 0.1) -> Array:

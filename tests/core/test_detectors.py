@@ -3,12 +3,16 @@ artifact, calibrates on held-out windows; the threshold sweep; model drift event
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from itap_stream.adapters import artifacts
 from itap_stream.app.offline import score_frame, train_from_frame, windows_of_frame
+from itap_stream.cli import main
 from itap_stream.core.detectors import DETECTORS, PCADetector, make_detector
 from itap_stream.core.quality import choose_threshold, roc_auc
 from itap_stream.core.rules import RuleEngine
@@ -269,3 +273,78 @@ def test_level_standard_errors_account_for_autocorrelation():
     assert se == pytest.approx(np.sqrt(1.8 / (0.2 * 32)), rel=0.03)
     means = x[: n // 32 * 32].reshape(-1, 32).mean(axis=1)
     assert se == pytest.approx(means.std(), rel=0.1)  # what window means really scatter by
+
+
+def _rig_frame(values: dict[str, np.ndarray]) -> tuple[pd.DataFrame, object]:
+    """One test rig, one reading a second, one operating state: the short-recording case."""
+    from itap_stream.core.schema import SensorSchema
+
+    n = len(next(iter(values.values())))
+    frame = pd.DataFrame({"device_id": "rig", "ts": 1.6e9 + np.arange(n, dtype=float), "state": "RUN", **values})
+    schema = SensorSchema.from_dict({"signals": [{"name": k, "family": "Pressure"} for k in values]})
+    return frame, schema
+
+
+def _alarm_share(art, frame, schema) -> float:
+    bw = windows_of_frame(frame, schema, 32, 4)
+    return float((art.detector.score(bw.features) > art.threshold).mean())
+
+
+def test_a_quantised_signal_is_judged_by_its_step_not_by_how_rarely_it_flipped():
+    """A transmitter reporting in 0.33 bar steps sat on one step for 400 readings but for
+    two; the process then creeps by a tenth of a step, so it flips a little more often.
+    Judged by its sample variance alone that looks like a huge deviation; judged by the
+    rounding it hides (step² / 12) it is nothing. A real two-step rise still stands out."""
+    from itap_stream.core.detectors import MeanShiftDetector
+
+    rng = np.random.default_rng(8)
+    step, n = 0.33, 1200
+    true_pressure = 0.42 + 0.03 * rng.normal(size=n)
+    true_pressure[400:] += 0.03  # creep after training: still normal operation
+    flow = 30.0 + 0.2 * rng.normal(size=n)
+    frame, schema = _rig_frame({"pressure": np.round(true_pressure / step) * step, "flow": flow})
+    train = frame.iloc[:400]
+    assert 1 <= int((train["pressure"] != train["pressure"].iloc[0]).sum()) <= 4  # it rarely flipped
+    art, _ = train_from_frame(train, schema, window=32, hop=4)
+    assert isinstance(art.detector, MeanShiftDetector)
+    assert art.detector.se[0] >= step / np.sqrt(12 * 32) - 1e-12  # the rounding floor, not the few flips
+    assert _alarm_share(art, frame.iloc[400:], schema) < 0.05
+    fault = frame.iloc[400:].copy()
+    fault["pressure"] = np.round((true_pressure[400:] + 2 * step) / step) * step  # a valve closes: +2 steps
+    assert _alarm_share(art, fault, schema) > 0.9
+
+
+def test_a_signal_that_never_changed_while_training_is_left_out_of_the_chart(tmp_path):
+    """Its noise cannot be measured, so no deviation of it can be judged: the chart leaves
+    it out and says so, instead of raising an alarm at its first flicker; the other
+    signals still catch a fault. With no signal that varied, training refuses."""
+    from itap_stream.core.features import feature_names
+    from itap_stream.errors import DataError
+
+    rng = np.random.default_rng(9)
+    n = 1000
+    pressure = np.full(n, 0.054711)
+    pressure[400:][rng.random(n - 400) < 0.2] = 0.382638  # flickers once the test starts
+    flow = 30.0 + 0.2 * rng.normal(size=n)
+    frame, schema = _rig_frame({"pressure": pressure, "flow": flow})
+    art, rep = train_from_frame(frame.iloc[:400], schema, window=32, hop=4)
+    assert rep.constant_signals == ["pressure"] and rep.features_used == 1
+    assert [feature_names(schema)[i] for i in art.detector.columns] == ["flow_mean"]
+    assert art.training["constant_signals"] == ["pressure"]  # kept in the model's manifest
+    assert _alarm_share(art, frame.iloc[400:], schema) < 0.05
+    fault = frame.iloc[400:].copy()
+    fault["flow"] -= 1.0  # five noise std
+    assert _alarm_share(art, fault, schema) > 0.9
+    still, _ = _rig_frame({"pressure": np.full(400, 0.054711), "flow": np.full(400, 30.0)})
+    with pytest.raises(DataError, match="kept one value throughout"):
+        train_from_frame(still, schema, window=32, hop=4)
+    # on the command line the left-out signal is named
+    csv = tmp_path / "rig.csv"
+    frame.iloc[:400].drop(columns=["device_id", "state"]).to_csv(csv, index=False)
+    (tmp_path / "rig.yaml").write_text("signals:\n  - {name: pressure, family: Pressure}\n"
+                                       "  - {name: flow, family: Flow}\n", encoding="utf-8")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["train", "--csv", str(csv), "--schema", str(tmp_path / "rig.yaml"),
+                     "--model", str(tmp_path / "m.joblib")]) == 0
+    assert "left out of the chart (never changed while training): pressure" in buf.getvalue()
