@@ -417,6 +417,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                else "level, spread and dropouts of each signal)")
             if report.features_used < report.features else ""
         )
+        + (f"; against their recent level (drifting family): {', '.join(report.drifting_signals)}"
+           if report.drifting_signals else "")
         + (f"; left out of the chart (never changed while training): {', '.join(report.constant_signals)}"
            if report.constant_signals else "")
         + f"; threshold {report.threshold:.4f} ({report.threshold_by}); "

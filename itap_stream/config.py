@@ -52,6 +52,7 @@ class Settings:
     alarm_n: int = 4
     intake: str = "process"
     detector: str = "auto"
+    drifting_families: str = "Temperature"
     recall_target: float | None = None
     drift_delta: float = 0.002
     stale_after: float = 300.0
@@ -159,6 +160,10 @@ class Settings:
             tls_cert=self.tls_cert or None,
             tls_key=self.tls_key or None,
         )
+
+    def drifting_family_list(self) -> list[str]:
+        """``drifting_families`` as a list (the setting is a comma-separated string)."""
+        return [f.strip() for f in self.drifting_families.split(",") if f.strip()]
 
     def schema(self) -> SensorSchema:
         return SensorSchema.from_dict(load_yaml(self.sensors_file, what="sensor schema"))
@@ -270,6 +275,8 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     for name, raw in data.items():
         if raw is None:
             continue
+        if isinstance(raw, list) and types[name] is str:  # a YAML list for a comma-separated setting
+            raw = ",".join(str(x) for x in raw)
         values[name] = _coerce(name, raw, types[name])
         if name in ("sensors_file", "rules_file", "devices_file", "silences_file", "broker_password_file",
                     "tls_ca", "tls_cert", "tls_key") and values[name]:

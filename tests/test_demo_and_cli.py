@@ -68,6 +68,16 @@ def test_env_overrides_yaml_and_options_override_env(tmp_path):
         load(None, {"ITAP_QOS": "high"})
 
 
+def test_drifting_families_is_a_yaml_list_or_a_comma_separated_env_value(tmp_path):
+    assert load(None, {}).drifting_family_list() == ["Temperature"]  # the shipped default
+    cfg = tmp_path / "itap.yaml"
+    cfg.write_text("drifting_families: [Temperature, Pressure]\n")
+    assert load(cfg, {}).drifting_family_list() == ["Temperature", "Pressure"]
+    cfg.write_text("drifting_families: []\n")
+    assert load(cfg, {}).drifting_family_list() == []
+    assert load(cfg, {"ITAP_DRIFTING_FAMILIES": "Temperature, Flow"}).drifting_family_list() == ["Temperature", "Flow"]
+
+
 def test_bad_yaml_is_one_clear_error(tmp_path, capsys):
     bad = tmp_path / "itap.yaml"
     bad.write_text("window: [unclosed\n")

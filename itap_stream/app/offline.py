@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 SAMPLES_PER_FEATURE = 10
 #: The compact features: per signal level, spread and dropouts.
 COMPACT_SUFFIXES = ("_mean", "_std", "_missing")
+#: Non-overlapping windows before the scored one that make a drifting signal's recent level
+RECENT_WINDOWS = 4
 
 
 @dataclass
@@ -63,6 +65,8 @@ class TrainReport:
     sweep: list[dict[str, float]] = field(default_factory=list)
     #: signals the mean-shift chart leaves out: they never changed in the training readings
     constant_signals: list[str] = field(default_factory=list)
+    #: signals the mean-shift chart judges against their recent level (a drifting family)
+    drifting_signals: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -107,6 +111,7 @@ def train_from_frame(
     alarm_k: int = 3,
     alarm_n: int = 4,
     recall_target: float | None = None,
+    drifting_families: Sequence[str] = ("Temperature",),
     step: Callable[[str], None] | None = None,
 ) -> tuple[Artifact, TrainReport]:
     """Fit on the normal windows (RUN/IDLE, no label) of a readings table.
@@ -144,6 +149,8 @@ def train_from_frame(
     det: Any = make_detector(detector, seed=seed)
     features_used = len(names)
     constant: list[str] = []
+    drifting: list[str] = []
+    by_device: list[Any] = []  # the mean-shift chart's training window means, per device in time order
     if len(fit_idx) < SAMPLES_PER_FEATURE * len(names):
         # few windows for many features (a short recording): fit on what they can estimate
         states = set(df["state"][df["state"] != "MAINT"].astype(str)) if "state" in df else {"RUN"}
@@ -158,9 +165,27 @@ def train_from_frame(
                        f"rows: there is no noise to judge deviations against; train on a recording where they vary")
                 raise DataError(msg)
             constant = [sig for sig, c in zip(schema.names, still, strict=True) if c]
-            cols = [names.index(f"{sig}_mean") for sig, c in zip(schema.names, still, strict=True) if not c]
+            kept = [sig for sig, c in zip(schema.names, still, strict=True) if not c]
+            cols = [names.index(f"{sig}_mean") for sig in kept]
             segments = [x[:, ~still] for x in segments]
-            det = MeanShiftDetector(cols, level_standard_errors(segments, window), level_correlation(segments))
+            # signals of a drifting family (temperatures warm up long after a short recording)
+            # are judged against their recent level: the BACK windows before the one scored
+            slow = {f.casefold() for f in drifting_families}
+            family = {s.name: s.family for s in schema.signals}
+            recent = np.array([family[sig].casefold() in slow for sig in kept], dtype=bool)
+            drifting = [sig for sig, r in zip(kept, recent, strict=True) if r]
+            se = level_standard_errors(segments, window)
+            # each device's training windows in time order: where their drifting signals ended
+            order = np.lexsort((bw.end_ts[idx], pd.factorize(bw.device_ids[idx])[0]))
+            by_device = [bw.features[idx[order][bw.device_ids[idx[order]] == d]][:, cols]
+                         for d in pd.unique(bw.device_ids[idx])]
+            det = MeanShiftDetector(
+                cols, se, level_correlation(segments),
+                # a window mean against a recent level: the error of both, from the training noise
+                # (a warm-up during training makes that noise, and so the chart, coarser for them)
+                recent=recent, recent_errors=np.hypot(se, level_standard_errors(segments, window * RECENT_WINDOWS)),
+                spacing=max(1, round(window / hop)), back=RECENT_WINDOWS, alarm_k=alarm_k, alarm_n=alarm_n,
+            )
         else:
             cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
             det = ColumnsDetector(det, cols)
@@ -172,6 +197,8 @@ def train_from_frame(
         X_fit = bw.features[fit_idx]
     say(f"fitting {det.name} on {len(fit_idx):,} windows ({features_used} features) ...")
     det.fit(X_fit)
+    if isinstance(det, MeanShiftDetector) and det.recent.any():
+        det.fit_start_level(by_device)
     if isinstance(det, MeanShiftDetector):
         say("setting the chart's chi-square limit ...")
     else:
@@ -213,6 +240,7 @@ def train_from_frame(
         threshold=threshold,
         sweep=sweep,
         constant_signals=constant,
+        drifting_signals=drifting,
     )
     artifact = Artifact(
         detector=det,

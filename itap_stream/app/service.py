@@ -103,7 +103,7 @@ def train(
     artifact, report = train_from_frame(
         df, schema, window=settings.window, hop=settings.hop, quantile=settings.threshold_quantile, seed=seed,
         detector=settings.detector, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
-        recall_target=settings.recall_target, step=step,
+        recall_target=settings.recall_target, drifting_families=settings.drifting_family_list(), step=step,
     )
     manifest = artifacts.save(artifact, settings.model_path)
     return report, manifest

@@ -25,6 +25,9 @@ recording, such as the 400 normal readings at the start of a test-bed run.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -437,12 +440,23 @@ def level_correlation(segments: list[Array], shrink: float = 0.1) -> Array:
     return (1.0 - shrink) * r + shrink * np.eye(d)
 
 
+@dataclass
+class _Levels:
+    """One device's recent window means (drifting signals) and the chart's own alarm state."""
+
+    means: deque[tuple[Array, bool]]  # (means of the drifting signals, usable as their level)
+    over: int = 0  # bit mask of the last ``alarm_n`` windows over the limit
+    alarm: bool = False
+    held: Array | None = None  # the level held while in alarm
+    good: Array | None = None  # the latest level made of windows outside an alarm
+
+
 class MeanShiftDetector:
     """A multivariate Shewhart chart on the window means, for short recordings.
 
     A few hundred readings give too few windows to learn the shape of normal operation,
     but enough to know each signal's level, noise and how the signals move together. With
-    ``z = (window mean - training level) / standard error`` per signal (standard error from
+    ``z = (window mean - level) / standard error`` per signal (standard error from
     `level_standard_errors`, autocorrelation included) and ``R`` the signals' correlation
     (`level_correlation`; the identity when not given), the score is Hotelling's
     ``sqrt(z' R⁻¹ z / signals)``: a load swing that moves flow, pressure and current
@@ -452,6 +466,20 @@ class MeanShiftDetector:
     handful of held-out windows: the chi-square quantile at a tail ten times thinner than
     the configured quantile's (the level itself is estimated from the same few hundred
     readings). Dropouts (NaN means) are left out of the mean square.
+
+    **Drifting signals** (``recent``; by default the Temperature family): a motor and its
+    coolant keep warming long after a short recording ends, so their level is the mean of
+    the device's ``back`` non-overlapping windows just before the one scored (the readings
+    ``window`` to ``(back + 1) * window`` ago), not the training level, and their standard
+    error adds that level's own (``recent_errors``: the error of the difference). Windows scored while the chart is in
+    alarm are not part of that level, and while in alarm (``alarm_k`` of the last
+    ``alarm_n`` windows over the limit, until one is under it) the level before the alarm
+    is held: a fault does not become the new normal, and a thermal step still stands out.
+    A device with no history yet starts from the level the training readings ended at
+    (`fit_start_level`). An alarm raised before the device has any history holds nothing: the level then
+    follows the windows as they come, so a warm-up already under way at the start ends it.
+    That needs each device's windows in order: `score_sequence`, which the stream and the
+    batch path both call. `score` has no history: every signal against its training level.
 
     Examples
     --------
@@ -465,11 +493,35 @@ class MeanShiftDetector:
     [1.45, 6.32]
     >>> round(det.calibrate(np.zeros((1, 3)), 0.999), 3)  # sqrt(chi2(0.9999, 2) / 2)
     3.035
+
+    A drifting signal against its recent level: one window apart (``spacing=1``), the
+    level is the mean of the two windows before.
+
+    >>> warm = MeanShiftDetector([0], np.array([1.0]), recent=[True], recent_errors=np.array([np.sqrt(2)]),
+    ...                          spacing=1, back=2)
+    >>> warm.fit(np.array([[50.0]]))
+    >>> warm.calibrate(np.zeros((1, 1)), 0.999) > 0
+    True
+    >>> X = np.array([[60.0], [61.0], [62.0], [70.0]])  # warmed up by 10, creeping, then a step
+    >>> np.round(warm.score_sequence(X, ["rig"] * 4, {}), 2).tolist()  # no history yet: the training level
+    [7.07, 0.71, 1.06, 6.01]
     """
 
     name = "meanshift"
 
-    def __init__(self, columns: list[int], standard_errors: Array, correlation: Array | None = None) -> None:
+    def __init__(
+        self,
+        columns: list[int],
+        standard_errors: Array,
+        correlation: Array | None = None,
+        *,
+        recent: Array | list[bool] | None = None,
+        recent_errors: Array | None = None,
+        spacing: int = 8,
+        back: int = 4,
+        alarm_k: int = 3,
+        alarm_n: int = 4,
+    ) -> None:
         self.columns = np.asarray(columns, dtype=np.intp)
         self.se = np.asarray(standard_errors, dtype=np.float64)
         d = len(self.columns)
@@ -482,23 +534,103 @@ class MeanShiftDetector:
             raise ConfigError(msg)
         self.precision = np.linalg.inv(corr)
         self.centre = np.zeros(d)
+        self.recent = np.zeros(d, dtype=bool) if recent is None else np.asarray(recent, dtype=bool)
+        if len(self.recent) != d:
+            msg = "the mean-shift chart needs one drifting flag per level column"
+            raise ConfigError(msg)
+        if self.recent.any():
+            if recent_errors is None or len(recent_errors) != d:
+                msg = "a chart with drifting signals needs the standard error of a window mean against their recent level"
+                raise ConfigError(msg)
+            self.se = np.where(self.recent, np.asarray(recent_errors, dtype=np.float64), self.se)
+        if spacing < 1 or back < 1 or not 1 <= alarm_k <= alarm_n:
+            msg = "the mean-shift chart needs spacing >= 1, back >= 1 and 1 <= alarm_k <= alarm_n"
+            raise ConfigError(msg)
+        self.spacing, self.back, self.alarm_k, self.alarm_n = int(spacing), int(back), int(alarm_k), int(alarm_n)
+        self.limit: float | None = None
+        #: the drifting signals' level for a device with no history yet: where training ended
+        self.start_level: Array | None = None
 
     def fit(self, X: Array) -> None:
         levels = np.asarray(X, dtype=np.float64)[:, self.columns]
         with np.errstate(invalid="ignore"):
             self.centre = np.nan_to_num(np.nanmean(levels, axis=0), nan=0.0)
 
-    def score(self, X: Array) -> Array:
-        z = (np.asarray(X, dtype=np.float64)[:, self.columns] - self.centre) / self.se
-        z = np.nan_to_num(z, nan=0.0)  # a dropped-out signal counts as at its level
+    def fit_start_level(self, means: list[Array]) -> None:
+        """The drifting signals' level where the training readings ended: per device (one
+        array of window means per device, in time order), the mean of its last ``back``
+        non-overlapping windows; averaged over devices."""
+        recent = self.recent
+        ends = []
+        for m in means:
+            m = np.asarray(m, dtype=np.float64)[:, recent]
+            if len(m):
+                ends.append(np.nanmean(m[::-1][:: self.spacing][: self.back], axis=0))
+        if ends:
+            with np.errstate(invalid="ignore"):
+                level = np.nanmean(np.stack(ends), axis=0)
+            self.start_level = np.where(np.isnan(level), self.centre[recent], level)
+
+    def _scores(self, levels: Array, centre: Array) -> Array:
+        z = np.nan_to_num((levels - centre) / self.se, nan=0.0)  # a dropped-out signal counts as at its level
         t2 = np.einsum("ij,jk,ik->i", z, self.precision, z)
         return np.sqrt(np.maximum(t2, 0.0) / len(self.columns))
+
+    def score(self, X: Array) -> Array:
+        return self._scores(np.asarray(X, dtype=np.float64)[:, self.columns], self.centre)
+
+    def score_sequence(self, X: Array, device_ids: Sequence[str], state: dict[str, Any]) -> Array:
+        """Scores of windows given in event order per device, drifting signals against their
+        recent level; ``state`` (a dict the caller owns) carries each device's history over."""
+        recent = getattr(self, "recent", None)
+        if recent is None or not recent.any() or self.limit is None:
+            return self.score(X)
+        levels = np.asarray(X, dtype=np.float64)[:, self.columns]
+        out = np.empty(len(levels))
+        spacing, back, mask, k = self.spacing, self.back, (1 << self.alarm_n) - 1, self.alarm_k
+        for i, dev in enumerate(device_ids):
+            st = state.get(dev)
+            if st is None:
+                st = state[dev] = _Levels(deque(maxlen=spacing * back))
+            m = levels[i]
+            known = False  # whether the level comes from windows scored outside an alarm
+            if st.alarm and st.held is not None:
+                level, known = st.held, True
+            else:
+                earlier = [st.means[-spacing * j] for j in range(1, back + 1) if len(st.means) >= spacing * j]
+                past = [mj for mj, usable in earlier if usable]
+                known = bool(past)
+                level = self.start_level if getattr(self, "start_level", None) is not None else self.centre[recent]
+                if not past and st.good is not None:  # just out of a long alarm: the last level outside one
+                    level, known = st.good, True
+                else:
+                    # no window outside an alarm yet (one raised before any history): follow them all
+                    past = past or [mj for mj, _ in earlier]
+                    if past:
+                        with np.errstate(invalid="ignore"):
+                            mean = np.nanmean(np.stack(past), axis=0) if len(past) > 1 else past[0]
+                        level = np.where(np.isnan(mean), level, mean)
+                    if known:
+                        st.good = level
+            centre = self.centre.copy()
+            centre[recent] = level
+            s = float(self._scores(m[None, :], centre)[0])
+            out[i] = s
+            over = s >= self.limit
+            st.over = ((st.over << 1) | over) & mask
+            if not st.alarm and st.over.bit_count() >= k:
+                st.alarm, st.held = True, (level if known else None)
+            elif st.alarm and not over:
+                st.alarm, st.held = False, None
+            st.means.append((m[recent], not st.alarm))
+        return out
 
     def calibrate(self, X: Array, quantile: float) -> float:
         from scipy.stats import chi2
 
         d = len(self.columns)
-        return float(np.sqrt(chi2.ppf(1.0 - (1.0 - quantile) / 10.0, d) / d))
+        self.limit = float(np.sqrt(chi2.ppf(1.0 - (1.0 - quantile) / 10.0, d) / d))
+        return self.limit
 
 
 #: Detector names accepted in config (``detector:``) and by ``itap train --detector``.

@@ -42,6 +42,12 @@ class Detector(Protocol):
     ``fit`` learns normal feature rows; ``score`` scores a batch (higher = worse);
     ``calibrate`` sets the alarm threshold from held-out normal rows and returns it on the
     score scale. A detector is pickled whole into the model artifact.
+
+    A detector whose scores depend on each device's earlier windows may also offer
+    ``score_sequence(X, device_ids, state)``: windows in event order per device, history
+    carried in ``state`` (a dict the caller owns). The stream and the batch path then both
+    score through it (`core.pipeline.score_in_order`); the mean-shift chart does, for its
+    drifting signals.
     """
 
     name: str

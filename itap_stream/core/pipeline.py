@@ -124,6 +124,17 @@ class Processor:
         self._families = feature_families(schema)
         self.alarm_k, self.alarm_n = alarm_k, alarm_n
         self._alarm_state: dict[str, int] = {}
+        self._detector_state: dict[str, Any] = {}  # per device, for detectors that score in sequence
+
+    @property
+    def artifact(self) -> Artifact:
+        return self._artifact
+
+    @artifact.setter
+    def artifact(self, artifact: Artifact) -> None:
+        """A new model (hot reload) starts its per-device history afresh."""
+        self._artifact = artifact
+        self._detector_state = {}
 
     def restore(self, recent: dict[str, tuple[list[Reading], int]]) -> int:
         """Refill the device windows from stored readings after a restart (see
@@ -177,7 +188,7 @@ class Processor:
                                                 batch.end_ts.tolist()))
         X = extract(batch.values, batch.states)
         a = assess(self.artifact, X, batch.device_ids, states, self._alarm_state, self.alarm_k, self.alarm_n,
-                   self._names, self._families)
+                   self._names, self._families, detector_state=self._detector_state)
         result.features, result.scores, result.is_anomaly, result.confidence = X, a.scores, a.flags, a.confidence
         result.explanations = a.explanations
         scored = scored_windows(batch.device_ids, batch.start_ts, batch.end_ts, states, a, batch.tags)
@@ -204,6 +215,15 @@ class Assessment:
     explanations: dict[int, Explanation]
 
 
+def score_in_order(
+    detector: Any, X: npt.NDArray[np.float64], device_ids: Sequence[str], state: dict[str, Any]
+) -> npt.NDArray[np.float64]:
+    """Scores of windows in event order per device: a detector with a per-device history
+    (``score_sequence``, the mean-shift chart's drifting signals) carries it in ``state``."""
+    seq = getattr(detector, "score_sequence", None)
+    return seq(X, device_ids, state) if seq is not None else detector.score(X)
+
+
 def assess(
     artifact: Artifact,
     X: npt.NDArray[np.float64],
@@ -215,13 +235,15 @@ def assess(
     names: Sequence[str],
     families: Sequence[str],
     scores: npt.NDArray[np.float64] | None = None,
+    *,
+    detector_state: dict[str, Any] | None = None,
 ) -> Assessment:
     """Score feature rows, smooth per device (windows in event order per device), explain the anomalies.
 
     The stream (`Processor`) and the batch path (`score_table`) both decide through here.
     """
     if scores is None:
-        scores = artifact.detector.score(X)
+        scores = score_in_order(artifact.detector, X, device_ids, {} if detector_state is None else detector_state)
     quiet = np.fromiter((s in QUIET_STATES for s in last_states), dtype=bool, count=len(last_states))
     raw = (scores >= artifact.threshold) & ~quiet
     flags = smooth(device_ids, raw, alarm_state, k=alarm_k, n=alarm_n)
@@ -285,11 +307,15 @@ def score_table(
     # smoothing and rules are causal per device: walk windows by device, then time
     order = np.lexsort((windows.end_ts, pd.factorize(windows.device_ids)[0])) if n else np.zeros(0, dtype=np.intp)
     X = windows.features[order]
-    blocks = list(map_fn(artifact.detector.score, [X[i : i + block] for i in range(0, n, block)]))
+    dev_sorted = [dev[i] for i in order.tolist()]
+    if hasattr(artifact.detector, "score_sequence"):  # a per-device history: one pass in order
+        scores = score_in_order(artifact.detector, X, dev_sorted, {})
+    else:
+        blocks = list(map_fn(artifact.detector.score, [X[i : i + block] for i in range(0, n, block)]))
+        scores = np.concatenate(blocks) if blocks else np.zeros(0)
     a_sorted = assess(
-        artifact, X, [dev[i] for i in order.tolist()], [states[i] for i in order.tolist()], {},
-        alarm_k, alarm_n, feature_names(schema), feature_families(schema),
-        scores=np.concatenate(blocks) if blocks else np.zeros(0),
+        artifact, X, dev_sorted, [states[i] for i in order.tolist()], {},
+        alarm_k, alarm_n, feature_names(schema), feature_families(schema), scores=scores,
     )
     # back to the input order of the windows
     inv = np.empty(n, dtype=np.intp)

@@ -233,7 +233,12 @@ def test_by_default_a_short_recording_of_one_state_gets_the_mean_shift_chart(tmp
     d = len(SETS["pump8"])
     assert art.threshold == pytest.approx(np.sqrt(chi2.ppf(1 - (1 - 0.999) / 10, d) / d))
     readings = train.sort_values("ts")[list(schema.names)].to_numpy(float)
-    np.testing.assert_allclose(det.se, level_standard_errors([readings], 32))
+    # temperatures (a drifting family) against their recent level: the 4 windows before,
+    # whose own standard error adds to the window's
+    assert rep.drifting_signals == ["temperature", "thermocouple"] and det.recent.tolist() == [
+        s.family == "Temperature" for s in schema.signals]
+    se = level_standard_errors([readings], 32)
+    np.testing.assert_allclose(det.se, np.where(det.recent, np.hypot(se, level_standard_errors([readings], 128)), se))
     np.testing.assert_allclose(det.precision, np.linalg.inv(level_correlation([readings])))  # Hotelling's T²
     bw = windows_of_frame(train, schema, 32, 4)
     np.testing.assert_allclose(det.centre, bw.features[:, det.columns].mean(axis=0))  # every normal window
@@ -245,7 +250,10 @@ def test_by_default_a_short_recording_of_one_state_gets_the_mean_shift_chart(tmp
     assert hit > 0.8 and hit > 2 * false, (hit, false)  # the rig drifts a little after the valve reopens
     path = tmp_path / "short.joblib"
     assert artifacts.save(art, path)["detector"] == "meanshift"
-    np.testing.assert_array_equal(artifacts.load(path).detector.score(tb.features), scores)
+    reloaded = artifacts.load(path).detector
+    np.testing.assert_array_equal(reloaded.score(tb.features), scores)
+    ids = tb.device_ids.tolist()
+    np.testing.assert_array_equal(reloaded.score_sequence(tb.features, ids, {}), det.score_sequence(tb.features, ids, {}))
     assert rep.features_used == d
 
 
@@ -348,3 +356,88 @@ def test_a_signal_that_never_changed_while_training_is_left_out_of_the_chart(tmp
         assert main(["train", "--csv", str(csv), "--schema", str(tmp_path / "rig.yaml"),
                      "--model", str(tmp_path / "m.joblib")]) == 0
     assert "left out of the chart (never changed while training): pressure" in buf.getvalue()
+
+
+def test_temperatures_are_judged_against_their_recent_level_so_a_warm_up_is_no_fault():
+    """A motor keeps warming long after a 400-reading recording: against the training level
+    that is an alarm that never ends; against the recent level (Temperature, a drifting
+    family by default) it is nothing. A thermal step and a pressure fault still stand out."""
+    from itap_stream.core.schema import SensorSchema
+
+    rng = np.random.default_rng(12)
+    n = 1600
+    t = np.arange(n, dtype=float)
+    motor = 60.0 + 8.0 * (1 - np.exp(-t / 900.0)) + 0.05 * rng.normal(size=n)  # warming all run long
+    pressure = 2.0 + 0.02 * rng.normal(size=n)
+    frame = pd.DataFrame({"device_id": "rig", "ts": 1.6e9 + t, "state": "RUN", "motor_temp": motor,
+                          "pressure": pressure})
+    schema = SensorSchema.from_dict({"signals": [{"name": "motor_temp", "family": "Temperature"},
+                                                 {"name": "pressure", "family": "Pressure"}]})
+    train, test = frame.iloc[:400], frame.iloc[400:].copy()
+
+    def flags(art, data):
+        res = score_frame(data, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4)
+        return res.windows.end_ts - 1.6e9, res.assessment.flags
+
+    recent, rep = train_from_frame(train, schema, window=32, hop=4)  # drifting_families: Temperature
+    fixed, fixed_rep = train_from_frame(train, schema, window=32, hop=4, drifting_families=())
+    assert rep.drifting_signals == ["motor_temp"] and fixed_rep.drifting_signals == []
+    _, warm = flags(recent, test)
+    assert warm.mean() < 0.05
+    end, old = flags(fixed, test)
+    assert old[end >= 1000].mean() > 0.9  # the training level calls the rest of the warm-up a fault
+    # a bearing runs hot: +5 °C from reading 900 to 1200, held as a fault for all 300 readings
+    # (the warm-up while training makes the chart coarser for temperatures: ~1 °C per std)
+    hot = test.copy()
+    hot.loc[900:1199, "motor_temp"] += 5.0
+    end, f = flags(recent, hot)
+    assert f[(end >= 940) & (end < 1200)].mean() > 0.9 and f[end < 890].mean() < 0.05
+    # a valve: pressure +0.1 bar (5 std) over the same readings, the warm-up still going on
+    valve = test.copy()
+    valve.loc[900:1199, "pressure"] += 0.1
+    end, f = flags(recent, valve)
+    assert f[(end >= 940) & (end < 1200)].mean() > 0.9
+
+
+def test_a_device_first_seen_far_from_where_training_ended_settles_instead_of_alarming_for_ever():
+    """A recording made an hour later starts 4 °C warmer than training ended: with no
+    history yet that is an alarm, but no level is held from it; the recent level follows
+    the windows, and the alarm ends once it has."""
+    from itap_stream.core.schema import SensorSchema
+
+    rng = np.random.default_rng(13)
+    t = np.arange(1000, dtype=float)
+    motor = 60.0 + 0.2 * np.sin(t / 50.0) + 0.05 * rng.normal(size=1000)
+    frame = pd.DataFrame({"device_id": "rig", "ts": 1.6e9 + t, "state": "RUN", "motor_temp": motor,
+                          "pressure": 2.0 + 0.02 * rng.normal(size=1000)})
+    schema = SensorSchema.from_dict({"signals": [{"name": "motor_temp", "family": "Temperature"},
+                                                 {"name": "pressure", "family": "Pressure"}]})
+    art, _ = train_from_frame(frame.iloc[:400], schema, window=32, hop=4)
+    later = frame.iloc[400:].copy()
+    later["ts"] += 3600.0
+    later["motor_temp"] += 4.0
+    res = score_frame(later, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4)
+    end, flags = res.windows.end_ts - 1.6e9 - 3600.0, res.assessment.flags
+    assert flags[:3].any()  # 4 °C off where training ended: an alarm at first
+    assert not flags[end >= 600].any()  # settled: the level followed the windows
+
+
+def test_after_a_long_thermal_fault_the_level_from_before_it_comes_back():
+    """While in alarm the windows are no part of the recent level; when a 300-reading
+    overheat ends, the windows just before are all from the fault, so the level is the
+    last one made outside it: back to normal is no new alarm."""
+    from itap_stream.core.schema import SensorSchema
+
+    rng = np.random.default_rng(14)
+    t = np.arange(1400, dtype=float)
+    motor = 60.0 + 0.05 * rng.normal(size=1400)
+    motor[800:1100] += 2.0  # 40 noise std
+    frame = pd.DataFrame({"device_id": "rig", "ts": 1.6e9 + t, "state": "RUN", "motor_temp": motor,
+                          "pressure": 2.0 + 0.02 * rng.normal(size=1400)})
+    schema = SensorSchema.from_dict({"signals": [{"name": "motor_temp", "family": "Temperature"},
+                                                 {"name": "pressure", "family": "Pressure"}]})
+    art, _ = train_from_frame(frame.iloc[:400], schema, window=32, hop=4)
+    res = score_frame(frame.iloc[400:], schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4)
+    end, flags = res.windows.end_ts - 1.6e9, res.assessment.flags
+    assert flags[(end >= 840) & (end < 1100)].all()  # held for the whole fault
+    assert not flags[end >= 1140].any()  # and over once it is
