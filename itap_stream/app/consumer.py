@@ -259,7 +259,7 @@ class Consumer:
         recognises readings the broker delivers again); returns the devices restored."""
         t0 = time.perf_counter()
         try:
-            n = self.processor.restore(self.store.recent_readings(self.settings.window))
+            n = self.processor.restore(self.store.recent_readings(self.processor.restore_depth()))
         except ItapError as exc:
             log.warning("could not refill device windows from the store, starting empty: %s", exc)
             return 0

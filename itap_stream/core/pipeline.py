@@ -136,12 +136,39 @@ class Processor:
         self._artifact = artifact
         self._detector_state = {}
 
+    def restore_depth(self) -> int:
+        """Stored readings per device `restore` needs: the window, or for a detector with a
+        per-device history (the mean-shift chart's drifting signals) enough to replay it."""
+        det = self.artifact.detector
+        recent = getattr(det, "recent", None)
+        if getattr(det, "score_sequence", None) is None or recent is None or not recent.any():
+            return self.windows.window
+        return self.windows.window + det.spacing * det.back * self.windows.hop
+
     def restore(self, recent: dict[str, tuple[list[Reading], int]]) -> int:
         """Refill the device windows from stored readings after a restart (see
         `FleetWindows.restore`); returns the devices restored. Windows then close where
-        they would have without the restart, and readings delivered again count as duplicates."""
+        they would have without the restart, and readings delivered again count as duplicates.
+
+        Given more readings than a window (`restore_depth`), the windows they closed are
+        scored again, silently, to rebuild the detector's per-device history and the alarm
+        smoothing, so the next windows score as in an uninterrupted run."""
+        window, hop = self.windows.window, self.windows.hop
         for device_id, (readings, count) in recent.items():
-            self.windows.restore(device_id, readings, count)
+            self.windows.restore(device_id, readings[-window:], count)
+            if len(readings) <= window or getattr(self.artifact.detector, "score_sequence", None) is None:
+                continue
+            first = count - len(readings) + 1  # the 1-based count of readings[0]
+            ends = [i for i in range(window - 1, len(readings))
+                    if first + i >= window and (first + i - window) % hop == 0]
+            if not ends:
+                continue
+            values = np.array([[r.values for r in readings[i - window + 1 : i + 1]] for i in ends], dtype=np.float64)
+            states = np.array([[STATES.index(r.state) for r in readings[i - window + 1 : i + 1]] for i in ends],
+                              dtype=np.int8)
+            last_states = [readings[i].state for i in ends]
+            assess(self.artifact, extract(values, states), [device_id] * len(ends), last_states, self._alarm_state,
+                   self.alarm_k, self.alarm_n, self._names, self._families, detector_state=self._detector_state)
         return len(recent)
 
     @property

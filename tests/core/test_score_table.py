@@ -153,3 +153,49 @@ def test_the_mean_shift_chart_with_drifting_signals_scores_alike_in_stream_and_b
     assert dict(zip(keys, zip(a.scores.tolist(), a.flags.tolist()))) == stream
     # the history mattered: against the training level alone the temperatures score otherwise
     assert not np.allclose(a.scores, art.detector.score(table.windows.features))
+
+
+def test_a_restart_replays_the_stored_readings_so_drifting_signals_score_as_without_it(tmp_path):
+    """After a restart the consumer refills each device from the store: with the mean-shift
+    chart's drifting signals it takes enough readings (`restore_depth`) to replay their
+    recent level and the alarm smoothing, so the next windows score as if it never stopped."""
+    import yaml
+
+    from bench.testbed import make_run, schema_yaml
+    from itap_stream.adapters.csvio import read_readings
+    from itap_stream.app.offline import train_from_frame
+    from itap_stream.core.schema import SensorSchema
+
+    schema = SensorSchema.from_dict(yaml.safe_load(schema_yaml("pump8")))
+    run, _truth, _ = make_run(np.random.default_rng(78), "pump8", "friction", "harsh")
+    run.insert(0, "device_id", "RIG-1")
+    path = tmp_path / "rig.csv"
+    run.to_csv(path, sep=";", index=False)
+    df = read_readings(path, schema)
+    art, _ = train_from_frame(df.iloc[:400], schema, window=32, hop=4)
+    test = df.iloc[400:].reset_index(drop=True)
+    test["seq"], test["tag"] = np.arange(len(test)), None
+    readings = _readings(test, list(schema.names))
+
+    def run_through(proc, part):
+        out = {}
+        for i in range(0, len(part), 37):
+            res = proc.process(part[i : i + 37])
+            if res.n_windows:
+                out.update(zip(res.windows.end_ts.tolist(), zip(res.scores.tolist(), res.is_anomaly.tolist())))
+        return out
+
+    whole = run_through(Processor(schema, art, RuleEngine([]), window=32, hop=4), readings)
+    cut = 333  # the consumer stops here
+    first = Processor(schema, art, RuleEngine([]), window=32, hop=4)
+    run_through(first, readings[:cut])
+    again = Processor(schema, art, RuleEngine([]), window=32, hop=4)
+    depth = again.restore_depth()
+    assert depth == 32 + 8 * 4 * 4  # a window, and the 4 non-overlapping windows before it
+    again.restore({"RIG-1": (readings[cut - depth : cut], cut)})
+    after = run_through(again, readings[cut:])
+    assert after and after == {ts: v for ts, v in whole.items() if ts in after}
+    # refilled with one window only (the history lost), the first windows after the cut differ
+    bare = Processor(schema, art, RuleEngine([]), window=32, hop=4)
+    bare.restore({"RIG-1": (readings[cut - 32 : cut], cut)})
+    assert run_through(bare, readings[cut:]) != after
