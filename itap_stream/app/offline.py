@@ -30,7 +30,7 @@ from itap_stream.core.detectors import (
 from itap_stream.core.drift import DriftMonitor
 from itap_stream.core.features import feature_names
 from itap_stream.core.model import Artifact, TrainStats
-from itap_stream.core.pipeline import TableResult, check_compatible, score_table
+from itap_stream.core.pipeline import TableResult, check_compatible, score_in_order, score_table
 from itap_stream.core.quality import choose_threshold
 from itap_stream.core.rules import RuleEngine, iso
 from itap_stream.core.schema import STATES, SensorSchema
@@ -212,8 +212,17 @@ def train_from_frame(
     if len(faulty):
         pick = np.concatenate([cal_idx, faulty])
         pick = pick[np.lexsort((bw.end_ts[pick], pd.factorize(bw.device_ids[pick])[0]))]
+        if hasattr(det, "score_sequence"):
+            # scored as the stream scores them: every window of each device in time order
+            # (the mean-shift chart's drifting signals carry a per-device history)
+            every = np.lexsort((bw.end_ts, pd.factorize(bw.device_ids)[0]))
+            in_order = np.empty(len(bw))
+            in_order[every] = score_in_order(det, bw.features[every], bw.device_ids[every].tolist(), {})
+            pick_scores = in_order[pick]
+        else:
+            pick_scores = det.score(bw.features[pick])
         threshold, sweep = choose_threshold(
-            det.score(bw.features[pick]), np.array([isinstance(x, str) and bool(x) for x in bw.label[pick].tolist()]),
+            pick_scores, np.array([isinstance(x, str) and bool(x) for x in bw.label[pick].tolist()]),
             bw.device_ids[pick].tolist(),
             alarm_k=alarm_k, alarm_n=alarm_n, recall_target=recall_target,
             # a few held-out normal minutes must not outvote a day of normal operation: never
