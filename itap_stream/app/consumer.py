@@ -372,6 +372,12 @@ class Consumer:
                     artifact = artifacts.load(self.settings.model_path)
                     check_compatible(artifact, self.schema, self.settings.window, self.settings.hop)
                     proc.artifact = artifact
+                    if proc.restore_depth() > self.settings.window:
+                        # a detector with a per-device history: replay it from the store
+                        try:
+                            proc.restore(self.store.recent_readings(proc.restore_depth()))
+                        except ItapError as exc:
+                            log.warning("model reloaded, but its per-device history could not be replayed: %s", exc)
                     self.fleet.threshold = artifact.threshold
                     if proc.drift is not None:
                         proc.drift = DriftMonitor(delta=self.settings.drift_delta)

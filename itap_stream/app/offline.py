@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -184,7 +185,8 @@ def train_from_frame(
                 # a window mean against a recent level: the error of both, from the training noise
                 # (a warm-up during training makes that noise, and so the chart, coarser for them)
                 recent=recent, recent_errors=np.hypot(se, level_standard_errors(segments, window * RECENT_WINDOWS)),
-                spacing=max(1, round(window / hop)), back=RECENT_WINDOWS, alarm_k=alarm_k, alarm_n=alarm_n,
+                spacing=max(1, math.ceil(window / hop)), back=RECENT_WINDOWS, alarm_k=alarm_k, alarm_n=alarm_n,
+                missing_columns=[names.index(f"{sig}_missing") for sig in kept], window=window,
             )
         else:
             cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
@@ -204,7 +206,14 @@ def train_from_frame(
     else:
         say(f"calibrating the threshold on {len(cal_idx):,} held-out windows ...")
     threshold = det.calibrate(bw.features[cal_idx], quantile)
-    cal_scores = np.sort(det.score(bw.features[cal_idx]))
+    in_order: Any = None
+    if hasattr(det, "score_sequence"):
+        # scored as the stream scores them: every window of each device in time order
+        # (the mean-shift chart's drifting signals carry a per-device history)
+        every = np.lexsort((bw.end_ts, pd.factorize(bw.device_ids)[0]))
+        in_order = np.empty(len(bw))
+        in_order[every] = score_in_order(det, bw.features[every], bw.device_ids[every].tolist(), {})
+    cal_scores = np.sort(det.score(bw.features[cal_idx]) if in_order is None else in_order[cal_idx])
     threshold_by = (f"chi-square limit of the mean-shift chart (tail {(1 - quantile) / 10:g})"
                     if isinstance(det, MeanShiftDetector) else f"quantile {quantile} of held-out normal scores")
     sweep: list[dict[str, float]] = []
@@ -212,15 +221,7 @@ def train_from_frame(
     if len(faulty):
         pick = np.concatenate([cal_idx, faulty])
         pick = pick[np.lexsort((bw.end_ts[pick], pd.factorize(bw.device_ids[pick])[0]))]
-        if hasattr(det, "score_sequence"):
-            # scored as the stream scores them: every window of each device in time order
-            # (the mean-shift chart's drifting signals carry a per-device history)
-            every = np.lexsort((bw.end_ts, pd.factorize(bw.device_ids)[0]))
-            in_order = np.empty(len(bw))
-            in_order[every] = score_in_order(det, bw.features[every], bw.device_ids[every].tolist(), {})
-            pick_scores = in_order[pick]
-        else:
-            pick_scores = det.score(bw.features[pick])
+        pick_scores = det.score(bw.features[pick]) if in_order is None else in_order[pick]
         threshold, sweep = choose_threshold(
             pick_scores, np.array([isinstance(x, str) and bool(x) for x in bw.label[pick].tolist()]),
             bw.device_ids[pick].tolist(),

@@ -465,7 +465,8 @@ class MeanShiftDetector:
     freedom per signal. The limit comes from that distribution, not from a
     handful of held-out windows: the chi-square quantile at a tail ten times thinner than
     the configured quantile's (the level itself is estimated from the same few hundred
-    readings). Dropouts (NaN means) are left out of the mean square.
+    readings). A signal that reported nothing in a whole window (``missing_columns``) counts
+    as at its level there, and stays out of any recent level.
 
     **Drifting signals** (``recent``; by default the Temperature family): a motor and its
     coolant keep warming long after a short recording ends, so their level is the mean of
@@ -504,7 +505,9 @@ class MeanShiftDetector:
     True
     >>> X = np.array([[60.0], [61.0], [62.0], [70.0]])  # warmed up by 10, creeping, then a step
     >>> np.round(warm.score_sequence(X, ["rig"] * 4, {}), 2).tolist()  # no history yet: the training level
-    [7.07, 0.71, 1.06, 6.01]
+    [7.07, 0.71, 0.71, 6.01]
+
+    (The first window was over the limit, so it is no part of the third one's level.)
     """
 
     name = "meanshift"
@@ -521,6 +524,8 @@ class MeanShiftDetector:
         back: int = 4,
         alarm_k: int = 3,
         alarm_n: int = 4,
+        missing_columns: list[int] | None = None,
+        window: int | None = None,
     ) -> None:
         self.columns = np.asarray(columns, dtype=np.intp)
         self.se = np.asarray(standard_errors, dtype=np.float64)
@@ -548,6 +553,12 @@ class MeanShiftDetector:
             raise ConfigError(msg)
         self.spacing, self.back, self.alarm_k, self.alarm_n = int(spacing), int(back), int(alarm_k), int(alarm_n)
         self.limit: float | None = None
+        #: per level column, the feature counting its dropouts in the window (of ``window``)
+        self.missing_columns = None if missing_columns is None else np.asarray(missing_columns, dtype=np.intp)
+        self.window = window
+        if self.missing_columns is not None and len(self.missing_columns) != d:
+            msg = "the mean-shift chart needs one dropout column per level column"
+            raise ConfigError(msg)
         #: the drifting signals' level for a device with no history yet: where training ended
         self.start_level: Array | None = None
 
@@ -571,13 +582,23 @@ class MeanShiftDetector:
                 level = np.nanmean(np.stack(ends), axis=0)
             self.start_level = np.where(np.isnan(level), self.centre[recent], level)
 
+    def _levels(self, X: Array) -> Array:
+        """The window means of the chart's signals; NaN where a signal reported nothing in the
+        whole window (the features fill that mean with 0, which is no level)."""
+        X = np.asarray(X, dtype=np.float64)
+        levels = X[:, self.columns].copy()
+        missing, window = getattr(self, "missing_columns", None), getattr(self, "window", None)
+        if missing is not None and window:
+            levels[X[:, missing] >= window] = np.nan
+        return levels
+
     def _scores(self, levels: Array, centre: Array) -> Array:
         z = np.nan_to_num((levels - centre) / self.se, nan=0.0)  # a dropped-out signal counts as at its level
         t2 = np.einsum("ij,jk,ik->i", z, self.precision, z)
         return np.sqrt(np.maximum(t2, 0.0) / len(self.columns))
 
     def score(self, X: Array) -> Array:
-        return self._scores(np.asarray(X, dtype=np.float64)[:, self.columns], self.centre)
+        return self._scores(self._levels(X), self.centre)
 
     def score_sequence(self, X: Array, device_ids: Sequence[str], state: dict[str, Any]) -> Array:
         """Scores of windows given in event order per device, drifting signals against their
@@ -585,7 +606,7 @@ class MeanShiftDetector:
         recent = getattr(self, "recent", None)
         if recent is None or not recent.any() or self.limit is None:
             return self.score(X)
-        levels = np.asarray(X, dtype=np.float64)[:, self.columns]
+        levels = self._levels(X)
         out = np.empty(len(levels))
         spacing, back, mask, k = self.spacing, self.back, (1 << self.alarm_n) - 1, self.alarm_k
         for i, dev in enumerate(device_ids):
@@ -622,7 +643,9 @@ class MeanShiftDetector:
                 st.alarm, st.held = True, (level if known else None)
             elif st.alarm and not over:
                 st.alarm, st.held = False, None
-            st.means.append((m[recent], not st.alarm))
+            # a window joins the recent level only when it was itself under the limit and no
+            # alarm is on: a fault's first windows (before k of n have fired) stay out of it
+            st.means.append((m[recent], not (st.alarm or over)))
         return out
 
     def calibrate(self, X: Array, quantile: float) -> float:

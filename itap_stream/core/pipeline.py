@@ -79,6 +79,18 @@ def check_compatible(artifact: Artifact, schema: SensorSchema, window: int, hop:
     if artifact.window != window:
         msg = f"model was trained with window={artifact.window} readings but the config says window={window}"
         raise SchemaMismatch(msg)
+    recent = getattr(artifact.detector, "recent", None)
+    if recent is not None and recent.any() and artifact.hop != hop:
+        # its drifting signals' recent level counts windows back, so a window is hop readings
+        msg = (f"model was trained with hop={artifact.hop} readings and its mean-shift chart counts windows at that "
+               f"hop, but the config says hop={hop}; retrain with this hop")
+        raise SchemaMismatch(msg)
+
+
+#: Extra stored readings per device a restart replays for a detector with a per-device
+#: history, so that an alarm it holds (the mean-shift chart's drifting signals) survives a
+#: restart when it began at most this many readings earlier (half an hour at 1 Hz).
+REPLAY_READINGS = 1800
 
 
 class Processor:
@@ -143,7 +155,9 @@ class Processor:
         recent = getattr(det, "recent", None)
         if getattr(det, "score_sequence", None) is None or recent is None or not recent.any():
             return self.windows.window
-        return self.windows.window + det.spacing * det.back * self.windows.hop
+        # the recent level needs window + spacing * back * hop readings; an alarm held longer
+        # than that needs the readings since it began: replay up to REPLAY_READINGS more
+        return self.windows.window + det.spacing * det.back * self.windows.hop + REPLAY_READINGS
 
     def restore(self, recent: dict[str, tuple[list[Reading], int]]) -> int:
         """Refill the device windows from stored readings after a restart (see
@@ -152,7 +166,9 @@ class Processor:
 
         Given more readings than a window (`restore_depth`), the windows they closed are
         scored again, silently, to rebuild the detector's per-device history and the alarm
-        smoothing, so the next windows score as in an uninterrupted run."""
+        smoothing, so the next windows score as in an uninterrupted run (unless an alarm the
+        detector holds began before the replayed readings). Called for a device already
+        running (a model reload), it only replays."""
         window, hop = self.windows.window, self.windows.hop
         for device_id, (readings, count) in recent.items():
             self.windows.restore(device_id, readings[-window:], count)

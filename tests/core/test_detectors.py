@@ -441,3 +441,42 @@ def test_after_a_long_thermal_fault_the_level_from_before_it_comes_back():
     end, flags = res.windows.end_ts - 1.6e9, res.assessment.flags
     assert flags[(end >= 840) & (end < 1100)].all()  # held for the whole fault
     assert not flags[end >= 1140].any()  # and over once it is
+
+
+def _flat_rig(n: int, seed: int):
+    """A rig trained on 400 flat readings: motor_temp (Temperature) 60 °C and pressure 2 bar."""
+    from itap_stream.core.schema import SensorSchema
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(n, dtype=float)
+    frame = pd.DataFrame({"device_id": "rig", "ts": 1.6e9 + t, "state": "RUN",
+                          "motor_temp": 60.0 + 0.05 * rng.normal(size=n), "pressure": 2.0 + 0.02 * rng.normal(size=n)})
+    schema = SensorSchema.from_dict({"signals": [{"name": "motor_temp", "family": "Temperature"},
+                                                 {"name": "pressure", "family": "Pressure"}]})
+    art, _ = train_from_frame(frame.iloc[:400], schema, window=32, hop=4)
+    return frame, schema, art
+
+
+def _flags_by_end(frame, schema, art):
+    res = score_frame(frame, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4)
+    return res.windows.end_ts - 1.6e9, res.assessment.flags
+
+
+@pytest.mark.parametrize("length", [68, 84, 100])
+def test_a_short_thermal_fault_ends_its_alarm_when_it_ends(length):
+    """The first windows of a fault, over the limit before k of n have fired, never join the
+    recent level: after the fault nothing is compared with them, so the alarm ends."""
+    frame, schema, art = _flat_rig(3000, 15)
+    frame.loc[1000 : 1000 + length - 1, "motor_temp"] += 5.0
+    end, flags = _flags_by_end(frame.iloc[400:], schema, art)
+    assert flags[(end >= 1020) & (end < 1000 + length)].all()
+    assert not flags[end >= 1000 + length + 200].any()
+
+
+def test_a_temperature_sensor_that_drops_out_for_a_minute_leaves_no_alarm_behind():
+    """A window in which a signal reported nothing has no level for it (the features fill
+    its mean with 0): it neither scores as a 60 °C drop nor joins the recent level."""
+    frame, schema, art = _flat_rig(3000, 16)
+    frame.loc[1000:1059, "motor_temp"] = np.nan
+    end, flags = _flags_by_end(frame.iloc[400:], schema, art)
+    assert not flags.any()

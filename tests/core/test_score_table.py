@@ -7,7 +7,7 @@ import pandas as pd
 
 from itap_stream.app.offline import score_frame, windows_of_frame
 from itap_stream.core.model import IsolationForestDetector
-from itap_stream.core.pipeline import Processor
+from itap_stream.core.pipeline import REPLAY_READINGS, Processor
 from itap_stream.core.readings import Reading
 from itap_stream.core.rules import RuleEngine
 from simulator import default_faults, simulate
@@ -191,11 +191,56 @@ def test_a_restart_replays_the_stored_readings_so_drifting_signals_score_as_with
     run_through(first, readings[:cut])
     again = Processor(schema, art, RuleEngine([]), window=32, hop=4)
     depth = again.restore_depth()
-    assert depth == 32 + 8 * 4 * 4  # a window, and the 4 non-overlapping windows before it
-    again.restore({"RIG-1": (readings[cut - depth : cut], cut)})
+    # a window, the 4 non-overlapping windows before it, and half an hour for a held alarm
+    assert depth == 32 + 8 * 4 * 4 + REPLAY_READINGS
+    again.restore({"RIG-1": (readings[max(0, cut - depth) : cut], cut)})
     after = run_through(again, readings[cut:])
     assert after and after == {ts: v for ts, v in whole.items() if ts in after}
     # refilled with one window only (the history lost), the first windows after the cut differ
     bare = Processor(schema, art, RuleEngine([]), window=32, hop=4)
     bare.restore({"RIG-1": (readings[cut - 32 : cut], cut)})
     assert run_through(bare, readings[cut:]) != after
+
+
+def test_a_restart_or_a_model_reload_during_a_held_temperature_alarm_keeps_it():
+    """A +5 °C fault from reading 1000 to 1999: restarting the consumer at 1400, or reloading
+    the model there, replays the stored readings, so the held pre-fault level survives and
+    the fault stays an alarm to its end, then ends, as without the interruption."""
+    from itap_stream.app.offline import train_from_frame
+    from itap_stream.core.schema import SensorSchema
+
+    rng = np.random.default_rng(17)
+    n = 3000
+    t = np.arange(n, dtype=float)
+    frame = pd.DataFrame({"device_id": "rig", "ts": 1.6e9 + t, "state": "RUN", "label": None, "tag": None,
+                          "seq": np.arange(n), "motor_temp": 60.0 + 0.05 * rng.normal(size=n),
+                          "pressure": 2.0 + 0.02 * rng.normal(size=n)})
+    frame.loc[1000:1999, "motor_temp"] += 5.0
+    schema = SensorSchema.from_dict({"signals": [{"name": "motor_temp", "family": "Temperature"},
+                                                 {"name": "pressure", "family": "Pressure"}]})
+    art, _ = train_from_frame(frame.iloc[:400], schema, window=32, hop=4)
+    readings = _readings(frame.iloc[400:], list(schema.names))
+
+    def run_through(proc, part):
+        out = {}
+        for i in range(0, len(part), 50):
+            res = proc.process(part[i : i + 50])
+            if res.n_windows:
+                out.update(zip(res.windows.end_ts.tolist(), zip(res.scores.tolist(), res.is_anomaly.tolist())))
+        return out
+
+    whole = run_through(Processor(schema, art, RuleEngine([]), window=32, hop=4), readings)
+    cut = 1000  # reading 1400
+    first = Processor(schema, art, RuleEngine([]), window=32, hop=4)
+    run_through(first, readings[:cut])
+    restarted = Processor(schema, art, RuleEngine([]), window=32, hop=4)
+    depth = restarted.restore_depth()
+    restarted.restore({"rig": (readings[max(0, cut - depth) : cut], cut)})
+    after = run_through(restarted, readings[cut:])
+    assert after == {ts: v for ts, v in whole.items() if ts in after}
+    assert all(f for ts, (_s, f) in after.items() if ts - 1.6e9 < 2000) and not any(
+        f for ts, (_s, f) in after.items() if ts - 1.6e9 >= 2100)
+    # a model reload on the running processor: the history starts afresh and is replayed
+    first.artifact = art
+    first.restore({"rig": (readings[max(0, cut - depth) : cut], cut)})
+    assert run_through(first, readings[cut:]) == after
