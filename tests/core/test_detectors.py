@@ -480,3 +480,14 @@ def test_a_temperature_sensor_that_drops_out_for_a_minute_leaves_no_alarm_behind
     frame.loc[1000:1059, "motor_temp"] = np.nan
     end, flags = _flags_by_end(frame.iloc[400:], schema, art)
     assert not flags.any()
+
+
+def test_a_chart_with_drifting_signals_refuses_another_hop():
+    """Its recent level counts windows back: at another hop that would be another span of readings."""
+    from itap_stream.core.pipeline import check_compatible
+    from itap_stream.errors import SchemaMismatch
+
+    _frame, schema, art = _flat_rig(400, 18)
+    check_compatible(art, schema, 32, 4)
+    with pytest.raises(SchemaMismatch, match="hop=4"):
+        check_compatible(art, schema, 32, 8)
