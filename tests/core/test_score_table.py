@@ -23,6 +23,16 @@ def _readings(frame, names):
     return out
 
 
+def _run_through(proc, part, step=37):
+    """Stream ``part`` through ``proc`` in micro-batches: window end -> (score, smoothed flag)."""
+    out = {}
+    for i in range(0, len(part), step):
+        res = proc.process(part[i : i + step])
+        if res.n_windows:
+            out.update(zip(res.windows.end_ts.tolist(), zip(res.scores.tolist(), res.is_anomaly.tolist())))
+    return out
+
+
 def test_batch_scoring_equals_stream_scoring(schema, trained, default_rules):
     rules, resolve_after = default_rules
     sim = simulate(5, 1800, seed=21, faults=default_faults(5, 1800))
@@ -177,29 +187,21 @@ def test_a_restart_replays_the_stored_readings_so_drifting_signals_score_as_with
     test["seq"], test["tag"] = np.arange(len(test)), None
     readings = _readings(test, list(schema.names))
 
-    def run_through(proc, part):
-        out = {}
-        for i in range(0, len(part), 37):
-            res = proc.process(part[i : i + 37])
-            if res.n_windows:
-                out.update(zip(res.windows.end_ts.tolist(), zip(res.scores.tolist(), res.is_anomaly.tolist())))
-        return out
-
-    whole = run_through(Processor(schema, art, RuleEngine([]), window=32, hop=4), readings)
+    whole = _run_through(Processor(schema, art, RuleEngine([]), window=32, hop=4), readings)
     cut = 333  # the consumer stops here
     first = Processor(schema, art, RuleEngine([]), window=32, hop=4)
-    run_through(first, readings[:cut])
+    _run_through(first, readings[:cut])
     again = Processor(schema, art, RuleEngine([]), window=32, hop=4)
     depth = again.restore_depth()
     # a window, the 4 non-overlapping windows before it, and half an hour for a held alarm
     assert depth == 32 + 8 * 4 * 4 + REPLAY_READINGS
     again.restore({"RIG-1": (readings[max(0, cut - depth) : cut], cut)})
-    after = run_through(again, readings[cut:])
+    after = _run_through(again, readings[cut:])
     assert after and after == {ts: v for ts, v in whole.items() if ts in after}
     # refilled with one window only (the history lost), the first windows after the cut differ
     bare = Processor(schema, art, RuleEngine([]), window=32, hop=4)
     bare.restore({"RIG-1": (readings[cut - 32 : cut], cut)})
-    assert run_through(bare, readings[cut:]) != after
+    assert _run_through(bare, readings[cut:]) != after
 
 
 def test_a_restart_or_a_model_reload_during_a_held_temperature_alarm_keeps_it():
@@ -221,26 +223,18 @@ def test_a_restart_or_a_model_reload_during_a_held_temperature_alarm_keeps_it():
     art, _ = train_from_frame(frame.iloc[:400], schema, window=32, hop=4)
     readings = _readings(frame.iloc[400:], list(schema.names))
 
-    def run_through(proc, part):
-        out = {}
-        for i in range(0, len(part), 50):
-            res = proc.process(part[i : i + 50])
-            if res.n_windows:
-                out.update(zip(res.windows.end_ts.tolist(), zip(res.scores.tolist(), res.is_anomaly.tolist())))
-        return out
-
-    whole = run_through(Processor(schema, art, RuleEngine([]), window=32, hop=4), readings)
+    whole = _run_through(Processor(schema, art, RuleEngine([]), window=32, hop=4), readings)
     cut = 1000  # reading 1400
     first = Processor(schema, art, RuleEngine([]), window=32, hop=4)
-    run_through(first, readings[:cut])
+    _run_through(first, readings[:cut])
     restarted = Processor(schema, art, RuleEngine([]), window=32, hop=4)
     depth = restarted.restore_depth()
     restarted.restore({"rig": (readings[max(0, cut - depth) : cut], cut)})
-    after = run_through(restarted, readings[cut:])
+    after = _run_through(restarted, readings[cut:])
     assert after == {ts: v for ts, v in whole.items() if ts in after}
     assert all(f for ts, (_s, f) in after.items() if ts - 1.6e9 < 2000) and not any(
         f for ts, (_s, f) in after.items() if ts - 1.6e9 >= 2100)
     # a model reload on the running processor: the history starts afresh and is replayed
     first.artifact = art
     first.restore({"rig": (readings[max(0, cut - depth) : cut], cut)})
-    assert run_through(first, readings[cut:]) == after
+    assert _run_through(first, readings[cut:]) == after
