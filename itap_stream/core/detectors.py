@@ -440,6 +440,15 @@ def level_correlation(segments: list[Array], shrink: float = 0.1) -> Array:
     return (1.0 - shrink) * r + shrink * np.eye(d)
 
 
+def _nanmean(rows: list[Array]) -> Array:
+    """Mean of same-shape rows ignoring NaN; NaN (quietly) where every row is NaN."""
+    stack = np.stack(rows)
+    present = ~np.isnan(stack)
+    n = present.sum(axis=0)
+    total = np.where(present, stack, 0.0).sum(axis=0)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
 @dataclass
 class _Levels:
     """One device's recent window means (drifting signals) and the chart's own alarm state."""
@@ -576,10 +585,9 @@ class MeanShiftDetector:
         for m in means:
             m = np.asarray(m, dtype=np.float64)[:, recent]
             if len(m):
-                ends.append(np.nanmean(m[::-1][:: self.spacing][: self.back], axis=0))
+                ends.append(_nanmean(list(m[::-1][:: self.spacing][: self.back])))
         if ends:
-            with np.errstate(invalid="ignore"):
-                level = np.nanmean(np.stack(ends), axis=0)
+            level = _nanmean(ends)
             self.start_level = np.where(np.isnan(level), self.centre[recent], level)
 
     def _levels(self, X: Array) -> Array:
@@ -628,8 +636,7 @@ class MeanShiftDetector:
                     # no window outside an alarm yet (one raised before any history): follow them all
                     past = past or [mj for mj, _ in earlier]
                     if past:
-                        with np.errstate(invalid="ignore"):
-                            mean = np.nanmean(np.stack(past), axis=0) if len(past) > 1 else past[0]
+                        mean = _nanmean(past)
                         level = np.where(np.isnan(mean), level, mean)
                     if known:
                         st.good = level

@@ -491,3 +491,11 @@ def test_a_chart_with_drifting_signals_refuses_another_hop():
     check_compatible(art, schema, 32, 4)
     with pytest.raises(SchemaMismatch, match="hop=4"):
         check_compatible(art, schema, 32, 8)
+
+
+def test_a_temperature_sensor_dead_for_minutes_neither_warns_nor_alarms():
+    """Longer than the whole recent level (128 readings): no level at all for a while."""
+    frame, schema, art = _flat_rig(3000, 19)
+    frame.loc[1000:1399, "motor_temp"] = np.nan
+    end, flags = _flags_by_end(frame.iloc[400:], schema, art)  # warnings are errors in this suite
+    assert not flags.any()
