@@ -23,6 +23,7 @@ __all__ = [
     "DataError",
     "ItapError",
     "SchemaMismatch",
+    "ServiceFailed",
     "StoreError",
 ]
 
@@ -53,3 +54,8 @@ class BrokerError(ItapError):
 
 class DataError(ItapError):
     """An input data file cannot be used."""
+
+
+class ServiceFailed(ItapError):
+    """A thread of the running service died or stopped making progress: the process must
+    end (non-zero) so that its supervisor starts it again."""

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
+import socket
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
@@ -31,7 +37,8 @@ class Metrics:
         )
         self.redelivered = Counter(
             "itap_readings_redelivered",
-            "Readings the broker delivered again after a reconnect that were already in (stored once, not dead-lettered)",
+            "Readings the broker delivered again after a reconnect that were already in "
+            "(stored once, not dead-lettered)",
             registry=r,
         )
         self.windows = Counter("itap_windows_scored", "Windows featured and scored", registry=r)
@@ -77,11 +84,13 @@ class Metrics:
         self.connected = Gauge("itap_mqtt_connected", "1 while connected to the broker", registry=r)
         self.reconnects = Counter("itap_mqtt_reconnects", "Reconnections to the broker", registry=r)
         self.unacked = Gauge(
-            "itap_mqtt_unacked_messages", "Messages received but not yet acknowledged (acknowledged after the store commit)",
+            "itap_mqtt_unacked_messages",
+            "Messages received but not yet acknowledged (acknowledged after the store commit)",
             registry=r,
         )
         self.outbox = Gauge(
-            "itap_mqtt_outbox_messages", "Alerts, dead letters and replies waiting for the broker (held while it is away)",
+            "itap_mqtt_outbox_messages",
+            "Alerts, dead letters and replies waiting for the broker (held while it is away)",
             registry=r,
         )
         self.publish_refused = Counter(
@@ -99,26 +108,89 @@ class Metrics:
 
 
 def serve(
-    addr: str, registry: CollectorRegistry, *, fleet: Callable[[], dict[str, Any]] | None = None
+    addr: str,
+    registry: CollectorRegistry,
+    *,
+    fleet: Callable[..., dict[str, Any]] | None = None,
+    health: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
+    allowed_hosts: Iterable[str] | str = (),
+    threads: int = 8,
+    request_timeout: float = 10.0,
 ) -> Any:
-    """Serve ``/metrics`` on ``host:port`` and, with ``fleet``, the dashboard (``/``) and its
-    data (``/api/fleet``); returns the server (``.shutdown()`` to stop)."""
+    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` and, with ``fleet``, the dashboard (``/``)
+    and its data (``/api/fleet?limit=&offset=``); returns the server (``.shutdown()`` to stop).
+
+    Parameters
+    ----------
+    fleet
+        Called as ``fleet(limit=..., offset=...)`` for one page of ``/api/fleet`` (``FleetView.snapshot``).
+    health
+        Returns ``(ok, detail)``: ``/healthz`` answers 200 ``{"status": "ok", **detail}`` when ``ok``,
+        else 503 ``{"status": "failing", **detail}``. Without it ``/healthz`` answers 200 (the server is up).
+    allowed_hosts
+        ``Host`` header names answered besides the bound address and ``localhost`` (a string is split
+        on commas); any other is refused with 421 (DNS rebinding: the fleet JSON is unauthenticated).
+    threads
+        Connections served at once; the others wait in a queue (at most ``_MAX_PENDING``).
+    request_timeout
+        Seconds a connection gets, from its accept, to send its request (and per write of the answer).
+    """
     host, _, port = addr.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if threads < 1 or request_timeout <= 0:
+        msg = f"cannot serve metrics on {addr!r}: threads must be >= 1 and request_timeout > 0; " \
+              f"got threads={threads}, request_timeout={request_timeout}"
+        raise ConfigError(msg)
+    if isinstance(allowed_hosts, str):
+        allowed_hosts = allowed_hosts.split(",")
+    accepts = _host_check(host, allowed_hosts)
     page = _dashboard_page() if fleet is not None else b""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = request_timeout
+
+        def setup(self) -> None:
+            super().setup()
+            # the request must arrive within request_timeout of the accept, however long it queued
+            accepted = getattr(self.server, "accepted_at", {}).get(self.request) or time.monotonic()
+            self.connection.settimeout(max(_MIN_READ_S, accepted + request_timeout - time.monotonic()))
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            path = self.path.split("?", 1)[0]
+            self.connection.settimeout(request_timeout)  # the request is in: the answer gets the full timeout
+            if not accepts(self.headers.get("Host")):
+                self._send(421, b"421 Misdirected Request: this Host is not served here\n", "text/plain; charset=utf-8")
+                return
+            path, _, query = self.path.partition("?")
             if path == "/metrics":
-                body, ctype = generate_latest(registry), CONTENT_TYPE_LATEST
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._healthz()
             elif fleet is not None and path in ("/", "/index.html"):
-                body, ctype = page, "text/html; charset=utf-8"
+                self._send(200, page, "text/html; charset=utf-8")
             elif fleet is not None and path == "/api/fleet":
-                body, ctype = json.dumps(fleet()).encode(), "application/json"
+                try:
+                    limit, offset = _page_params(query)
+                except ValueError as exc:
+                    self._send(400, f"400 Bad Request: {exc}\n".encode(), "text/plain; charset=utf-8")
+                    return
+                self._send(200, json.dumps(fleet(limit=limit, offset=offset)).encode(), "application/json")
             else:
                 self.send_error(404)
-                return
-            self.send_response(200)
+
+        def _healthz(self) -> None:
+            ok = True
+            detail: dict[str, Any] = {}
+            if health is not None:
+                try:
+                    ok, detail = health()
+                except Exception as exc:  # noqa: BLE001 - a broken check is a failing service, not a 500
+                    log.exception("health check failed")
+                    ok, detail = False, {"error": f"{type(exc).__name__}: {exc}"}
+            body = {"status": "ok" if ok else "failing"} | {k: v for k, v in detail.items() if k != "status"}
+            self._send(200 if ok else 503, json.dumps(body, default=str).encode(), "application/json")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
@@ -129,14 +201,144 @@ def serve(
             pass
 
     try:
-        server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        server = _PooledHTTPServer((host, int(port)), Handler, threads=threads)
     except (ValueError, OSError) as exc:
         msg = f"cannot serve metrics on {addr!r}: {exc}"
         raise ConfigError(msg) from exc
-    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="itap-http", daemon=True).start()
-    log.info("metrics on http://%s/metrics%s", addr, f", dashboard on http://{addr}/" if fleet is not None else "")
+    bound = f"[{host}]" if ":" in host else host
+    where = f"{bound}:{server.server_address[1]}"  # the real port when asked for port 0
+    log.info(
+        "metrics on http://%s/metrics, health on http://%s/healthz%s (%d threads)",
+        where, where, f", dashboard on http://{where}/" if fleet is not None else "", threads,
+    )
     return server
+
+
+#: Accepted connections waiting for a worker at most; more are closed at once (file descriptors are finite).
+_MAX_PENDING = 512
+#: Least time a queued connection gets to deliver a request it has already sent.
+_MIN_READ_S = 0.05
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+_WILDCARD = ("0.0.0.0", "::")  # noqa: S104 - names of the wildcard bind, compared, not bound
+
+
+class _PooledHTTPServer(HTTPServer):
+    """An HTTP server whose connections are served by a fixed pool of ``threads`` workers
+    (``ThreadingHTTPServer`` starts a thread per connection, unbounded)."""
+
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, threads: int) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.accepted_at: dict[Any, float] = {}
+        self._pending_lock = threading.Lock()
+        self._closing = False
+        super().__init__(address, handler)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"itap-http-{self.server_address[1]}")
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._pending_lock:
+            refuse = self._closing or len(self.accepted_at) >= _MAX_PENDING
+            if not refuse:
+                self.accepted_at[request] = time.monotonic()
+        if refuse:
+            self.shutdown_request(request)
+            return
+        try:
+            self._pool.submit(self._serve_one, request, client_address)
+        except RuntimeError:  # the interpreter is exiting: socketserver closes the connection
+            with self._pending_lock:
+                self.accepted_at.pop(request, None)
+            raise
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            if not self._closing:
+                self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - socketserver's own policy: report and go on
+            self.handle_error(request, client_address)
+        finally:
+            with self._pending_lock:
+                self.accepted_at.pop(request, None)
+            self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("HTTP connection from %s failed", client_address, exc_info=True)
+
+    def shutdown(self) -> None:
+        """Stop accepting, end the connections in service or waiting, stop the workers; does not block on clients."""
+        super().shutdown()
+        with self._pending_lock:
+            self._closing = True
+            waiting = list(self.accepted_at)
+        for sock in waiting:  # wakes a worker blocked reading an idle client
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for sock in waiting:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.server_close()
+
+
+def _host_check(bound: str, allowed_hosts: Iterable[str]) -> Callable[[str | None], bool]:
+    """``accepts(host_header)``: True for the bound address, localhost and ``allowed_hosts``; with a
+    wildcard bind, also the machine's names and any IP literal (an IP cannot be rebound by DNS)."""
+    names = {_host_name(h) for h in (bound, *_LOOPBACK, *allowed_hosts) if h.strip()}
+    wildcard = bound in _WILDCARD
+    if wildcard:
+        names |= {_host_name(socket.gethostname()), _host_name(socket.getfqdn())}
+
+    def accepts(header: str | None) -> bool:
+        if not header or not header.strip():
+            return False
+        name = _host_name(header)
+        return name in names or (wildcard and _is_ip(name))
+
+    return accepts
+
+
+def _host_name(host: str) -> str:
+    """The name of a ``Host`` header, port and IPv6 brackets stripped, e.g. ``[::1]:9108`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _page_params(query: str) -> tuple[int, int]:
+    """``limit`` and ``offset`` of an ``/api/fleet`` query string; ValueError with what was expected."""
+    params = parse_qs(query, keep_blank_values=True)
+    out = []
+    for name, default, most in (("limit", _FLEET_LIMIT, _FLEET_LIMIT_MAX), ("offset", 0, None)):
+        values = params.get(name)
+        if not values:
+            out.append(default)
+            continue
+        raw = values[-1]
+        value = int(raw) if raw.strip().isdigit() else -1
+        if value < 0 or (most is not None and value > most):
+            bound = f"from 0 to {most}" if most is not None else "of 0 or more"
+            msg = f"/api/fleet: {name} must be an integer {bound}; got {raw!r}"
+            raise ValueError(msg)
+        out.append(value)
+    return out[0], out[1]
+
+
+_FLEET_LIMIT = 200
+_FLEET_LIMIT_MAX = 1000
 
 
 def _dashboard_page() -> bytes:

@@ -3,7 +3,8 @@
 Tables: ``devices``, ``readings`` (one column per signal of the schema), ``windows``
 (every scored window), ``anomalies`` (with their explanation), ``alerts`` (every
 transition) and ``deadletters`` (every refused payload or reading, as published on the
-dead-letter topic, so "stored or dead-lettered" can be checked in one place). Writes are idempotent: unique keys plus insert-or-ignore, so a reading
+dead-letter topic, so "stored or dead-lettered" can be checked in one place).
+Writes are idempotent: unique keys plus insert-or-ignore, so a reading
 delivered twice is stored once and a CSV ingested twice adds nothing.
 Times are stored as epoch seconds (REAL), UTC.
 """
@@ -15,20 +16,20 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from itap_stream.core.readings import Reading
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import StoreError
 
-__all__ = ["Store", "StoreBatch", "StoreWriter"]
+__all__ = ["Store", "StoreBatch", "StoreWriteError", "StoreWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,57 @@ log = logging.getLogger(__name__)
 WINDOW_COLUMNS = ("device_id", "window_start", "window_end", "state", "score", "is_anomaly", "label")
 #: How often ``devices.last_seen`` is brought up to date.
 DEVICES_FLUSH_S = 5.0
+#: Column widths of the dead-letter table (a hostile topic or device id is cut to fit).
+DEADLETTER_TOPIC_CHARS, DEADLETTER_REASON_CHARS, DEADLETTER_ID_CHARS = 256, 32, 128
+#: The parts of a `StoreBatch` that `StoreWriter` splits when the store refuses a row.
+BATCH_PARTS = ("readings", "windows", "anomalies", "alerts", "deadletters", "devices")
+
+
+class StoreWriteError(StoreError):
+    """A write the store refused. ``transient``: the store itself failed (locked, full,
+    connection lost) and the same write may succeed later; otherwise a row of the batch
+    was refused (a value out of a column's range or width, bad text) and retrying the
+    same rows can never succeed."""
+
+    def __init__(self, msg: str, *, transient: bool) -> None:
+        super().__init__(msg)
+        self.transient = transient
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """The store failed (and may recover), rather than refused the data."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def clean_text(value: Any, limit: int) -> str:
+    """``value`` as text any SQL store accepts: valid Unicode (lone surrogates replaced),
+    no NUL (PostgreSQL refuses it), at most ``limit`` characters.
+
+    Examples
+    --------
+    >>> clean_text("a" + chr(0) + "b" + chr(0xD800), 10)
+    'a\ufffdb?'
+    >>> clean_text("x" * 300, 256) == "x" * 255 + "…"
+    True
+    """
+    text = value if isinstance(value, str) else str(value)
+    text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def deadletter_row(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A dead-letter body as a row every store takes, whatever a device put in it."""
+    device = d.get("device_id")
+    return {
+        "received_at": float(d.get("received_at") or 0.0),
+        "topic": clean_text(d.get("topic") or "", DEADLETTER_TOPIC_CHARS),
+        "reason": clean_text(d.get("reason") or "", DEADLETTER_REASON_CHARS),
+        "device_id": clean_text(device, DEADLETTER_ID_CHARS) if device is not None else None,
+        "detail": clean_text(d.get("detail"), 1 << 16) if d.get("detail") is not None else None,
+        "payload": clean_text(d.get("payload") or "", 1 << 16),
+    }
 
 
 @dataclass
@@ -185,7 +237,10 @@ class Store:
             cols = {c["name"] for c in insp.get_columns("readings")}
             alert_keys = [tuple(u["column_names"]) for u in insp.get_unique_constraints("alerts")]
         except SQLAlchemyError as exc:
-            msg = f"cannot open the store at {_safe_url(self.url)}: {exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"
+            msg = (
+                f"cannot open the store at {_safe_url(self.url)}: "
+                f"{exc.__class__.__name__}: {exc.args[0] if exc.args else exc}"
+            )
             raise StoreError(msg) from exc
         if ("alert_id", "status") in alert_keys:
             # created before alerts had one row per transition: a second reminder (or any
@@ -230,7 +285,7 @@ class Store:
         if self.dialect == "sqlite":
             sql = f"INSERT OR IGNORE INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             return conn.exec_driver_sql(sql, tuples).rowcount
-        return conn.execute(self._insert_ignore(table), [dict(zip(columns, t)) for t in tuples]).rowcount
+        return conn.execute(self._insert_ignore(table), [dict(zip(columns, t, strict=True)) for t in tuples]).rowcount
 
     def write(self, batch: StoreBatch) -> int:
         """Write one micro-batch in one transaction; returns readings newly inserted."""
@@ -245,15 +300,16 @@ class Store:
                     if rows:
                         conn.execute(self._insert_ignore(table), rows)
                 if batch.deadletters:
-                    conn.execute(self.deadletters.insert(), [
-                        {k: d.get(k) for k in ("received_at", "topic", "reason", "device_id", "detail", "payload")}
-                        for d in batch.deadletters
-                    ])
+                    conn.execute(self.deadletters.insert(), [deadletter_row(d) for d in batch.deadletters])
                 if batch.devices:
                     self._note_devices(conn, batch.devices)
-        except SQLAlchemyError as exc:
-            msg = f"store write failed ({_safe_url(self.url)}): {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}"
-            raise StoreError(msg) from exc
+        except (SQLAlchemyError, ValueError, TypeError, OverflowError, UnicodeError) as exc:
+            # the drivers raise some refusals of a value themselves, before the database sees it:
+            # sqlite3 an OverflowError for an integer over 64 bits, a UnicodeEncodeError for a
+            # lone surrogate; psycopg2 a ValueError for a NUL in a string
+            why = exc.orig if isinstance(exc, DBAPIError) else exc
+            msg = f"store write failed ({_safe_url(self.url)}): {exc.__class__.__name__}: {_short(why)}"
+            raise StoreWriteError(msg, transient=_is_transient(exc)) from exc
         return max(inserted, 0)
 
     def _note_devices(self, conn: sa.Connection, devices: Mapping[str, tuple[float, float]]) -> None:
@@ -271,7 +327,9 @@ class Store:
                 q = sa.select(self.devices).where(self.devices.c.device_id.in_(ids))
                 stored.update({row.device_id: [row.first_seen, row.last_seen] for row in conn.execute(q)})
             new = [
-                {"device_id": d, "first_seen": devices[d][0], "last_seen": devices[d][1]} for d in fresh if d not in stored
+                {"device_id": d, "first_seen": devices[d][0], "last_seen": devices[d][1]}
+                for d in fresh
+                if d not in stored
             ]
             if new:
                 conn.execute(self._insert_ignore(self.devices), new)
@@ -377,7 +435,15 @@ def reading_rows(readings: Iterable[Reading]) -> list[tuple[Any, ...]]:
 
 
 def anomaly_row(
-    device_id: str, start: float, end: float, state: str, score: float, conf: float, exp: Any, tags: Sequence[str], label: str | None
+    device_id: str,
+    start: float,
+    end: float,
+    state: str,
+    score: float,
+    conf: float,
+    exp: Any,
+    tags: Sequence[str],
+    label: str | None,
 ) -> dict[str, Any]:
     return {
         "device_id": device_id,
@@ -414,6 +480,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _short(exc: Any, limit: int = 300) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _safe_url(url: str) -> str:
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
@@ -425,12 +496,30 @@ class StoreWriter:
     """A thread that owns store writes, so they stay off the processing loop.
 
     ``submit`` blocks when ``max_pending`` batches or ``max_pending_rows`` rows are
-    waiting: a slow database slows intake instead of growing memory. Errors are logged
-    and retried with backoff; a batch is never dropped while the writer runs.
+    waiting: a slow database slows intake instead of growing memory.
+
+    Failures:
+
+    * the store failed (locked, disk full, connection lost): the batch is retried with
+      backoff, never dropped; the owner sees it in `stalled_for` and decides how long
+      that may last;
+    * the store refused a row (a value out of a column's range or width, bad text): the
+      batch is split in halves until the refused rows are found; the rest is stored,
+      the refused ones go to ``on_rejected(part, rows, why)``, which returns dead-letter
+      bodies to store instead (reason ``store_rejected``), and the batch counts as
+      committed, so its messages are acknowledged and never come back;
+    * the thread itself dies (a bug): `error` is set, `alive` turns False, and `submit`
+      and `flush` raise or return instead of waiting for ever.
     """
 
     def __init__(
-        self, store: Store, *, max_pending: int = 64, max_pending_rows: int = 50_000, on_written: Any = None
+        self,
+        store: Store,
+        *,
+        max_pending: int = 64,
+        max_pending_rows: int = 50_000,
+        on_written: Any = None,
+        on_rejected: Callable[[str, list[Any], str], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.store = store
         self._q: queue.Queue[StoreBatch | None] = queue.Queue(maxsize=max_pending)
@@ -438,23 +527,61 @@ class StoreWriter:
         self._max_rows = max_pending_rows
         self._room = threading.Condition()
         self._on_written = on_written
-        self.failures = 0
+        self._on_rejected = on_rejected
+        self.failures = 0  # failed write attempts (transient or refused)
+        self.rejected_rows = 0  # rows the store refused (dead-lettered)
+        self.error: BaseException | None = None  # why the thread died, if it did
+        self._busy_since: float | None = None  # monotonic time the current batch was taken
         self._thread = threading.Thread(target=self._run, name="itap-store-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            msg = f"the store writer thread has stopped: {self.error!r}"
+            raise StoreError(msg)
+
+    def stalled_for(self, now: float | None = None) -> float:
+        """Seconds the writer has been working on one batch without committing it (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else max(0.0, (time.monotonic() if now is None else now) - since)
+
     def submit(self, batch: StoreBatch) -> None:
-        if len(batch) or batch.on_commit:
-            with self._room:
-                # one batch larger than the bound still goes (alone): never deadlock
-                self._room.wait_for(lambda: self._rows == 0 or self._rows + len(batch) <= self._max_rows)
-                self._rows += len(batch)
-            self._q.put(batch)
+        """Queue a batch; blocks while too much is pending; `StoreError` if the writer died."""
+        if not (len(batch) or batch.on_commit):
+            return
+        with self._room:
+            # one batch larger than the bound still goes (alone): never deadlock
+            while not self._room.wait_for(
+                lambda: self._rows == 0 or self._rows + len(batch) <= self._max_rows, timeout=0.5
+            ):
+                self._check_alive()
+            self._rows += len(batch)
+        while True:
+            self._check_alive()
+            try:
+                self._q.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     @property
     def pending(self) -> int:
         return self._q.qsize()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a writer that dies quietly stalls the whole service
+            self.error = exc
+            log.critical("the store writer thread died: %r", exc, exc_info=True)
+            with self._room:
+                self._room.notify_all()
+
+    def _loop(self) -> None:
         while True:
             batch = self._q.get()
             if batch is None:
@@ -464,30 +591,104 @@ class StoreWriter:
                     log.error("%s", exc)
                 self._q.task_done()
                 return
-            delay = 0.05
-            while True:
-                try:
-                    t0 = time.perf_counter()
-                    self.store.write(batch)
-                    if self._on_written is not None:
-                        self._on_written(batch, time.perf_counter() - t0)
-                    break
-                except StoreError as exc:
-                    self.failures += 1
-                    log.error("%s; retrying in %.1fs", exc, delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            self._busy_since = time.monotonic()
+            self._commit(batch)
             for fn in batch.on_commit:
                 fn()
             with self._room:
                 self._rows -= len(batch)
                 self._room.notify_all()
+            self._busy_since = None
             self._q.task_done()
 
-    def flush(self) -> None:
-        """Block until every submitted batch is committed."""
-        self._q.join()
+    def _commit(self, batch: StoreBatch) -> None:
+        """Write ``batch``: retried while the store fails, split when it refuses a row."""
+        delay = 0.05
+        while True:
+            try:
+                t0 = time.perf_counter()
+                try:
+                    self.store.write(batch)
+                except StoreWriteError as exc:
+                    if exc.transient:
+                        raise
+                    self.failures += 1
+                    log.error("%s; finding the refused rows, the rest is stored", exc)
+                    self._isolate(batch)
+                if self._on_written is not None:
+                    self._on_written(batch, time.perf_counter() - t0)
+                return
+            except StoreWriteError as exc:
+                self.failures += 1
+                log.error("%s; retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join()
+    def _isolate(self, batch: StoreBatch) -> None:
+        """Write each part of ``batch`` on its own, halving a refused part until the refused
+        rows are found. A store failure (transient) on the way raises: the caller retries,
+        and the parts already written are not written again."""
+        for part in BATCH_PARTS:
+            rows: Any = getattr(batch, part)
+            if not rows:
+                continue
+            items = list(rows.items()) if part == "devices" else list(rows)
+            refused = self._bisect(part, items)
+            setattr(batch, part, {} if part == "devices" else [])  # done: not written again on a retry
+            if not refused:
+                continue
+            self.rejected_rows += len(refused)
+            why = refused[0][1]
+            rows_out = [r for r, _why in refused]
+            log.error("the store refused %d %s row(s): %s", len(rows_out), part, why)
+            if part == "deadletters":
+                # a dead letter the store refuses even after cleaning: keep a plain ASCII copy
+                fallback = [{**deadletter_row(d), "detail": ascii(d.get("detail"))[:4096],
+                             "payload": ascii(d.get("payload"))[:4096]} for d in rows_out]
+                if self._bisect("deadletters", fallback):
+                    log.error("%d dead letter(s) could not be stored at all (published only)", len(fallback))
+            elif self._on_rejected is not None:
+                letters = self._on_rejected(part, rows_out, why)
+                if letters and self._bisect("deadletters", letters):
+                    log.error("%d store_rejected dead letter(s) could not be stored (published only)", len(letters))
+
+    def _bisect(self, part: str, items: list[Any]) -> list[tuple[Any, str]]:
+        """Write ``items`` of one part; returns the refused ones with the store's reason."""
+        if not items:
+            return []
+        only: dict[str, Any] = {part: dict(items) if part == "devices" else items}
+        sub = StoreBatch(**only)
+        try:
+            self.store.write(sub)
+            return []
+        except StoreWriteError as exc:
+            if exc.transient:
+                raise
+            if len(items) == 1:
+                return [(items[0], str(exc))]
+        mid = len(items) // 2
+        return self._bisect(part, items[:mid]) + self._bisect(part, items[mid:])
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Block until every submitted batch is committed; False when ``timeout_s`` ran out
+        or the writer died first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._q.all_tasks_done:
+            while self._q.unfinished_tasks:
+                if not self.alive:
+                    return False
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._q.all_tasks_done.wait(left)
+        return True
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop the thread after what is queued; False when it did not finish in ``timeout_s``."""
+        if self.alive:
+            try:
+                self._q.put(None, timeout=timeout_s)
+            except queue.Full:
+                return False
+            self._thread.join(timeout_s)
+        return not self._thread.is_alive()

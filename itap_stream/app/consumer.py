@@ -31,7 +31,15 @@ from itap_stream.adapters import artifacts
 from itap_stream.adapters.metrics import Metrics
 from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
 from itap_stream.adapters.receiver import Receiver
-from itap_stream.adapters.store import Store, StoreBatch, StoreWriter, anomaly_row, reading_rows
+from itap_stream.adapters.store import (
+    DEADLETTER_TOPIC_CHARS,
+    Store,
+    StoreBatch,
+    StoreWriter,
+    anomaly_row,
+    clean_text,
+    reading_rows,
+)
 from itap_stream.adapters.webhook import WebhookSink
 from itap_stream.app.fleetview import FleetView
 from itap_stream.config import Settings
@@ -39,11 +47,11 @@ from itap_stream.core.drift import FLEET, DriftMonitor
 from itap_stream.core.health import HealthSettings, SensorHealth
 from itap_stream.core.model import Artifact
 from itap_stream.core.pipeline import BatchResult, Processor, check_compatible
-from itap_stream.core.readings import Reading, Rejection, decode
+from itap_stream.core.readings import MAX_ID_CHARS, Reading, Rejection, decode
 from itap_stream.core.rules import Alert, RuleEngine
 from itap_stream.core.schema import SensorSchema
 from itap_stream.core.silence import SilenceBook, silence_from_dict
-from itap_stream.errors import BrokerError, ConfigError, ItapError
+from itap_stream.errors import ArtifactError, BrokerError, ConfigError, ItapError, ServiceFailed, StoreError
 
 __all__ = ["Consumer"]
 
@@ -51,7 +59,9 @@ __all__ = ["Consumer"]
 _DROP_DETAIL = {
     "duplicate": "a reading with this timestamp was already received; stored once, counted once",
     "late": "older than every reading in the device's window; stored, not used for features",
-    "out_of_order": "earlier than the device's newest reading (beyond the reorder tolerance); stored, not used for features",
+    "out_of_order": (
+        "earlier than the device's newest reading (beyond the reorder tolerance); stored, not used for features"
+    ),
     "future": "timestamp beyond the clock-skew bound (max_clock_skew) ahead of the service clock; not stored",
 }
 
@@ -59,7 +69,7 @@ _DROP_DETAIL = {
 def _reading_json(r: Reading, schema: SensorSchema) -> str:
     """A reading as the JSON object a device would have sent (for its dead letter)."""
     obj: dict[str, Any] = {"device_id": r.device_id, "ts": r.ts, "state": r.state}
-    obj.update({n: (None if v != v else v) for n, v in zip(schema.names, r.values)})
+    obj.update({n: (None if v != v else v) for n, v in zip(schema.names, r.values, strict=True)})
     for key in ("seq", "tag", "label"):
         if getattr(r, key) is not None:
             obj[key] = getattr(r, key)
@@ -75,6 +85,15 @@ BATCH_MAX_BYTES = 1 << 20
 STOP_BUDGET_S = 4.0
 #: Pause before a crashed intake process is replaced.
 INTAKE_RESTART_DELAY_S = 1.0
+#: At stop, seconds to wait for the store to commit what was handed to it (the rest stays unacknowledged).
+STOP_FLUSH_S = 20.0
+#: At a stop the watchdog asked for, the same waits are this short (the store is failing anyway).
+FATAL_FLUSH_S = 3.0
+#: After the watchdog asked the loop to stop, seconds before the process is ended regardless
+#: (more than the stop path's own bounded waits: hand-over, flush, intake close, final publish).
+WATCHDOG_GRACE_S = 45.0
+#: Details of a poisoned command reply or dead letter are cut to this length.
+DETAIL_CHARS = 500
 
 
 def model_info(artifact: Artifact) -> dict[str, Any]:
@@ -156,7 +175,12 @@ class Consumer:
         self.metrics = metrics or Metrics()
         self.metrics.set_model(model_info(artifact))
         self.store = store
-        self.writer = StoreWriter(store, on_written=lambda _b, dt: self.metrics.store_latency.observe(dt))
+        self.writer = StoreWriter(store, on_written=lambda _b, dt: self.metrics.store_latency.observe(dt),
+                                  on_rejected=self._store_rejected)
+        self.model_key = artifacts.model_key(settings.model_key_file)
+        self.models_dir = settings.models_dir or os.path.dirname(os.path.abspath(settings.model_path))
+        self._beat = time.monotonic()  # the processing loop's heartbeat (each step)
+        self.fatal: str | None = None  # why the service must end (a dead or stalled thread)
         self.on_alert = on_alert
         self._stop = threading.Event()
         self._prefix_len = len(settings.topic_prefix) + len("/telemetry/")
@@ -185,7 +209,8 @@ class Consumer:
             persistent=link_inbox is not None,
             on_connection=on_link,
             announce=link_inbox is not None,  # "online" only once the intake process is subscribed
-            auth=self.auth,
+            # with a child intake this is a second connection: its own account (use_username_as_clientid)
+            auth=settings.broker_auth(out=True) if settings.intake == "process" else self.auth,
             protocol=settings.mqtt_version,
             session_expiry_s=settings.session_expiry,
             receive_max=settings.receive_max,
@@ -197,6 +222,9 @@ class Consumer:
         self._acked = 0
         self._was_connected = False
         self._reject_log: dict[str, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
+        self._running = threading.Event()  # `run` is in its loop
+        self._finished = threading.Event()  # `run` has returned
+        self._intake_down_since: float | None = None
         self.batches = 0
         self.intake_restarts = 0
 
@@ -267,8 +295,80 @@ class Consumer:
             log.info("refilled the windows of %d device(s) from the store in %.2fs", n, time.perf_counter() - t0)
         return n
 
+    # -- health
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``(ok, detail)`` for ``/healthz`` and the watchdog: not ok once the store writer
+        died or has not committed for ``stall_timeout`` seconds with work waiting, the
+        processing loop made no step for that long, or the intake stayed dead that long."""
+        now = time.monotonic()
+        limit = self.settings.stall_timeout
+        problems: list[str] = []
+        if self.fatal is not None:
+            problems.append(self.fatal)
+        if not self.writer.alive:
+            problems.append(f"the store writer thread has stopped ({self.writer.error!r})")
+        else:
+            stalled = self.writer.stalled_for(now)
+            if stalled > limit:
+                problems.append(f"the store has not committed a batch for {stalled:.0f}s (store failing?)")
+        loop_age = now - self._beat
+        if self._running.is_set() and loop_age > limit:
+            problems.append(f"the processing loop has made no step for {loop_age:.0f}s")
+        if self._intake_down_since is not None and now - self._intake_down_since > limit:
+            problems.append(f"the MQTT intake process has been down for {now - self._intake_down_since:.0f}s")
+        detail = {
+            "problems": problems,
+            "loop_step_age_s": round(loop_age, 3),
+            "store_pending_batches": self.writer.pending,
+            "store_stalled_s": round(self.writer.stalled_for(now), 3),
+            "store_failures": self.writer.failures,
+            "store_rejected_rows": self.writer.rejected_rows,
+            "mqtt_connected": bool(self.metrics.sample("itap_mqtt_connected")),
+            "devices": len(self.processor.windows),
+            "intake_restarts": self.intake_restarts,
+        }
+        return not problems, detail
+
+    def _watchdog(self) -> None:
+        """Ends the service when `health` fails: asks the loop to stop, and ends the process
+        (exit 3) if even that does not finish in time (a hung thread)."""
+        while not self._finished.wait(1.0):
+            ok, detail = self.health()
+            if ok:
+                continue
+            self.fatal = "; ".join(detail["problems"])
+            log.critical("service unhealthy, stopping so that a supervisor restarts it: %s", self.fatal)
+            self.stop()
+            if not self._finished.wait(WATCHDOG_GRACE_S):
+                log.critical("the service did not stop within %.0fs; exiting now (code 3). Unacknowledged "
+                             "messages stay with the broker", WATCHDOG_GRACE_S)
+                logging.shutdown()
+                os._exit(3)
+            return
+
     def run(self, ready: threading.Event | None = None) -> None:
-        """Connect and process until `stop` is called; everything received is stored."""
+        """Connect and process until `stop` is called; everything received is stored.
+
+        Raises `ServiceFailed` when a thread of the service died or stalled (the
+        watchdog stopped it): the process must then end non-zero."""
+        self._finished.clear()
+        self._beat = time.monotonic()
+        self._running.set()
+        watchdog = threading.Thread(target=self._watchdog, name="itap-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            self._run(ready)
+        except StoreError as exc:
+            if self.writer.alive:
+                raise
+            self.fatal = self.fatal or str(exc)  # the writer died under a submit
+        finally:
+            self._running.clear()
+            self._finished.set()
+        if self.fatal is not None:
+            raise ServiceFailed(self.fatal)
+
+    def _run(self, ready: threading.Event | None) -> None:
         self.restore_windows()
         self.link.start()
         if isinstance(self.inbox, Receiver):
@@ -290,9 +390,18 @@ class Consumer:
             ready.set()
         try:
             while not self._stop.is_set():
+                self._beat = time.monotonic()
                 self._step(timeout_s=0.1)
+                if not self.writer.alive:
+                    self.fatal = f"the store writer thread has stopped ({self.writer.error!r})"
+                    log.critical("%s: stopping", self.fatal)
+                    break
                 if isinstance(self.inbox, Receiver) and self.inbox.stopped and not self._stop.is_set():
+                    if self._intake_down_since is None:
+                        self._intake_down_since = time.monotonic()
                     self._restart_intake()
+                    if not self.inbox.stopped:
+                        self._intake_down_since = None
             # stop intake (the subscription stays in our session, so the broker keeps
             # queueing for us), process and commit what was handed over, acknowledge it
             if isinstance(self.inbox, Receiver):
@@ -304,13 +413,15 @@ class Consumer:
             # again to the next start, so a large hand-over cannot hold up the exit
             deadline = time.monotonic() + STOP_BUDGET_S
             for i in range(0, len(rest), self.settings.batch_max):
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or not self.writer.alive or self.fatal:
                     log.info("stopping: %d handed-over messages left to the broker's session", len(rest) - i)
                     break
-                self.process_messages(rest[i : i + self.settings.batch_max])
-            if self.processor.held:
-                self.process_messages([], flush=True)
-            self.writer.flush()
+                self._process_guarded(rest[i : i + self.settings.batch_max])
+            if self.processor.held and self.writer.alive:
+                self._process_guarded([], flush=True)
+            if not self.writer.flush(timeout_s=FATAL_FLUSH_S if self.fatal else STOP_FLUSH_S):
+                log.error("stopping: %d batch(es) not committed (store failing or writer stopped); their messages "
+                          "stay unacknowledged and the broker delivers them again", self.writer.pending)
         finally:
             if isinstance(self.inbox, Receiver):
                 self.inbox.close(timeout_s=5.0)
@@ -319,7 +430,7 @@ class Consumer:
             if self.webhook is not None:
                 self.webhook.close()
             self.link.stop(final=self._offline)
-            self.writer.close()
+            self.writer.close(timeout_s=FATAL_FLUSH_S if self.fatal else STOP_FLUSH_S)
             log.info("consumer stopped after %d micro-batches", self.batches)
 
     # -- the loop
@@ -328,7 +439,7 @@ class Consumer:
             self.settings.batch_max, timeout_s, self.settings.batch_wait_ms / 1000.0, max_bytes=BATCH_MAX_BYTES
         )
         if msgs or (self.processor.held and not self._stop.is_set()):
-            self.process_messages(msgs)  # an empty batch releases readings the reorder buffer held long enough
+            self._process_guarded(msgs)  # an empty batch releases readings the reorder buffer held long enough
         self.check_stale()
         self._maybe_reload()
         self.metrics.outbox.set(self.link.outbox)
@@ -364,12 +475,16 @@ class Consumer:
                     proc.engine = engine
                 elif part == "sensors":
                     schema = self.settings.schema()
-                    if [(s.name, s.family) for s in schema.signals] != [(s.name, s.family) for s in self.schema.signals]:
-                        msg = "its signals or families differ from the running ones; that needs a retrained model and a restart"
+                    new_sig = [(s.name, s.family) for s in schema.signals]
+                    if new_sig != [(s.name, s.family) for s in self.schema.signals]:
+                        msg = (
+                            "its signals or families differ from the running ones; "
+                            "that needs a retrained model and a restart"
+                        )
                         raise ConfigError(msg)
                     self.schema = proc.schema = schema
                 elif part == "model":
-                    artifact = artifacts.load(self.settings.model_path)
+                    artifact = artifacts.load(self.settings.model_path, key=self.model_key)
                     check_compatible(artifact, self.schema, self.settings.window, self.settings.hop)
                     proc.artifact = artifact
                     if proc.restore_depth() > self.settings.window:
@@ -447,6 +562,51 @@ class Consumer:
                                                note="published at the end of a silence; the condition still holds"))
         return out
 
+    def _process_guarded(self, msgs: list[Message], *, flush: bool = False) -> None:
+        """`process_messages`, and if that fails on a bug, the messages one by one: the one
+        that fails alone is dead-lettered (reason ``invalid``) and acknowledged, so no
+        message can crash the consumer, or crash it again after every restart."""
+        try:
+            self.process_messages(msgs, flush=flush)
+            return
+        except StoreError:
+            raise  # the writer is gone: the loop ends the service
+        except Exception:  # noqa: BLE001 - a poison message must not stop the fleet
+            log.exception("processing a micro-batch of %d message(s) failed; retrying them one by one", len(msgs))
+        for msg in msgs:
+            try:
+                self.process_messages([msg])
+            except StoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.exception("message on %s could not be processed; dead-lettered", msg[0][:DEADLETTER_TOPIC_CHARS])
+                device = msg[0][self._prefix_len :] if msg[0].startswith(self.settings.topic("telemetry")) else None
+                body = self._dead_letter(msg[0], msg[1], Rejection(
+                    "invalid", f"processing failed: {type(exc).__name__}: {clean_text(exc, DETAIL_CHARS)}",
+                    device if device and len(device) <= MAX_ID_CHARS else None))
+                batch = StoreBatch(deadletters=[body])
+                if msg[4] > 0:
+                    acks = [(msg[3], msg[4])]
+                    ack = self.inbox.ack if isinstance(self.inbox, Receiver) else self.link.ack
+                    batch.on_commit.append(lambda acks=acks, ack=ack: ack(acks))
+                self.writer.submit(batch)
+
+    def _store_rejected(self, part: str, rows: list[Any], why: str) -> list[dict[str, Any]]:
+        """Rows the store refused (called by the writer thread): readings become dead letters
+        with reason ``store_rejected``; other rows are only logged (they follow from readings)."""
+        if part != "readings":
+            return []
+        cols = self.store.reading_columns
+        out = []
+        for row in rows:
+            obj = dict(row) if isinstance(row, dict) else dict(zip(cols, row, strict=False))
+            device = obj.get("device_id")
+            topic = self.settings.topic("telemetry", str(device))
+            rej = Rejection("store_rejected", f"the store refused the reading: {clean_text(why, DETAIL_CHARS)}",
+                            device if isinstance(device, str) else None)
+            out.append(self._dead_letter(topic, json.dumps(obj, default=str), rej))
+        return out
+
     def process_messages(self, msgs: list[Message], *, flush: bool = False) -> BatchResult:
         """Decode, process, publish and hand to the store one micro-batch of messages;
         they are acknowledged to the broker once the store committed them."""
@@ -458,17 +618,22 @@ class Consumer:
         readings: list[Reading] = []
         plen = self._prefix_len
         max_bytes = self.settings.max_payload_bytes
+        max_readings = self.settings.max_readings_per_message
+        min_ts = self.settings.min_ts
         schema = self.schema
         cmd_prefix = self._cmd_prefix
         transitions: list[Alert] = []
         dead: list[dict[str, Any]] = []
         again: set[int] = set()  # readings of messages the broker marked as delivered again
+        new_devices: set[str] = set()  # devices first seen in this batch
         for topic, payload, _t, _token, _qos, dup in msgs:
             if topic.startswith(cmd_prefix):
                 transitions.extend(self._command(topic[len(cmd_prefix) :], payload))
                 continue
             device = topic[plen:]
-            good, bad = decode(payload, schema, device, max_bytes=max_bytes)
+            good, bad = decode(payload, schema, device, max_bytes=max_bytes, max_readings=max_readings, min_ts=min_ts)
+            if good and device not in self.processor.windows and device not in new_devices:
+                good = self._admit(good, bad, new_devices)
             if good:
                 readings.extend(good)
                 if dup:
@@ -490,7 +655,8 @@ class Consumer:
             if reason == "future":
                 future.add(id(r))
         if future:
-            readings = [r for r in readings if id(r) not in future]  # not stored: it would sit ahead of every real reading
+            # not stored: it would sit ahead of every real reading
+            readings = [r for r in readings if id(r) not in future]
         n_win = result.n_windows
         if n_win:
             m.windows.inc(n_win)
@@ -521,6 +687,19 @@ class Consumer:
         self.writer.submit(batch)
         self.batches += 1
         return result
+
+    def _admit(self, good: list[Reading], bad: list[Rejection], new_devices: set[str]) -> list[Reading]:
+        """Readings of a device not tracked yet: kept while fewer than ``max_devices`` are
+        tracked, else refused (``too_many_devices``) so that a flood of new ids cannot take
+        the memory of the service."""
+        device = good[0].device_id
+        if len(self.processor.windows) + len(new_devices) < self.settings.max_devices:
+            new_devices.add(device)
+            return good
+        bad.append(Rejection("too_many_devices", f"{len(good)} reading(s) of new device {device!r} refused: "
+                             f"max_devices ({self.settings.max_devices}) devices are tracked already", device,
+                             counts={"too_many_devices": len(good)}))
+        return []
 
     def _emit(self, alerts: list[Alert], batch: StoreBatch) -> None:
         """Publish alert transitions and add them to ``batch`` for the store."""
@@ -591,11 +770,13 @@ class Consumer:
             scores = result.scores.tolist()
             flags = result.is_anomaly.tolist()
             starts, ends = w.start_ts.tolist(), w.end_ts.tolist()
-            batch.windows = list(zip(w.device_ids, starts, ends, states, scores, flags, w.labels))
+            batch.windows = list(zip(w.device_ids, starts, ends, states, scores, flags, w.labels, strict=True))
             conf = result.confidence.tolist() if result.confidence is not None else [0.0] * len(w)
             for i, exp in result.explanations.items():
                 batch.anomalies.append(
-                    anomaly_row(w.device_ids[i], starts[i], ends[i], states[i], scores[i], conf[i], exp, w.tags[i], w.labels[i])
+                    anomaly_row(
+                        w.device_ids[i], starts[i], ends[i], states[i], scores[i], conf[i], exp, w.tags[i], w.labels[i]
+                    )
                 )
                 self.metrics.anomalies.labels(exp.dominant_family).inc()
         return batch
@@ -603,16 +784,34 @@ class Consumer:
     def _command(self, name: str, payload: bytes) -> list[Alert]:
         """One command from ``{prefix}/commands/{name}``; the answer goes to
         ``{prefix}/status/commands``. Returns the alert transitions it caused."""
-        reply: dict[str, Any] = {"command": name, "ok": False}
+        reply: dict[str, Any] = {"command": clean_text(name, 64), "ok": False}
         out: list[Alert] = []
         try:
             body = json.loads(payload)
             if not isinstance(body, dict):
                 raise ValueError("a command is a JSON object")
-        except ValueError as exc:
-            reply["reason"] = f"not a JSON object: {exc}"
+        except (ValueError, RecursionError) as exc:
+            reply["reason"] = f"not a JSON object: {clean_text(exc, DETAIL_CHARS)}"
             body = {}
-        reply["request_id"] = body.get("request_id")
+        request_id = body.get("request_id")
+        reply["request_id"] = request_id if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) \
+            and len(str(request_id)) <= 128 else None
+        try:
+            out = self._run_command(name, body, reply)
+        except Exception as exc:  # noqa: BLE001 - no command may stop the service
+            log.exception("command %s failed", reply["command"])
+            reply["ok"] = False
+            reply["reason"] = f"command failed: {type(exc).__name__}: {clean_text(exc, DETAIL_CHARS)}"
+            out = []
+        known = ("ack", "silence", "reload")
+        self.metrics.commands.labels(name if name in known else "unknown", "ok" if reply["ok"] else "refused").inc()
+        if not reply["ok"]:
+            log.warning("command %s refused: %s", reply["command"], reply["reason"])
+        self._publish(self.settings.topic("status", "commands"), json.dumps(reply))
+        return out
+
+    def _run_command(self, name: str, body: dict[str, Any], reply: dict[str, Any]) -> list[Alert]:
+        out: list[Alert] = []
         if "reason" in reply:
             pass  # not a JSON object: answered as refused below
         elif name == "ack":
@@ -621,11 +820,22 @@ class Consumer:
             self._silence_command(body, reply)
         elif name == "reload":
             before = self.settings
-            if isinstance(body.get("model_path"), str) and body["model_path"]:
-                # `itap train --activate`: the model it just wrote becomes this consumer's model
-                self.settings = self.settings.replace(model_path=body["model_path"])
+            model_path = body.get("model_path")
+            if model_path is not None:
+                # `itap train --activate`: the model it just wrote becomes this consumer's model,
+                # if it lies in the models folder the operator configured (never any path a
+                # message names: unpickling runs code)
+                try:
+                    if not isinstance(model_path, str) or not model_path:
+                        raise ArtifactError("model_path must be a non-empty string")
+                    resolved = artifacts.resolve_model_path(model_path, self.models_dir)
+                except ArtifactError as exc:
+                    reply["reason"] = clean_text(exc, DETAIL_CHARS)
+                    return out
+                self.settings = self.settings.replace(model_path=str(resolved))
             wanted = body.get("parts") or ["rules", "sensors", "model"]
-            if not isinstance(wanted, list) or set(wanted) - {"rules", "sensors", "model"}:
+            if not isinstance(wanted, list) or not all(isinstance(w, str) for w in wanted) \
+                    or set(wanted) - {"rules", "sensors", "model"}:
                 reply["reason"] = "reload parts must be a list of rules, sensors, model"
                 wanted = []
             results = self.reload(tuple(wanted)) if wanted else {}
@@ -634,14 +844,11 @@ class Consumer:
                 self._mtimes = self._watched()
             reply.update(ok=bool(results) and all(v == "reloaded" for v in results.values()), results=results)
             if not reply["ok"] and "reason" not in reply:
-                reply["reason"] = "; ".join(f"{k}: {v}" for k, v in results.items() if v not in ("reloaded", "unchanged"))
+                reply["reason"] = "; ".join(
+                    f"{k}: {v}" for k, v in results.items() if v not in ("reloaded", "unchanged")
+                )
         else:
-            reply["reason"] = f"unknown command {name!r}; known: ack, silence, reload"
-        known = ("ack", "silence", "reload")
-        self.metrics.commands.labels(name if name in known else "unknown", "ok" if reply["ok"] else "refused").inc()
-        if not reply["ok"]:
-            log.warning("command %s refused: %s", name, reply["reason"])
-        self._publish(self.settings.topic("status", "commands"), json.dumps(reply))
+            reply["reason"] = f"unknown command {reply['command']!r}; known: ack, silence, reload"
         return out
 
     def _ack_command(self, body: dict[str, Any], reply: dict[str, Any]) -> list[Alert]:
@@ -654,7 +861,9 @@ class Consumer:
         done = self.processor.engine.acknowledge(alert_id, at=self.clock(), note=f"{by}: {note}" if by else note)
         reply["alert_id"] = alert_id
         if done is None:
-            reply["reason"] = f"no open, unacknowledged alert with id {alert_id} (unknown, resolved or already acknowledged)"
+            reply["reason"] = (
+                f"no open, unacknowledged alert with id {alert_id} (unknown, resolved or already acknowledged)"
+            )
             return []
         reply["ok"] = True
         return [done]
@@ -710,8 +919,13 @@ class Consumer:
                 self._reject_log["_outbox"] = (last, quiet + 1)
 
     def _dead_letter(self, topic: str, payload: bytes | str, rej: Rejection) -> dict[str, Any]:
-        """Publish a refused payload or reading on the dead-letter topic; returns its store row."""
-        self.metrics.rejected.labels(rej.reason).inc()
+        """Publish a refused payload or reading on the dead-letter topic; returns its store row.
+        An array payload's bad elements share one dead letter (``counts``: per reason)."""
+        if rej.counts:
+            for reason, n in rej.counts.items():
+                self.metrics.rejected.labels(reason).inc(n)
+        else:
+            self.metrics.rejected.labels(rej.reason).inc()
         # one log line per reason every LOG_EVERY_S: a device spewing bad data must not
         # flood the log (every rejection still goes to the dead-letter topic and metric)
         now = time.monotonic()
@@ -728,13 +942,16 @@ class Consumer:
             text = payload[:1024].decode("utf-8", errors="replace")
         else:
             text = payload[:1024]
-        body = {
-            "topic": topic,
+        body: dict[str, Any] = {
+            "topic": clean_text(topic, DEADLETTER_TOPIC_CHARS),
             "reason": rej.reason,
             "detail": rej.detail,
             "device_id": rej.device_id,
             "payload": text,
             "received_at": time.time(),
         }
+        if rej.counts and rej.n > 1:
+            body["count"] = rej.n
+            body["reasons"] = rej.counts
         self._publish(self.settings.topic("deadletter"), json.dumps(body))
         return body

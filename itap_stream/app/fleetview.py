@@ -17,7 +17,10 @@ __all__ = ["FleetView"]
 
 #: Scores kept per device for the sparkline.
 SPARK = 60
+#: Devices and alerts in one snapshot unless asked otherwise.
+DEFAULT_LIMIT = 200
 _CLOSED = {"resolved"}
+_SEVERITY_RANK = {"CRITICAL": 0, "WARNING": 1, "INFO": 2}
 
 
 class FleetView:
@@ -26,9 +29,11 @@ class FleetView:
     Examples
     --------
     >>> v = FleetView(threshold=1.0)
-    >>> v.update(["D1", "D1"], np.array([0.2, 0.4]), np.array([False, False]), ["RUN", "RUN"], [])
-    >>> s = v.snapshot(); s["devices"][0]["device_id"], s["devices"][0]["health"], s["totals"]["devices"]
-    ('D1', 0.6, 1)
+    >>> v.update(["D1", "D1", "D2"], np.array([0.2, 0.4, 1.5]), np.array([False, False, True]), ["RUN"] * 3, [])
+    >>> s = v.snapshot(limit=1); [d["device_id"] for d in s["devices"]], s["totals"]["devices"], s["page"]
+    (['D2'], 2, {'limit': 1, 'offset': 0, 'devices_returned': 1, 'alerts_returned': 0})
+    >>> d = v.snapshot(offset=1)["devices"][0]; d["device_id"], d["health"]
+    ('D1', 0.6)
     """
 
     def __init__(self, threshold: float) -> None:
@@ -53,7 +58,7 @@ class FleetView:
             self._windows += len(rel)
             self._anomalies += sum(flagged)
             devs = self._devices
-            for dev, r, f, st in zip(device_ids, rel, flagged, states):
+            for dev, r, f, st in zip(device_ids, rel, flagged, states, strict=False):
                 d = devs.get(dev)
                 if d is None:
                     d = devs[dev] = {"spark": deque(maxlen=SPARK), "anomalies": 0}
@@ -67,20 +72,50 @@ class FleetView:
                     self._alerts[a.id] = {
                         "id": a.id, "device_id": a.device_id, "rule": a.rule, "severity": a.severity,
                         "status": a.status, "families": a.families, "likely_fault": a.likely_fault,
-                        "note": a.note,
+                        "note": a.note, "fired_at": a.fired_at,
                     }
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, limit: int = DEFAULT_LIMIT, offset: int = 0) -> dict[str, Any]:
+        """One page of the fleet: devices worst first, open alerts most severe first.
+
+        Parameters
+        ----------
+        limit
+            Devices and alerts returned at most (each list is paged on its own).
+        offset
+            Devices and alerts skipped first.
+
+        Returns
+        -------
+        ``{"devices": [...], "alerts": [...], "totals": {...}, "page": {"limit", "offset",
+        "devices_returned", "alerts_returned"}}``; ``totals`` count the whole fleet, not the page.
+        """
+        if limit < 0 or offset < 0:
+            msg = f"FleetView.snapshot: limit and offset must be non-negative; got limit={limit}, offset={offset}"
+            raise ValueError(msg)
         with self._lock:
+            ranked = sorted(self._devices.items(), key=_worst_first)
             devices = [
                 {
                     "device_id": dev, "state": d["state"], "score": d["score"],
                     "health": round(max(0.0, 1.0 - min(d["score"], 1.0)), 4), "anomalous": d["anomalous"],
                     "anomalies": d["anomalies"], "spark": list(d["spark"]),
                 }
-                for dev, d in sorted(self._devices.items())
+                for dev, d in ranked[offset:offset + limit]
             ]
-            alerts = list(self._alerts.values())
-            totals = {"devices": len(devices), "windows": self._windows, "anomalies": self._anomalies,
-                      "open_alerts": len(alerts), "unhealthy": sum(1 for d in devices if d["anomalous"])}
-        return {"devices": devices, "alerts": alerts, "totals": totals}
+            alerts = sorted(self._alerts.values(), key=_most_severe_first)
+            totals = {"devices": len(ranked), "windows": self._windows, "anomalies": self._anomalies,
+                      "open_alerts": len(alerts), "unhealthy": sum(1 for _dev, d in ranked if d["anomalous"])}
+        page_alerts = [dict(a) for a in alerts[offset:offset + limit]]
+        page = {"limit": limit, "offset": offset, "devices_returned": len(devices), "alerts_returned": len(page_alerts)}
+        return {"devices": devices, "alerts": page_alerts, "totals": totals, "page": page}
+
+
+def _worst_first(item: tuple[str, dict[str, Any]]) -> tuple[bool, float, str]:
+    dev, d = item
+    return (not d["anomalous"], -d["score"], dev)
+
+
+def _most_severe_first(alert: dict[str, Any]) -> tuple[int, float, str]:
+    rank = _SEVERITY_RANK.get(str(alert["severity"]).upper(), len(_SEVERITY_RANK))
+    return (rank, -float(alert.get("fired_at") or 0.0), str(alert["id"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from itap_stream.app.offline import TrainReport, train_from_frame
 from itap_stream.config import Settings
 from itap_stream.core.pipeline import check_compatible
 from itap_stream.core.schema import SensorSchema
-from itap_stream.errors import DataError
+from itap_stream.errors import DataError, ItapError, ServiceFailed
 
 __all__ = ["build_consumer", "run_service", "train"]
 
@@ -34,7 +35,12 @@ def build_consumer(
 ) -> Consumer:
     """Load schema, rules and model, open the store: everything `itap run` needs, checked."""
     schema = settings.schema()
-    artifact = artifacts.load(settings.model_path)
+    key = artifacts.model_key(settings.model_key_file)
+    if key is None:
+        log.warning("no model key configured (ITAP_MODEL_KEY or model_key_file): model artifacts are checked by "
+                    "checksum only; reload commands still take models only from %s",
+                    settings.models_dir or os.path.dirname(os.path.abspath(settings.model_path)))
+    artifact = artifacts.load(settings.model_path, key=key)
     check_compatible(artifact, schema, settings.window, settings.hop)
     store = Store(settings.db_url, schema)
     engine = settings.rule_engine()
@@ -45,7 +51,11 @@ def run_service(settings: Settings) -> None:
     """`itap run`: serve until SIGTERM / SIGINT, then drain and stop cleanly."""
     metrics = Metrics()
     consumer = build_consumer(settings, metrics=metrics)
-    server = serve(settings.http_addr, metrics.registry, fleet=consumer.fleet.snapshot) if settings.http_addr else None
+    server = None
+    if settings.http_addr:
+        hosts = tuple(h.strip() for h in settings.http_allowed_hosts.split(",") if h.strip())
+        server = serve(settings.http_addr, metrics.registry, fleet=consumer.fleet.snapshot, health=consumer.health,
+                       allowed_hosts=hosts, threads=settings.http_threads)
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("received %s: draining and stopping", signal.Signals(signum).name)
@@ -62,10 +72,16 @@ def run_service(settings: Settings) -> None:
             signal.signal(signal.SIGHUP, _reload)
     try:
         consumer.run()
+    except ServiceFailed as exc:
+        log.critical("consumer ended: %s (exit code 3: a supervisor should start it again)", exc)
+        raise SystemExit(3) from None
     finally:
         if server is not None:
             server.shutdown()
-        consumer.store.dispose()
+        try:
+            consumer.store.dispose()
+        except ItapError as exc:
+            log.error("%s", exc)
 
 
 def train(
@@ -81,6 +97,7 @@ def train(
 ) -> tuple[TrainReport, dict[str, Any]]:
     """`itap train`: fit on normal operation from a CSV or the store, write the artifact."""
     schema = schema or settings.schema()
+    key = artifacts.model_key(settings.model_key_file)  # a bad key file fails now, not after training
     if csv:
         df = read_readings(csv, schema)
         if since is not None:
@@ -105,5 +122,10 @@ def train(
         detector=settings.detector, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
         recall_target=settings.recall_target, drifting_families=settings.drifting_family_list(), step=step,
     )
-    manifest = artifacts.save(artifact, settings.model_path)
+    if key is None:
+        log.warning(
+            "no model key configured (ITAP_MODEL_KEY or model_key_file): %s is written unsigned, and a consumer "
+            "that holds a key will refuse it", settings.model_path,
+        )
+    manifest = artifacts.save(artifact, settings.model_path, key=key)
     return report, manifest

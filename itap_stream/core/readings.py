@@ -3,6 +3,14 @@
 A payload is one JSON reading object or a JSON array of them. `decode` never raises
 on bad telemetry: every problem becomes a `Rejection` with a machine-readable reason,
 and in an array the good elements are kept.
+
+Hostile input is normal input. Every value that reaches the store is checked here
+against the store's bounds, the same on SQLite and PostgreSQL: ``device_id`` at most
+`MAX_ID_CHARS` letters, digits and ``. _ : - @ ~``; ``tag`` and ``label`` at most
+`MAX_TAG_CHARS` printable characters; ``seq`` a signed 64-bit integer; ``ts`` not
+before ``min_ts``. An array payload costs one dead letter however many of
+its elements are bad (`Rejection.counts` has the count per reason), and one with more
+than ``max_readings`` elements is refused whole.
 """
 
 from __future__ import annotations
@@ -17,7 +25,19 @@ import orjson
 
 from itap_stream.core.schema import STATES, SensorSchema
 
-__all__ = ["REJECTION_REASONS", "Reading", "Rejection", "decode", "parse_ts", "reading_from_mapping"]
+__all__ = [
+    "DEFAULT_MIN_TS",
+    "MAX_ID_CHARS",
+    "MAX_TAG_CHARS",
+    "REJECTION_REASONS",
+    "Reading",
+    "Rejection",
+    "decode",
+    "id_problem",
+    "parse_ts",
+    "reading_from_mapping",
+    "text_problem",
+]
 
 #: Every reason `decode` can give, for metrics labels and documentation.
 REJECTION_REASONS: tuple[str, ...] = (
@@ -34,7 +54,23 @@ REJECTION_REASONS: tuple[str, ...] = (
     "wrong_type",
     "non_finite",
     "out_of_range",
+    "bad_text",
+    "too_many_readings",
+    "too_many_devices",
+    "store_rejected",
+    "invalid",
 )
+
+#: 2000-01-01T00:00:00Z: a reading stamped earlier is a device without a clock, not history.
+DEFAULT_MIN_TS = 946_684_800.0
+#: Longest ``device_id`` (the store's column width).
+MAX_ID_CHARS = 128
+#: Longest ``tag`` / ``label``.
+MAX_TAG_CHARS = 64
+#: ``seq`` is stored as a signed 64-bit integer.
+SEQ_MIN, SEQ_MAX = -(1 << 63), (1 << 63) - 1
+#: Bad elements of an array payload described one by one in its dead letter.
+DETAILED_ELEMENTS = 3
 
 
 _NAN = float("nan")
@@ -64,6 +100,66 @@ class Rejection:
     detail: str
     device_id: str | None = None
     element: str | None = None  # the refused element of an array payload, as JSON (truncated)
+    counts: dict[str, int] | None = None  # an array payload's bad elements per reason (None: one reading)
+
+    @property
+    def n(self) -> int:
+        """Readings (or payloads) this rejection stands for."""
+        return sum(self.counts.values()) if self.counts else 1
+
+
+def text_problem(value: str, limit: int) -> str | None:
+    """Why ``value`` cannot be stored as text of at most ``limit`` characters, or None.
+
+    Examples
+    --------
+    >>> text_problem("bearing F-12", 64) is None
+    True
+    >>> text_problem("a" + chr(0) + "b", 64)
+    'contains a non-printable character (U+0000)'
+    >>> text_problem(chr(0xD800), 64)
+    'is not valid Unicode (a lone surrogate)'
+    """
+    if len(value) > limit:
+        return f"is {len(value)} characters long (at most {limit})"
+    if not value.isprintable():
+        for ch in value:
+            if 0xD800 <= ord(ch) <= 0xDFFF:
+                return "is not valid Unicode (a lone surrogate)"
+            if not ch.isprintable():
+                return f"contains a non-printable character (U+{ord(ch):04X})"
+    return None
+
+
+#: Characters a device id may hold besides letters and digits (any script).
+ID_PUNCTUATION = frozenset("._:-@~")
+
+
+def id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a device id, or None: at most `MAX_ID_CHARS` letters, digits
+    and ``. _ : - @ ~`` (no spaces, markup, control or format characters).
+
+    Examples
+    --------
+    >>> id_problem("DEV-0001") is None, id_problem("Pumpe-Süd_3") is None
+    (True, True)
+    >>> id_problem("<b>x</b>")
+    "holds '<' (letters, digits and . _ : - @ ~ only)"
+    """
+    if len(value) > MAX_ID_CHARS:
+        return f"is {len(value)} characters long (at most {MAX_ID_CHARS})"
+    for ch in value:
+        if not (ch.isalnum() or ch in ID_PUNCTUATION):
+            shown = repr(ch) if ch.isprintable() else f"U+{ord(ch):04X}"
+            return f"holds {shown} (letters, digits and . _ : - @ ~ only)"
+    return None
+
+
+def _safe_id(value: Any) -> str | None:
+    """``value`` when it can name a device in a dead letter, else None."""
+    if isinstance(value, str) and value and id_problem(value) is None:
+        return value
+    return None
 
 
 def parse_ts(value: Any) -> float:
@@ -96,7 +192,7 @@ def parse_ts(value: Any) -> float:
 
 
 def reading_from_mapping(
-    obj: Any, schema: SensorSchema, topic_device: str | None = None
+    obj: Any, schema: SensorSchema, topic_device: str | None = None, *, min_ts: float = DEFAULT_MIN_TS
 ) -> Reading | Rejection:
     """Validate one reading object against the schema.
 
@@ -105,10 +201,12 @@ def reading_from_mapping(
     >>> from itap_stream.core.schema import SensorSchema
     >>> s = SensorSchema.from_dict({"signals": [{"name": "temp_c", "family": "Temperature",
     ...                                          "min": -40, "max": 200}]})
-    >>> reading_from_mapping({"device_id": "D1", "ts": 0, "state": "RUN", "temp_c": 21.5}, s)
-    Reading(device_id='D1', ts=0.0, state='RUN', values=(21.5,), seq=None, tag=None, label=None)
-    >>> reading_from_mapping({"device_id": "D1", "ts": 0, "temp_c": 999}, s).reason
+    >>> reading_from_mapping({"device_id": "D1", "ts": 1767225600, "state": "RUN", "temp_c": 21.5}, s)
+    Reading(device_id='D1', ts=1767225600.0, state='RUN', values=(21.5,), seq=None, tag=None, label=None)
+    >>> reading_from_mapping({"device_id": "D1", "ts": 1767225600, "temp_c": 999}, s).reason
     'out_of_range'
+    >>> reading_from_mapping({"device_id": "D1", "ts": 0, "temp_c": 20}, s).reason
+    'bad_ts'
     """
     if not isinstance(obj, dict):
         return Rejection("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
@@ -117,8 +215,12 @@ def reading_from_mapping(
         return Rejection("missing_device_id", "device_id must be a non-empty string")
     if topic_device is not None and device != topic_device:
         return Rejection(
-            "device_mismatch", f"payload device_id {device!r} differs from topic device {topic_device!r}", device
+            "device_mismatch", f"payload device_id {device[:MAX_ID_CHARS]!r} differs from topic device "
+            f"{topic_device[:MAX_ID_CHARS]!r}", _safe_id(topic_device)
         )
+    problem = id_problem(device)
+    if problem is not None:
+        return Rejection("bad_text", f"device_id {problem}")
     raw_ts = obj.get("ts")
     if raw_ts is None:
         return Rejection("missing_ts", "reading has no ts", device)
@@ -128,10 +230,12 @@ def reading_from_mapping(
         try:
             ts = parse_ts(raw_ts)
         except (ValueError, OverflowError) as exc:
-            return Rejection("bad_ts", f"ts {raw_ts!r}: {exc}", device)
+            return Rejection("bad_ts", f"ts {_short(raw_ts)}: {exc}", device)
+    if ts < min_ts:
+        return Rejection("bad_ts", f"ts {ts:g} is before min_ts {min_ts:g} (a device without a set clock?)", device)
     state = obj.get("state", "RUN")
-    if state not in STATES:
-        return Rejection("unknown_state", f"state {state!r} is not one of {', '.join(STATES)}", device)
+    if not isinstance(state, str) or state not in STATES:
+        return Rejection("unknown_state", f"state {_short(state)} is not one of {', '.join(STATES)}", device)
     values: list[float] = []
     for name, lo, hi in schema.bounds:
         v = obj.get(name)
@@ -145,22 +249,45 @@ def reading_from_mapping(
                 return Rejection(bad, _value_detail(bad, name, v, lo, hi), device)
             values.append(bad)
     seq = obj.get("seq")
-    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
-        return Rejection("wrong_type", f"seq must be an integer, got {type(seq).__name__}", device)
+    if seq is not None:
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            return Rejection("wrong_type", f"seq must be an integer, got {type(seq).__name__}", device)
+        if not SEQ_MIN <= seq <= SEQ_MAX:
+            return Rejection("out_of_range", "seq must fit a signed 64-bit integer", device)
     tag = obj.get("tag")
     label = obj.get("label")
-    if tag is not None and not isinstance(tag, str):
-        return Rejection("wrong_type", "tag must be a string or null", device)
-    if label is not None and not isinstance(label, str):
-        return Rejection("wrong_type", "label must be a string or null", device)
+    for key, text in (("tag", tag), ("label", label)):
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            return Rejection("wrong_type", f"{key} must be a string or null", device)
+        problem = text_problem(text, MAX_TAG_CHARS)
+        if problem is not None:
+            return Rejection("bad_text", f"{key} {problem}", device)
     return Reading(device, ts, state, tuple(values), seq, tag, label)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a hostile value, cut short (a 400-digit number, a megabyte string)."""
+    try:
+        text = (
+            repr(value)
+            if not isinstance(value, int) or abs(value) < 10**40
+            else f"<integer of {len(str(value))} digits>"
+        )
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check_value(name: str, v: Any, lo: float, hi: float) -> float | str:
     """The slow path of one value: a float to keep, or the reason to refuse it."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return "wrong_type"
-    fv = float(v)
+    try:
+        fv = float(v)
+    except OverflowError:  # an integer of hundreds of digits
+        return "out_of_range"
     if not math.isfinite(fv):
         return "non_finite"
     if fv < lo or fv > hi:
@@ -173,7 +300,8 @@ def _value_detail(reason: str, name: str, v: Any, lo: float, hi: float) -> str:
         return f"{name} must be a number or null, got {type(v).__name__}"
     if reason == "non_finite":
         return f"{name} is {v!r}"
-    return f"{name}={float(v):g} outside its valid range [{lo:g}, {hi:g}]"
+    shown = _short(v) if isinstance(v, int) and abs(v) >= 10**40 else format(float(v), "g")
+    return f"{name}={shown} outside its valid range [{lo:g}, {hi:g}]"
 
 
 def decode(
@@ -182,6 +310,8 @@ def decode(
     topic_device: str | None = None,
     *,
     max_bytes: int = 1_048_576,
+    max_readings: int = 10_000,
+    min_ts: float = DEFAULT_MIN_TS,
 ) -> tuple[list[Reading], list[Rejection]]:
     """Decode one MQTT payload into readings and rejections.
 
@@ -195,19 +325,33 @@ def decode(
         The device id taken from the topic; a payload naming another device is refused.
     max_bytes
         Larger payloads are refused whole without parsing.
+    max_readings
+        An array with more elements is refused whole (``too_many_readings``).
+    min_ts
+        Readings stamped earlier are ``bad_ts``.
 
     Examples
     --------
     >>> from itap_stream.core.schema import SensorSchema
     >>> s = SensorSchema.from_dict({"signals": [{"name": "rpm", "family": "RPM"}]})
-    >>> ok, bad = decode(b'[{"device_id":"D1","ts":1,"rpm":900}, {"device_id":"D1","ts":"x"}]', s, "D1")
+    >>> ok, bad = decode(b'[{"device_id":"D1","ts":1767225600,"rpm":900}, {"device_id":"D1","ts":"x"}]', s, "D1")
     >>> len(ok), [r.reason for r in bad]
     (1, ['bad_ts'])
     >>> decode(b"not json", s)[1][0].reason
     'invalid_json'
     """
+    try:
+        return _decode(payload, schema, topic_device, max_bytes, max_readings, min_ts)
+    except Exception as exc:  # noqa: BLE001 - whatever a device sends must end as a dead letter, not a crash
+        return [], [Rejection("invalid", f"payload could not be decoded: {type(exc).__name__}", _safe_id(topic_device))]
+
+
+def _decode(
+    payload: bytes, schema: SensorSchema, topic_device: str | None, max_bytes: int, max_readings: int, min_ts: float
+) -> tuple[list[Reading], list[Rejection]]:
+    topic_id = _safe_id(topic_device)
     if len(payload) > max_bytes:
-        return [], [Rejection("oversized", f"payload of {len(payload)} bytes exceeds {max_bytes}", topic_device)]
+        return [], [Rejection("oversized", f"payload of {len(payload)} bytes exceeds {max_bytes}", topic_id)]
     try:
         obj = orjson.loads(payload)  # strict RFC 8259 and several times faster than json
     except orjson.JSONDecodeError:
@@ -216,28 +360,51 @@ def decode(
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return [], [Rejection("invalid_utf8", f"payload is not UTF-8: {exc.reason}", topic_device)]
+            return [], [Rejection("invalid_utf8", f"payload is not UTF-8: {exc.reason}", topic_id)]
         try:
             obj = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            return [], [Rejection("invalid_json", f"payload is not JSON: {exc}", topic_device)]
-    items = obj if isinstance(obj, list) else [obj]
-    if not items:
-        return [], [Rejection("empty_batch", "payload is an empty array", topic_device)]
+            return [], [Rejection("invalid_json", f"payload is not JSON: {_short(str(exc), 200)}", topic_id)]
+    if not isinstance(obj, list):
+        r = reading_from_mapping(obj, schema, topic_device, min_ts=min_ts)
+        return ([r], []) if isinstance(r, Reading) else ([], [r])
+    if not obj:
+        return [], [Rejection("empty_batch", "payload is an empty array", topic_id)]
+    if len(obj) > max_readings:
+        return [], [Rejection("too_many_readings", f"array of {len(obj)} readings exceeds max_readings_per_message "
+                              f"({max_readings}); send smaller batches", topic_id)]
     good: list[Reading] = []
-    bad: list[Rejection] = []
-    many = isinstance(obj, list)
-    for i, item in enumerate(items):
-        r = reading_from_mapping(item, schema, topic_device)
+    counts: dict[str, int] = {}
+    details: list[str] = []
+    first: Rejection | None = None
+    first_element: str | None = None
+    for i, item in enumerate(obj):
+        r = reading_from_mapping(item, schema, topic_device, min_ts=min_ts)
         if isinstance(r, Reading):
             good.append(r)
-        elif many:
-            # one bad element of a batch: name it, keep the good ones
-            try:
-                text = json.dumps(item, allow_nan=True)[:1024]
-            except (TypeError, ValueError):
-                text = None
-            bad.append(Rejection(r.reason, f"element {i}: {r.detail}", r.device_id, text))
-        else:
-            bad.append(r)
-    return good, bad
+            continue
+        # a bad element of a batch: counted, the first few named; the good ones are kept
+        counts[r.reason] = counts.get(r.reason, 0) + 1
+        if len(details) < DETAILED_ELEMENTS:
+            details.append(f"element {i}: {r.detail}")
+        if first is None:
+            first = r
+            first_element = _element_json(item)
+    if first is None:
+        return good, []
+    n_bad = sum(counts.values())
+    if n_bad == 1:
+        return good, [Rejection(first.reason, details[0], first.device_id or topic_id, first_element, counts)]
+    reason = max(counts, key=lambda k: counts[k])  # the commonest reason names the dead letter
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    more = f"; {n_bad - len(details)} more" if n_bad > len(details) else ""
+    detail = f"{n_bad} of {len(obj)} elements refused ({summary}): {'; '.join(details)}{more}"
+    return good, [Rejection(reason, detail, first.device_id or topic_id, first_element, counts)]
+
+
+def _element_json(item: Any) -> str | None:
+    """A refused element as JSON for its dead letter (truncated; None when it cannot be written)."""
+    try:
+        return json.dumps(item, allow_nan=True)[:1024]
+    except (TypeError, ValueError, RecursionError):
+        return None

@@ -113,6 +113,9 @@ class FleetWindows:
     def __len__(self) -> int:
         return len(self._slots)
 
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._slots
+
     @property
     def devices(self) -> list[str]:
         return list(self._slots)
