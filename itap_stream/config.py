@@ -7,7 +7,10 @@ next to the package), ``ITAP_<SETTING>`` environment variables, command-line opt
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import itertools
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -22,7 +25,9 @@ from itap_stream.core.rules import Rule, RuleEngine, lifecycle_from_dict, rules_
 from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import ConfigError
 
-__all__ = ["BrokerAddress", "Settings", "default_config_path", "load", "load_yaml", "parse_broker_url"]
+__all__ = [
+    "BrokerAddress", "Settings", "default_config_path", "load", "load_yaml", "not_utf8_message", "parse_broker_url",
+]
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -78,12 +83,25 @@ class Settings:
     outbox_max: int = 100_000
     reorder_tolerance: float = 0.0
     max_clock_skew: float = 300.0
+    # guard rails: what one device, message or operator can cost
+    min_ts: float = 946_684_800.0  # 2000-01-01T00:00:00Z: older timestamps are bad_ts
+    max_readings_per_message: int = 10_000
+    max_devices: int = 100_000
+    stall_timeout: float = 120.0  # seconds a thread may make no progress while work waits; then the process exits
+    http_allowed_hosts: str = ""  # Host header values the HTTP server answers besides its own address and localhost
+    http_threads: int = 8  # connections served at once; more wait in the listen queue
+    models_dir: str = ""  # reload takes a model_path only inside this folder (default: model_path's folder)
+    model_key_file: str = ""  # HMAC key for model signatures (or ITAP_MODEL_KEY); artifacts must be signed with it
+    broker_out_username: str = ""  # account of the publishing connection (default: broker_username + "-out")
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1):
             # QoS 2 cannot be acknowledged after the commit (the client answers PUBREC at once),
             # so a crash could lose a reading: QoS 1 plus the idempotent store is exactly-once in effect
-            msg = f"qos must be 1 (at least once, acknowledged after the store commit) or 0 (best effort), got {self.qos}"
+            msg = (
+                "qos must be 1 (at least once, acknowledged after the store commit) "
+                f"or 0 (best effort), got {self.qos}"
+            )
             raise ConfigError(msg)
         if self.window < 2:
             msg = f"window must be at least 2 readings, got {self.window}"
@@ -124,6 +142,17 @@ class Settings:
         if self.reorder_tolerance < 0 or self.max_clock_skew <= 0:
             msg = "reorder_tolerance must not be negative and max_clock_skew must be positive"
             raise ConfigError(msg)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                msg = f"setting {f.name} must be a finite number, got {value}"
+                raise ConfigError(msg)
+        if self.max_readings_per_message < 1 or self.max_devices < 1 or self.http_threads < 1:
+            msg = "max_readings_per_message, max_devices and http_threads must be at least 1"
+            raise ConfigError(msg)
+        if self.stall_timeout <= 0:
+            msg = f"stall_timeout must be positive seconds, got {self.stall_timeout}"
+            raise ConfigError(msg)
         if self.intake not in ("process", "thread"):
             msg = f"intake must be 'process' (MQTT intake in a child process) or 'thread', got {self.intake!r}"
             raise ConfigError(msg)
@@ -137,9 +166,14 @@ class Settings:
         """A copy with ``changes`` applied (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def broker_auth(self) -> Any:
+    def broker_auth(self, *, out: bool = False) -> Any:
         """Credentials and TLS files for broker connections (`BrokerAuth`); the password
-        from ``broker_password`` (env) or the first line of ``broker_password_file``."""
+        from ``broker_password`` (env) or the first line of ``broker_password_file``.
+
+        ``out``: the consumer's publishing connection, which logs in as
+        ``broker_out_username`` (default ``<broker_username>-out``, same password): with
+        the shipped broker's ``use_username_as_clientid`` each account is one client id,
+        so the intake and the publisher need an account each."""
         from itap_stream.adapters.mqtt import BrokerAuth
 
         password = self.broker_password or None
@@ -147,14 +181,20 @@ class Settings:
             try:
                 lines = Path(self.broker_password_file).read_text(encoding="utf-8").splitlines()
             except (OSError, ValueError) as exc:
-                msg = f"cannot read broker_password_file {self.broker_password_file}: {getattr(exc, 'strerror', None) or exc}"
+                msg = (
+                    f"cannot read broker_password_file {self.broker_password_file}: "
+                    f"{getattr(exc, 'strerror', None) or exc}"
+                )
                 raise ConfigError(msg) from exc
             password = lines[0].strip() if lines else ""
         if (self.tls_cert or self.tls_key) and not (self.tls_ca or self.broker_url.startswith(("mqtts:", "ssl:"))):
             msg = "tls_cert / tls_key are set but TLS is off: use an mqtts:// broker URL or set tls_ca"
             raise ConfigError(msg)
+        username = self.broker_username or None
+        if out and username:
+            username = self.broker_out_username or f"{username}-out"
         return BrokerAuth(
-            username=self.broker_username or None,
+            username=username,
             password=password,
             tls_ca=self.tls_ca or None,
             tls_cert=self.tls_cert or None,
@@ -218,6 +258,8 @@ def load_yaml(path: str | Path, *, what: str = "configuration") -> Any:
     except OSError as exc:
         msg = f"cannot read {what} file {p}: {exc.strerror}"
         raise ConfigError(msg) from exc
+    except UnicodeDecodeError:
+        raise ConfigError(not_utf8_message(what, p)) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -226,6 +268,39 @@ def load_yaml(path: str | Path, *, what: str = "configuration") -> Any:
         problem = getattr(exc, "problem", None) or str(exc)
         msg = f"{what} file {p} is not valid YAML{where}: {problem}"
         raise ConfigError(msg) from None
+
+
+def not_utf8_message(what: str, path: str | Path) -> str:
+    """One line saying that ``path`` is not UTF-8 text, with the first bad byte and where it is.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> with tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False) as fh:
+    ...     _ = fh.write(b"a: 1\\n# 20 \\xb0C\\n")  # a Latin-1 degree sign
+    >>> not_utf8_message("alert rules", fh.name).split(" is ")[1]
+    'not UTF-8 text (byte 0xb0 at offset 10, line 2); save it as UTF-8'
+    >>> os.unlink(fh.name)
+    """
+    p = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    where, offset, line = "", 0, 1  # bytes and lines before the block being decoded
+    try:
+        with p.open("rb") as fh:
+            for block in itertools.chain(iter(lambda: fh.read(1 << 20), b""), [b""]):
+                pending = len(decoder.getstate()[0])  # the start of a character split between blocks
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as exc:
+                    bad = exc.object[exc.start]
+                    line += bytes(exc.object).count(b"\n", 0, exc.start)
+                    where = f" (byte 0x{bad:02x} at offset {offset - pending + exc.start}, line {line})"
+                    break
+                offset += len(block)
+                line += block.count(b"\n")
+    except OSError:
+        pass  # the caller's error stands without a position
+    return f"{what} file {p} is not UTF-8 text{where}; save it as UTF-8"
 
 
 def default_config_path(environ: Mapping[str, str]) -> Path:
@@ -257,7 +332,10 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     if not isinstance(data, Mapping):
         msg = f"configuration file {cfg_path} must be a mapping of settings"
         raise ConfigError(msg)
-    types = {f.name: (int if f.type == "int" else float if f.type in ("float", "float | None") else str) for f in fields(Settings)}
+    types = {
+        f.name: (int if f.type == "int" else float if f.type in ("float", "float | None") else str)
+        for f in fields(Settings)
+    }
     unknown = sorted(set(data) - set(types))
     if unknown:
         msg = f"configuration file {cfg_path}: unknown setting(s) {unknown}; known: {sorted(types)}"
@@ -279,7 +357,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
             raw = ",".join(str(x) for x in raw)
         values[name] = _coerce(name, raw, types[name])
         if name in ("sensors_file", "rules_file", "devices_file", "silences_file", "broker_password_file",
-                    "tls_ca", "tls_cert", "tls_key") and values[name]:
+                    "model_key_file", "tls_ca", "tls_cert", "tls_key") and values[name]:
             values[name] = str((cfg_path.parent / values[name]).resolve())
     for name, kind in types.items():
         key = f"ITAP_{name.upper()}"

@@ -370,16 +370,18 @@ class Store:
             msg = f"store write failed ({_safe_url(self.url)}): {exc}"
             raise StoreError(msg) from exc
 
-    def recent_readings(self, window: int) -> dict[str, tuple[list[Reading], int]]:
+    def recent_readings(self, window: int, max_devices: int | None = None) -> dict[str, tuple[list[Reading], int]]:
         """Per device: its last ``window`` stored readings (oldest first) and how many it has
-        stored in all, to refill the ring buffers after a restart."""
+        stored in all, to refill the ring buffers after a restart; with ``max_devices``, only
+        that many devices, those heard from most recently."""
         r = self.readings
         out: dict[str, tuple[list[Reading], int]] = {}
         try:
             with self.engine.connect() as conn:
-                counts = conn.execute(
-                    sa.select(r.c.device_id, sa.func.count()).group_by(r.c.device_id)
-                ).all()
+                q = sa.select(r.c.device_id, sa.func.count()).group_by(r.c.device_id)
+                if max_devices is not None:
+                    q = q.order_by(sa.func.max(r.c.ts).desc()).limit(max_devices)
+                counts = conn.execute(q).all()
                 cols = [r.c.ts, r.c.state, r.c.seq, r.c.tag, r.c.label, *[r.c[n] for n in self.schema.names]]
                 for device_id, n in counts:
                     rows = conn.execute(

@@ -86,7 +86,7 @@ STOP_BUDGET_S = 4.0
 #: Pause before a crashed intake process is replaced.
 INTAKE_RESTART_DELAY_S = 1.0
 #: At stop, seconds to wait for the store to commit what was handed to it (the rest stays unacknowledged).
-STOP_FLUSH_S = 20.0
+STOP_FLUSH_S = 10.0
 #: At a stop the watchdog asked for, the same waits are this short (the store is failing anyway).
 FATAL_FLUSH_S = 3.0
 #: After the watchdog asked the loop to stop, seconds before the process is ended regardless
@@ -287,7 +287,9 @@ class Consumer:
         recognises readings the broker delivers again); returns the devices restored."""
         t0 = time.perf_counter()
         try:
-            n = self.processor.restore(self.store.recent_readings(self.processor.restore_depth()))
+            n = self.processor.restore(
+                self.store.recent_readings(self.processor.restore_depth(), max_devices=self.settings.max_devices)
+            )
         except ItapError as exc:
             log.warning("could not refill device windows from the store, starting empty: %s", exc)
             return 0
@@ -388,6 +390,7 @@ class Consumer:
         )
         if ready is not None:
             ready.set()
+        flushed = False
         try:
             while not self._stop.is_set():
                 self._beat = time.monotonic()
@@ -419,7 +422,8 @@ class Consumer:
                 self._process_guarded(rest[i : i + self.settings.batch_max])
             if self.processor.held and self.writer.alive:
                 self._process_guarded([], flush=True)
-            if not self.writer.flush(timeout_s=FATAL_FLUSH_S if self.fatal else STOP_FLUSH_S):
+            flushed = self.writer.flush(timeout_s=FATAL_FLUSH_S if self.fatal else STOP_FLUSH_S)
+            if not flushed:
                 log.error("stopping: %d batch(es) not committed (store failing or writer stopped); their messages "
                           "stay unacknowledged and the broker delivers them again", self.writer.pending)
         finally:
@@ -430,7 +434,7 @@ class Consumer:
             if self.webhook is not None:
                 self.webhook.close()
             self.link.stop(final=self._offline)
-            self.writer.close(timeout_s=FATAL_FLUSH_S if self.fatal else STOP_FLUSH_S)
+            self.writer.close(timeout_s=STOP_FLUSH_S if flushed and not self.fatal else 1.0)
             log.info("consumer stopped after %d micro-batches", self.batches)
 
     # -- the loop
@@ -490,7 +494,8 @@ class Consumer:
                     if proc.restore_depth() > self.settings.window:
                         # a detector with a per-device history: replay it from the store
                         try:
-                            proc.restore(self.store.recent_readings(proc.restore_depth()))
+                            proc.restore(self.store.recent_readings(proc.restore_depth(),
+                                                                   max_devices=self.settings.max_devices))
                         except ItapError as exc:
                             log.warning("model reloaded, but its per-device history could not be replayed: %s", exc)
                     self.fleet.threshold = artifact.threshold

@@ -310,6 +310,16 @@ def test_devices_past_max_devices_are_refused_with_a_dead_letter(settings):
         assert len(consumer.processor.windows) == 3
     finally:
         _stop(consumer, thread)
+    assert not errors
+    # a restart refills at most max_devices devices, those heard from most recently
+    with consumer.store.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO readings (device_id, ts, state) VALUES ('OLD', 1767225000, 'RUN')")
+    consumer, thread, errors = _start(settings.replace(max_devices=2))
+    try:
+        assert len(consumer.processor.windows) == 2  # of 4 stored devices
+        assert "D0" in consumer.processor.windows and "OLD" not in consumer.processor.windows
+    finally:
+        _stop(consumer, thread)
         pub.close()
     assert not errors
 
@@ -409,4 +419,79 @@ def test_a_store_that_stops_committing_makes_health_fail_and_the_service_end(set
         assert _wait_for(lambda: consumer2.store.count("readings", device_id="D1") == 1)
     finally:
         _stop(consumer2, thread2)
+    assert not errors2
+
+
+def test_the_reload_attack_through_a_running_consumer_runs_no_code(settings, tmp_path, trained):
+    """Issue 14's attack, end to end: a reload command naming a planted pickle (with a
+    manifest holding its sha256) is refused outside the models folder, and refused
+    unpickled inside it when the operator holds a model key; the model in use stays."""
+    from test_model_trust import _plant_attack
+
+    from itap_stream.adapters import artifacts
+
+    key_file = tmp_path / "model.key"
+    key_file.write_text("operator-secret-key-0123456789\n", encoding="utf-8")
+    models = tmp_path / "models"
+    models.mkdir()
+    artifacts.save(trained, models / "current.joblib", key=key_file.read_bytes().strip())
+    settings = settings.replace(model_path=str(models / "current.joblib"), model_key_file=str(key_file))
+    marker = tmp_path / "pwned"
+    outside = _plant_attack(tmp_path / "elsewhere", marker)
+    inside = _plant_attack(models / "sub", marker)
+    consumer, thread, errors = _start(settings)
+    replies: list[dict] = []
+    host, port = settings.broker_url.removeprefix("mqtt://").split(":")
+    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"t-cmd-sub-{time.monotonic_ns()}")
+    ready = threading.Event()
+    sub.on_connect = lambda c, *_a: c.subscribe(settings.topic("status", "commands"), qos=1)
+    sub.on_subscribe = lambda *_a: ready.set()
+    sub.on_message = lambda _c, _u, m: replies.append(json.loads(m.payload))
+    sub.connect(host, int(port))
+    sub.loop_start()
+    assert ready.wait(10)
+    pub = Publisher(settings.broker_url)
+    try:
+        for i, path in enumerate((outside, inside, models / ".." / "elsewhere" / "e.joblib")):
+            body = {"parts": ["model"], "model_path": str(path)}
+            pub.send(settings.topic("commands", "reload"), json.dumps(body).encode())
+            assert _wait_for(lambda i=i: len(replies) == i + 1, 15)
+            assert replies[-1]["ok"] is False, replies[-1]
+            assert not marker.exists(), f"the planted pickle ran: {path}"
+        assert "models" in replies[0]["reason"] and "not signed" in replies[1]["reason"]
+        assert consumer.settings.model_path == str(models / "current.joblib")
+        assert thread.is_alive() and not errors
+    finally:
+        _stop(consumer, thread)
+        pub.close()
+        sub.disconnect()
+        sub.loop_stop()
+
+
+def test_stop_returns_while_the_store_cannot_commit(settings):
+    """SIGTERM never hangs: with a batch the store cannot commit (another process holds
+    SQLite's write lock), `stop` still returns, after at most the stop's bounded waits; the
+    reading was not acknowledged, so the broker delivers it to the next start."""
+    import sqlite3
+
+    consumer, thread, errors = _start(settings)
+    pub = Publisher(settings.broker_url)
+    lock = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"), timeout=1, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        pub.send(settings.topic("telemetry", "D1"), json.dumps(_ok()).encode())
+        assert _wait_for(lambda: consumer.writer.stalled_for() > 0.5)
+        consumer.stop()  # what the SIGTERM handler does
+        thread.join(60)
+        assert not thread.is_alive(), "stop hung on a store that cannot commit"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert not errors
+    consumer2, thread2, errors2 = _start(settings)
+    try:
+        assert _wait_for(lambda: consumer2.store.count("readings", device_id="D1") == 1)
+    finally:
+        _stop(consumer2, thread2)
+        pub.close()
     assert not errors2
