@@ -8,6 +8,7 @@ paho-mqtt.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -120,8 +121,6 @@ class RawPublisher:
 
     def close(self) -> None:
         self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(b"\xe0\x00")  # DISCONNECT
-        except OSError:
-            pass
         self.sock.close()

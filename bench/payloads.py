@@ -52,11 +52,13 @@ def render_readings(sim: FleetSimulation, steps: Sequence[int] | None = None) ->
     labels = ["null" if x is None else json.dumps(x) for x in sim.labels[steps].ravel().tolist()]
     fields = ",".join(f'"{n}":%s' for n in SIGNALS)
     tmpl = '{"device_id":"%s","ts":%s,"state":"%s","seq":%d,' + fields + ',"label":%s}'
-    flat = [tmpl % row for row in zip(devs, ts, states, seq, *cols, labels)]
+    flat = [tmpl % row for row in zip(devs, ts, states, seq, *cols, labels, strict=True)]
     return [flat[d::n_dev] for d in range(n_dev)]
 
 
-def single_messages(sim: FleetSimulation, *, qos: int, prefix: str = "itap", steps: Sequence[int] | None = None) -> Traffic:
+def single_messages(
+    sim: FleetSimulation, *, qos: int, prefix: str = "itap", steps: Sequence[int] | None = None
+) -> Traffic:
     """One reading per message, time-major (every device at step t, then t+1 ...)."""
     steps = list(range(len(sim.ts))) if steps is None else list(steps)
     text = render_readings(sim, steps)

@@ -38,7 +38,9 @@ def one_seed(seed: int, devices: int, hours: float, settings: Any, artifact: Any
     faults = []
     for k, kind in enumerate(FAULT_KINDS):
         onset = float(rng.uniform(0.2, 0.6) * duration)
-        faults.append(Fault(kind=kind, device=device_name(devices - k), onset_s=onset, duration_s=min(1800.0, duration - onset)))
+        faults.append(
+            Fault(kind=kind, device=device_name(devices - k), onset_s=onset, duration_s=min(1800.0, duration - onset))
+        )
     frame = simulate(devices, duration, seed=seed, faults=faults).to_frame()
     schema = settings.schema()
     result = score_frame(
@@ -49,11 +51,16 @@ def one_seed(seed: int, devices: int, hours: float, settings: Any, artifact: Any
     bw, a = result.windows, result.assessment
     # root cause: the likeliest fault class each anomaly alert names, against the fault the
     # device really had at that window (alerts on faulty devices inside their fault)
-    truth = {(d, float(t)): lab for d, t, lab in zip(bw.device_ids.tolist(), bw.end_ts.tolist(), bw.label.tolist())}
+    truth = {
+        (d, float(t)): lab
+        for d, t, lab in zip(bw.device_ids.tolist(), bw.end_ts.tolist(), bw.label.tolist(), strict=True)
+    }
     causes = [
         (truth[(al.device_id, al.window_end)], al.likely_fault)
         for al in result.alerts
-        if al.status == "firing" and al.rule != "model_drift" and isinstance(truth.get((al.device_id, al.window_end)), str)
+        if al.status == "firing"
+        and al.rule != "model_drift"
+        and isinstance(truth.get((al.device_id, al.window_end)), str)
     ]
     r = quality_report(
         bw.device_ids.tolist(), bw.end_ts, bw.label.tolist(), a.scores, a.flags, artifact.threshold,
@@ -122,14 +129,20 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     """One row per detector: the medians over seeds, a * where a target is missed."""
     head = ["detector", "F1", "precision", "recall", *(f"recall {k}" for k in FAULT_KINDS),
             "delay (windows)", "false alerts / device-day", "drift events (all seeds)", "root cause correct"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
+    ]
     for name, res in results.items():
         m, ok = res["median"], res["met"]
         miss = "" if ok["recall_each_fault"] else "*"
         cells = [
             name, f"{m['f1']:.3f}" + ("" if ok["f1"] else "*"), f"{m['precision']:.3f}", f"{m['recall']:.3f}",
-            *(f"{m['recall_by_fault'][k]:.2f}" + (miss if m["recall_by_fault"][k] < TARGETS["recall_each_fault"] else "")
-              for k in FAULT_KINDS),
+            *(
+                f"{m['recall_by_fault'][k]:.2f}"
+                + (miss if m["recall_by_fault"][k] < TARGETS["recall_each_fault"] else "")
+                for k in FAULT_KINDS
+            ),
             ("-" if m["delay_windows"] is None else f"{m['delay_windows']:.1f}") + ("" if ok["delay_windows"] else "*"),
             f"{m['false_alerts_per_device_day']:.2f}" + ("" if ok["false_alerts_per_device_day"] else "*"),
             str(m["model_drift_events"]),
@@ -165,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for seed in (int(s) for s in args.seeds.split(",")):
             r = one_seed(seed, args.devices, args.hours, settings, artifact)
-            print(f"[quality] {name} seed {seed}: F1 {r['f1']:.3f}, recall by fault {r['recall_by_fault']}", file=sys.stderr)
+            print(
+                f"[quality] {name} seed {seed}: F1 {r['f1']:.3f}, recall by fault {r['recall_by_fault']}",
+                file=sys.stderr,
+            )
             runs.append(r)
         med = _median(runs)
         # the default `auto` is the forest for hours of multi-state data like this fleet's
@@ -173,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         label = name + (" (default)" if name == default else "")
         results[label] = {"median": med, "met": _met(med), "runs": runs, "wall_s": round(time.perf_counter() - t1, 1)}
     print(table(results))
-    default = next(k for k in results if k.endswith("(default)")) if any(k.endswith("(default)") for k in results) else None
+    default = (
+        next(k for k in results if k.endswith("(default)")) if any(k.endswith("(default)") for k in results) else None
+    )
     if default:
         print(f"\nroot cause, {default}, all seeds:\n")
         print(confusion([tuple(c) for r in results[default]["runs"] for c in r["root_cause"]]))

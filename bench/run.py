@@ -189,7 +189,9 @@ class ConsumerProc:
                 pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
             except OSError:
                 continue
-            parts.append(next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")), 0) / 1024.0)
+            parts.append(
+                next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmRSS:")), 0) / 1024.0
+            )
         return parts
 
     def rss_mb(self) -> float:
@@ -209,7 +211,9 @@ class ConsumerProc:
             Path(str(self.db) + suffix).unlink(missing_ok=True)
 
 
-def start_consumer(broker: BrokerHandle, watcher: Watcher, workdir: Path, model: Path, qos: int, name: str) -> ConsumerProc:
+def start_consumer(
+    broker: BrokerHandle, watcher: Watcher, workdir: Path, model: Path, qos: int, name: str
+) -> ConsumerProc:
     c = ConsumerProc(broker, workdir, model, qos=qos, name=name)
     try:
         watcher.wait_online(c.client_id)
@@ -266,7 +270,10 @@ class Bench:
 
         def once(_i: int) -> dict[str, float]:
             sink = subprocess.Popen(  # noqa: S603
-                [sys.executable, "-m", "bench.sink", self.broker.host, str(self.broker.port), "itap/telemetry/+", str(qos), str(n)],
+                [
+                    sys.executable, "-m", "bench.sink", self.broker.host, str(self.broker.port),
+                    "itap/telemetry/+", str(qos), str(n),
+                ],
                 stdout=subprocess.PIPE,
                 text=True,
                 cwd=str(ROOT),
@@ -510,7 +517,9 @@ def stage_costs(model: Path, workdir: Path, runs: int) -> dict[str, Any]:
         for i in range(0, n, 500):
             proc.process(readings[i : i + 500])
 
-    values = np.stack([sim.values[k : k + settings.window].transpose(1, 0, 2) for k in range(0, 64, 8)]).reshape(-1, settings.window, len(schema.names))
+    values = np.stack(
+        [sim.values[k : k + settings.window].transpose(1, 0, 2) for k in range(0, 64, 8)]
+    ).reshape(-1, settings.window, len(schema.names))
     values = np.nan_to_num(values, nan=1.0)
     states = np.zeros(values.shape[:2], dtype=np.int8)
     X = extract(values, states)
@@ -532,12 +541,22 @@ def stage_costs(model: Path, workdir: Path, runs: int) -> dict[str, Any]:
         out["decode_single_us"].append(timed(lambda: [decode(p, schema, d) for d, p in singles], n))
         out["decode_array50_us"].append(timed(lambda: [decode(p, schema, d) for d, p in arrays], n))
         out["window_push_us"].append(timed(push_all, n))
-        out["extract_us_per_window"].append(timed(lambda: [extract(values[i : i + 256], states[i : i + 256]) for i in range(0, len(values), 256)], len(values)))
-        out["score_us_per_window"].append(timed(lambda: [art.detector.score(X[i : i + 256]) for i in range(0, len(X), 256)], len(X)))
+        out["extract_us_per_window"].append(
+            timed(
+                lambda: [extract(values[i : i + 256], states[i : i + 256]) for i in range(0, len(values), 256)],
+                len(values),
+            )
+        )
+        out["score_us_per_window"].append(
+            timed(lambda: [art.detector.score(X[i : i + 256]) for i in range(0, len(X), 256)], len(X))
+        )
         out["processor_us"].append(timed(process_all, n))
         out["rows_us"].append(timed(lambda: reading_rows(readings), n))
         out["sqlite_write_us"].append(timed(store_all, n))
-    return {"median": {k: statistics.median(v) for k, v in out.items()}, "runs": [dict(zip(out, vals)) for vals in zip(*out.values())]}
+    return {
+        "median": {k: statistics.median(v) for k, v in out.items()},
+        "runs": [dict(zip(out, vals, strict=True)) for vals in zip(*out.values(), strict=True)],
+    }
 
 
 def train_model(workdir: Path) -> Path:
@@ -613,25 +632,51 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
         if f"ceiling_qos{q}" in med:
             add(f"ceiling, bare paho subscriber, QoS {q} (msgs/s)", f"{med[f'ceiling_qos{q}']['msgs_per_s']:,.0f}")
         if f"pipeline_qos{q}" in med:
-            add(f"pipeline `itap run`, 1 reading/msg, QoS {q} (msgs/s)", f"{med[f'pipeline_qos{q}']['msgs_per_s']:,.0f}")
+            add(
+                f"pipeline `itap run`, 1 reading/msg, QoS {q} (msgs/s)", f"{med[f'pipeline_qos{q}']['msgs_per_s']:,.0f}"
+            )
         if f"pipeline_qos{q}_ratio" in summary:
-            add(f"pipeline / ceiling, QoS {q}", f"{summary[f'pipeline_qos{q}_ratio']:.2f}", verdict(f"pipeline_qos{q}_ratio"))
+            add(
+                f"pipeline / ceiling, QoS {q}",
+                f"{summary[f'pipeline_qos{q}_ratio']:.2f}",
+                verdict(f"pipeline_qos{q}_ratio"),
+            )
     if "batched" in med:
-        add("batched payloads, 50 readings/msg (samples/s)", f"{med['batched']['samples_per_s']:,.0f}", verdict("batched_samples_per_s"))
+        add(
+            "batched payloads, 50 readings/msg (samples/s)",
+            f"{med['batched']['samples_per_s']:,.0f}",
+            verdict("batched_samples_per_s"),
+        )
     if "latency" in med:
         lat = med["latency"]
         add(f"load for latency (msgs/s offered, {lat['alerts']:.0f} alerts/run)", f"{lat['offered_msgs_per_s']:,.0f}")
-        add("publish → alert p50 / p95 / p99 (ms)", f"{lat['alert_p50_ms']:.1f} / {lat['alert_p95_ms']:.1f} / {lat['alert_p99_ms']:.1f}", verdict("alert_latency_p99_ms"))
-        add("publish → stored p50 / p95 / p99 (ms)", f"{lat['stored_p50_ms']:.1f} / {lat['stored_p95_ms']:.1f} / {lat['stored_p99_ms']:.1f}", verdict("stored_latency_p99_ms"))
+        add(
+            "publish → alert p50 / p95 / p99 (ms)",
+            f"{lat['alert_p50_ms']:.1f} / {lat['alert_p95_ms']:.1f} / {lat['alert_p99_ms']:.1f}",
+            verdict("alert_latency_p99_ms"),
+        )
+        add(
+            "publish → stored p50 / p95 / p99 (ms)",
+            f"{lat['stored_p50_ms']:.1f} / {lat['stored_p95_ms']:.1f} / {lat['stored_p99_ms']:.1f}",
+            verdict("stored_latency_p99_ms"),
+        )
     for n in scale.growth_devices:
         g = med.get(f"growth_{n}")
         if g is None:
             continue
         key = "rss_100k_devices_mb" if n == 100_000 else ""
         add(f"{n:,} devices: msgs/s (1 reading/msg, QoS 0)", f"{g['msgs_per_s']:,.0f}")
-        add(f"{n:,} devices: RSS MB, consumer + intake process (bytes/device)", f"{g['rss_mb']:,.0f} ({g['bytes_per_device']:,.0f})", verdict(key) if key else "")
+        add(
+            f"{n:,} devices: RSS MB, consumer + intake process (bytes/device)",
+            f"{g['rss_mb']:,.0f} ({g['bytes_per_device']:,.0f})",
+            verdict(key) if key else "",
+        )
     if "score" in med:
-        add(f"`itap score` over a {scale.score_rows:,}-row CSV (rows/s)", f"{med['score']['rows_per_s']:,.0f}", verdict("score_rows_per_s"))
+        add(
+            f"`itap score` over a {scale.score_rows:,}-row CSV (rows/s)",
+            f"{med['score']['rows_per_s']:,.0f}",
+            verdict("score_rows_per_s"),
+        )
     if "stages" in med:
         st = med["stages"]
         add("in-process cost: decode, 1 reading/msg (µs/reading)", f"{st['decode_single_us']:.2f}")
@@ -644,7 +689,10 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
         add("in-process cost: SQLite insert, 2048/transaction (µs/reading)", f"{st['sqlite_write_us']:.2f}")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
-    lines = [f"| {'measure'.ljust(w0)} | {'median'.rjust(w1)} | target |", f"|{'-' * (w0 + 2)}|{'-' * (w1 + 1)}:|--------|"]
+    lines = [
+        f"| {'measure'.ljust(w0)} | {'median'.rjust(w1)} | target |",
+        f"|{'-' * (w0 + 2)}|{'-' * (w1 + 1)}:|--------|",
+    ]
     lines += [f"| {a.ljust(w0)} | {b.rjust(w1)} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
 
@@ -668,7 +716,9 @@ def run_benchmark(
                 n_dev = 100
                 steps = math.ceil(scale.messages / n_dev)
                 # faults of at most 10 minutes keep every value inside the schema's valid ranges
-                sim = simulate(n_dev, float(steps), seed=3, faults=fault_plan(n_dev, steps * 0.5, min(600.0, steps / 2)))
+                sim = simulate(
+                    n_dev, float(steps), seed=3, faults=fault_plan(n_dev, steps * 0.5, min(600.0, steps / 2))
+                )
                 traffic = {q: single_messages(sim, qos=q) for q in (0, 1)}
                 for q in (0, 1):
                     if "ceiling" in sections:
@@ -718,7 +768,9 @@ def run_benchmark(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, one run (the smoke test uses this)")
     p.add_argument("--runs", type=int, help="runs per figure (default 3; the median is reported)")
     p.add_argument("--only", help=f"comma list of sections: {', '.join(SECTIONS)}")
@@ -733,7 +785,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown section(s) {sorted(unknown)}")
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        print("python -m bench: error: the benchmark needs the mosquitto binary (apt-get install mosquitto)", file=sys.stderr)
+        print(
+            "python -m bench: error: the benchmark needs the mosquitto binary (apt-get install mosquitto)",
+            file=sys.stderr,
+        )
         return 2
     run_benchmark(scale, sections, Path(args.out), merge=args.merge)
     return 0

@@ -30,7 +30,9 @@ def main(argv: list[str]) -> None:
         if box["n"] >= n:
             done.set()
 
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"itap-bench-sink-{time.time_ns()}", protocol=paho.MQTTv311)
+    c = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id=f"itap-bench-sink-{time.time_ns()}", protocol=paho.MQTTv311
+    )
     c.on_message = on_message
     c.on_subscribe = lambda *_a: subscribed.set()
     c.max_inflight_messages_set(0)

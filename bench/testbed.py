@@ -141,7 +141,9 @@ def make_run(
     t = np.arange(n, dtype=float)
     spec = SETS[sensor_set]
     noise_factor = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
-    magnitude = float(rng.uniform(*prof["subtle"]) if rng.random() < prof["subtle_share"] else rng.uniform(*prof["clear"]))
+    magnitude = float(
+        rng.uniform(*prof["subtle"]) if rng.random() < prof["subtle_share"] else rng.uniform(*prof["clear"])
+    )
     ramp = 0 if rng.random() < 0.5 else int(rng.integers(10, 91))
     profile = np.zeros(n)
     profile[f0:f1] = np.minimum(1.0, (t[f0:f1] - f0 + 1) / ramp) if ramp else 1.0

@@ -32,7 +32,9 @@ def test_ingest_twice_stores_once_and_reports_bad_rows(tmp_path, capsys, db_url)
     good = len(frame) - 5
     assert f"inserted {good:,}, already stored 0, rejected 5" in first
     bad = pd.read_csv(rejected)
-    assert sorted(bad["reason"]) == sorted(["wrong_type", "out_of_range", "bad_ts", "unknown_state", "missing_device_id"])
+    assert sorted(bad["reason"]) == sorted(
+        ["wrong_type", "out_of_range", "bad_ts", "unknown_state", "missing_device_id"]
+    )
     assert bad.loc[bad["reason"] == "wrong_type", "rpm"].tolist() == ["fast"]  # the original row, as it was
 
     assert main(args) == 0

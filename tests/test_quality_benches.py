@@ -56,7 +56,9 @@ def test_unknown_detector_is_one_clear_line_and_exit_2(tmp_path, capsys):
     assert main(["train", "--csv", str(tmp_path / "x.csv"), "--model", str(tmp_path / "m.joblib"),
                  "--detector", "svm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["itap train: error: unknown detector 'svm'; choose one of auto, isolation_forest, pca, hst, ensemble"]
+    assert err == [
+        "itap train: error: unknown detector 'svm'; choose one of auto, isolation_forest, pca, hst, ensemble"
+    ]
 
 
 def test_the_published_leaderboard_is_recomputed_and_put_in_the_judges_terms():

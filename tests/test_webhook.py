@@ -69,7 +69,8 @@ def test_alerts_are_posted_as_json_or_as_a_slack_message(server, wait):
     assert wait(lambda: len(server.bodies) == 2)
     msg = server.bodies[1]
     assert msg["text"].startswith(":red_circle: CRITICAL firing: DEV-0008 power_instability")
-    assert msg["blocks"][0]["type"] == "section" and "Likely fault:* power_instability (90%)" in msg["blocks"][1]["text"]["text"]
+    assert msg["blocks"][0]["type"] == "section"
+    assert "Likely fault:* power_instability (90%)" in msg["blocks"][1]["text"]["text"]
     slack.close()
 
 

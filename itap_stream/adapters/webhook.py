@@ -10,6 +10,7 @@ for a slow or hanging receiver. ``fmt="slack"`` posts a Slack-compatible
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -149,8 +150,6 @@ class WebhookSink:
         while not self._q.empty() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._stop.set()
-        try:
+        with contextlib.suppress(queue.Full):
             self._q.put_nowait(None)
-        except queue.Full:
-            pass
         self._thread.join(max(0.0, deadline - time.monotonic()) + 0.5)

@@ -37,7 +37,15 @@ from itap_stream.core.rules import RuleEngine, iso
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import DataError
 
-__all__ = ["ScoreReport", "TrainReport", "row_decisions", "score_frame", "train_from_frame", "windows_of_frame", "write_score_outputs"]
+__all__ = [
+    "ScoreReport",
+    "TrainReport",
+    "row_decisions",
+    "score_frame",
+    "train_from_frame",
+    "windows_of_frame",
+    "write_score_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -319,13 +327,18 @@ def _top_explanations(device_ids: Any, explanations: dict[int, Any], top: int = 
         return {
             "anomalies": len(items),
             "dominant_families": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
-            "top_features": [{"feature": n, "anomalies": len(v), "mean_share": round(float(np.mean(v)), 2)} for n, v in ranked],
+            "top_features": [
+                {"feature": n, "anomalies": len(v), "mean_share": round(float(np.mean(v)), 2)} for n, v in ranked
+            ],
         }
 
     per_dev: dict[str, list[Any]] = {}
     for i, e in sorted(explanations.items()):
         per_dev.setdefault(str(device_ids[i]), []).append(e)
-    return {"fleet": block([e for _i, e in sorted(explanations.items())]), "devices": {d: block(v) for d, v in sorted(per_dev.items())}}
+    return {
+        "fleet": block([e for _i, e in sorted(explanations.items())]),
+        "devices": {d: block(v) for d, v in sorted(per_dev.items())},
+    }
 
 
 def write_score_outputs(
@@ -364,7 +377,9 @@ def write_score_outputs(
         Path(windows_out).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(windows_out, index=False)
         files["windows"] = str(windows_out)
-    Path(files["alerts"]).write_text(json.dumps([al.to_dict() for al in result.alerts], indent=1) + "\n", encoding="utf-8")
+    Path(files["alerts"]).write_text(
+        json.dumps([al.to_dict() for al in result.alerts], indent=1) + "\n", encoding="utf-8"
+    )
     alert_dicts = [al.to_dict() for al in result.alerts]
     if any(isinstance(x, str) and x for x in bw.label.tolist()):
         from itap_stream.core.quality import quality_report
@@ -375,10 +390,16 @@ def write_score_outputs(
         files["metrics"] = str(out / "metrics.json")
         Path(files["metrics"]).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     files["explanations"] = str(out / "explanations_top.json")
-    Path(files["explanations"]).write_text(json.dumps(_top_explanations(bw.device_ids, a.explanations), indent=1) + "\n", encoding="utf-8")
+    Path(files["explanations"]).write_text(
+        json.dumps(_top_explanations(bw.device_ids, a.explanations), indent=1) + "\n", encoding="utf-8"
+    )
     idx = sorted(a.explanations)
     summary = summarize(
-        bw.device_ids, a.scores, a.flags, [bw.device_ids[i] for i in idx], [a.explanations[i].dominant_family for i in idx]
+        bw.device_ids,
+        a.scores,
+        a.flags,
+        [bw.device_ids[i] for i in idx],
+        [a.explanations[i].dominant_family for i in idx],
     )
     Path(files["summaries"]).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return ScoreReport(

@@ -30,9 +30,13 @@ def format_alert(alert: dict[str, Any]) -> str:
       Root cause: Power instability   Rule: power_instability
     """
     status = "" if alert.get("status", "firing") == "firing" else f" | {alert['status'].upper()}"
-    when = alert.get("changed_at") or (alert.get("resolved_at") if alert.get("status") == "resolved" else alert.get("window_end"))
+    when = alert.get("changed_at") or (
+        alert.get("resolved_at") if alert.get("status") == "resolved" else alert.get("window_end")
+    )
     likely = alert.get("likely_fault") or {}
-    likely_text = f"   Likely fault: {likely['class']} ({likely.get('confidence', 0.0):.0%})" if likely.get("class") else ""
+    likely_text = (
+        f"   Likely fault: {likely['class']} ({likely.get('confidence', 0.0):.0%})" if likely.get("class") else ""
+    )
     note = f"\n  Note: {alert['note']}" if alert.get("note") else ""
     fams = sorted(alert.get("families", {}).items(), key=lambda kv: -kv[1])
     fam_text = ", ".join(f"{f} {v:.1f}%" for f, v in fams[:4] if v > 0) or "-"

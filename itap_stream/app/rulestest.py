@@ -28,7 +28,8 @@ __all__ = ["DryRun", "dry_run", "format_dry_run", "stored_windows"]
 
 def stored_windows(windows: pd.DataFrame, anomalies: pd.DataFrame) -> tuple[list[ScoredWindow], list[str | None]]:
     """Scored windows rebuilt from the store, in event-time order, and each one's label."""
-    exp: dict[tuple[str, float], tuple[Explanation, tuple[str, ...], float]] = {}
+    exp: dict[tuple[str, float], tuple[Explanation | None, tuple[str, ...], float]] = {}
+    r: Any  # a row of the store's table (itertuples gives no per-column types)
     for r in anomalies.itertuples(index=False):
         families = json.loads(r.families)
         top = [(str(n), float(s)) for n, s in json.loads(r.top_features)]
@@ -67,15 +68,17 @@ def _firing(engine: RuleEngine, windows: list[ScoredWindow]) -> list[Alert]:
     return [a for a in engine.evaluate(windows) if a.status == "firing"]
 
 
-def dry_run(windows: list[ScoredWindow], labels: list[str | None], current: RuleEngine, candidate: RuleEngine) -> DryRun:
+def dry_run(
+    windows: list[ScoredWindow], labels: list[str | None], current: RuleEngine, candidate: RuleEngine
+) -> DryRun:
     """Replay ``windows`` through both engines and count what each would have raised."""
-    label_at = {(w.device_id, w.end_ts): lab for w, lab in zip(windows, labels)}
+    label_at = {(w.device_id, w.end_ts): lab for w, lab in zip(windows, labels, strict=True)}
     res = DryRun(windows=len(windows), labelled=any(labels))
     # a fault = one device's labelled stretch (a label run, broken by unlabelled windows)
     episodes: dict[tuple[str, float], int] = {}
     last: dict[str, tuple[str | None, int]] = {}
     n_ep = 0
-    for w, lab in zip(windows, labels):
+    for w, lab in zip(windows, labels, strict=True):
         prev_lab, ep = last.get(w.device_id, (None, -1))
         if lab is not None and lab != prev_lab:
             ep, n_ep = n_ep, n_ep + 1

@@ -14,7 +14,7 @@ __all__ = ["summarize"]
 
 
 def summarize(
-    device_ids: Sequence[str],
+    device_ids: npt.ArrayLike,
     scores: npt.ArrayLike,
     is_anomaly: npt.ArrayLike,
     anomaly_devices: Sequence[str] = (),
@@ -32,14 +32,15 @@ def summarize(
     sc = np.asarray(scores, dtype=np.float64)
     an = np.asarray(is_anomaly, dtype=bool)
     fams: dict[str, Counter[str]] = {}
-    for d, f in zip(anomaly_devices, anomaly_families):
+    for d, f in zip(anomaly_devices, anomaly_families, strict=True):
         fams.setdefault(d, Counter())[f] += 1
     devices: dict[str, Any] = {}
     if len(sc):
         g = pd.DataFrame({"device": dev, "score": sc, "anomaly": an}).groupby("device", sort=True)
         per = g.agg(windows=("score", "size"), anomalies=("anomaly", "sum"), avg=("score", "mean"))
         p95 = g["score"].quantile(0.95)
-        for d, row in zip(per.index.tolist(), per.itertuples(index=False)):
+        row: Any  # a named tuple of the aggregated columns
+        for d, row in zip(per.index.tolist(), per.itertuples(index=False), strict=True):
             devices[d] = {
                 "windows": int(row.windows),
                 "anomalies": int(row.anomalies),

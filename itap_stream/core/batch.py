@@ -114,7 +114,10 @@ def batch_windows(
             for k in np.flatnonzero(tagged_pos[ends] - before[ends - window + 1]).tolist():
                 idx = rows[ends[k] - window + 1 : ends[k] + 1]
                 window_tags[k] = tuple(t for t in dict.fromkeys(tag_arr[idx].tolist()) if t is not None and t == t)
-    n_feat = feats[0].shape[1] if feats else extract(np.zeros((0, window, vals.shape[1])), np.zeros((0, window))).shape[1]
+    if feats:
+        n_feat = feats[0].shape[1]
+    else:
+        n_feat = extract(np.zeros((0, window, vals.shape[1])), np.zeros((0, window), dtype=np.int8)).shape[1]
     end_rows = rows[ends]
     start_rows = rows[ends - window + 1] if len(ends) else np.zeros(0, dtype=np.int64)
     return BatchWindows(
@@ -133,7 +136,7 @@ def batch_windows(
     )
 
 
-def frame_to_arrays(df: pd.DataFrame, schema: SensorSchema) -> dict[str, np.ndarray]:
+def frame_to_arrays(df: pd.DataFrame, schema: SensorSchema) -> dict[str, Any]:
     """Columns of a readings table (CSV or store) as the arrays `batch_windows` takes."""
     return {
         "device_ids": df["device_id"].to_numpy(dtype=object),

@@ -26,9 +26,9 @@ recording, such as the 400 normal readings at the start of a test-bed run.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -151,7 +151,9 @@ class PCADetector:
 
     def calibrate(self, X: Array, quantile: float) -> float:
         t2, q = self.statistics(X)
-        self.limits_ = np.array([max(quantile_threshold(t2, quantile), 1e-9), max(quantile_threshold(q, quantile), 1e-9)])
+        self.limits_ = np.array(
+            [max(quantile_threshold(t2, quantile), 1e-9), max(quantile_threshold(q, quantile), 1e-9)]
+        )
         return 1.0
 
 
@@ -198,10 +200,11 @@ class HalfSpaceTreesDetector:
         # a few axes instead of every feature: with 50+ features, a cut of 8 random levels
         # rarely falls on the one feature a fault moves; the principal components and the
         # residual off them (Q) carry every feature's deviation in a handful of axes
-        self.projection_ = PCADetector(variance=0.999, seed=self.seed)
-        self.projection_.fit(X)
-        self.projection_.components_ = self.projection_.components_[: self.components]
-        self.projection_.eigenvalues_ = self.projection_.eigenvalues_[: self.components]
+        proj = self.projection_ = PCADetector(variance=0.999, seed=self.seed)
+        proj.fit(X)
+        # fit() set both (mypy cannot see it)
+        proj.components_ = cast(Array, proj.components_)[: self.components]
+        proj.eigenvalues_ = cast(Array, proj.eigenvalues_)[: self.components]
         P = self._project(X)
         self.quantiles_ = np.quantile(P, np.linspace(0.0, 1.0, 65), axis=0)  # (65, axes)
         U = self._uniform(P)
@@ -209,8 +212,10 @@ class HalfSpaceTreesDetector:
         # one (it stops descending where a cell holds under a tenth of a window): that
         # reference is one window of training rows drawn at random
         size = min(self.window_size, len(X))
-        limits = dict.fromkeys(range(U.shape[1]), (-1.0, 2.0))
-        model = HalfSpaceTrees(n_trees=self.n_trees, height=self.height, window_size=size, limits=limits, seed=self.seed)
+        limits: dict[Hashable, tuple[float, float]] = dict.fromkeys(range(U.shape[1]), (-1.0, 2.0))
+        model = HalfSpaceTrees(
+            n_trees=self.n_trees, height=self.height, window_size=size, limits=limits, seed=self.seed
+        )
         order = np.random.default_rng(self.seed).permutation(len(X))[:size]
         for row in U[order].tolist():
             model.learn_one(dict(enumerate(row)))
@@ -219,9 +224,10 @@ class HalfSpaceTreesDetector:
 
     def _project(self, X: Array) -> Array:
         """Scores on the leading principal components, and the log residual off them."""
-        proj = self.projection_
-        Z = (np.asarray(X, dtype=np.float64) - proj.centre_) / proj.scale_
-        T = rows_times(Z, proj.components_.T)
+        proj = cast(PCADetector, self.projection_)  # set by fit(); score() checks that it ran
+        centre, scale, components = cast(Array, proj.centre_), cast(Array, proj.scale_), cast(Array, proj.components_)
+        Z = (np.asarray(X, dtype=np.float64) - centre) / scale
+        T = rows_times(Z, components.T)
         q = rows_times(Z * Z, np.ones((Z.shape[1], 1)))[:, 0] - rows_times(T * T, np.ones((T.shape[1], 1)))[:, 0]
         return np.hstack([T, np.log1p(np.maximum(q, 0.0))[:, None]])
 
@@ -229,7 +235,7 @@ class HalfSpaceTreesDetector:
         """Each feature through its training quantiles: normal rows spread evenly over [0, 1],
         values beyond the training range continue linearly outside it (up to [-1, 2]), so
         heavy-tailed features do not crowd the normal mass into one corner of the box."""
-        q = self.quantiles_
+        q = cast(Array, self.quantiles_)  # set by fit(); score() checks that it ran
         X = np.asarray(X, dtype=np.float64)
         levels = np.linspace(0.0, 1.0, len(q))
         lo, hi = q[0], q[-1]
@@ -237,8 +243,8 @@ class HalfSpaceTreesDetector:
         U = np.empty_like(X)
         for j in range(X.shape[1]):
             U[:, j] = np.interp(X[:, j], q[:, j], levels)
-        U = np.where(X > hi, 1.0 + (X - hi) / span, U)
-        U = np.where(X < lo, -(lo - X) / span, U)
+        U = np.where(hi < X, 1.0 + (X - hi) / span, U)
+        U = np.where(lo > X, -(lo - X) / span, U)
         return np.clip(U, -1.0, 2.0)
 
     def score(self, X: Array) -> Array:
@@ -284,7 +290,7 @@ class EnsembleDetector:
             m.fit(X)
 
     def _normalised(self, X: Array) -> Array:
-        return np.vstack([m.score(X) / t for m, t in zip(self.members, self.member_thresholds_)])
+        return np.vstack([m.score(X) / t for m, t in zip(self.members, self.member_thresholds_, strict=True)])
 
     def score(self, X: Array) -> Array:
         return np.asarray(self._normalised(X).mean(axis=0))
@@ -395,7 +401,7 @@ def reading_steps(segments: list[Array]) -> Array:
     return out
 
 
-def constant_signals(segments: list[Array]) -> Array:
+def constant_signals(segments: list[Array]) -> npt.NDArray[np.bool_]:
     """Per signal, whether it never changed in ``segments`` (or had no reading at all):
     such a signal has no measurable noise, so no deviation of it can be judged against it.
 
@@ -554,7 +560,10 @@ class MeanShiftDetector:
             raise ConfigError(msg)
         if self.recent.any():
             if recent_errors is None or len(recent_errors) != d:
-                msg = "a chart with drifting signals needs the standard error of a window mean against their recent level"
+                msg = (
+                    "a chart with drifting signals needs the standard error of a window mean "
+                    "against their recent level"
+                )
                 raise ConfigError(msg)
             self.se = np.where(self.recent, np.asarray(recent_errors, dtype=np.float64), self.se)
         if spacing < 1 or back < 1 or not 1 <= alarm_k <= alarm_n:
@@ -629,7 +638,8 @@ class MeanShiftDetector:
                 earlier = [st.means[-spacing * j] for j in range(1, back + 1) if len(st.means) >= spacing * j]
                 past = [mj for mj, usable in earlier if usable]
                 known = bool(past)
-                level = self.start_level if getattr(self, "start_level", None) is not None else self.centre[recent]
+                start: Array | None = getattr(self, "start_level", None)
+                level = start if start is not None else self.centre[recent]
                 if not past and st.good is not None:  # just out of a long alarm: the last level outside one
                     level, known = st.good, True
                 else:

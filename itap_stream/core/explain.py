@@ -8,6 +8,7 @@ then summed per family.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +36,8 @@ def explain(
     X: npt.NDArray[np.float64],
     mean: npt.NDArray[np.float64],
     std: npt.NDArray[np.float64],
-    feature_names: tuple[str, ...],
-    feature_families: tuple[str, ...],
+    feature_names: Sequence[str],
+    feature_families: Sequence[str],
     *,
     top_k: int = 5,
 ) -> list[Explanation]:
@@ -69,7 +70,7 @@ def explain(
     for i in range(len(X)):
         out.append(
             Explanation(
-                families={f: round(float(v), 2) for f, v in zip(families, fam_shares[i])},
+                families={f: round(float(v), 2) for f, v in zip(families, fam_shares[i], strict=True)},
                 top_features=[(feature_names[j], round(float(shares[i, j]), 2)) for j in top[i]],
             )
         )

@@ -20,6 +20,8 @@ shows up in ``missing`` rather than as a fake level change.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import numpy.typing as npt
 
@@ -158,7 +160,7 @@ def extract(values: npt.NDArray[np.float64], states: npt.NDArray[np.integer]) ->
         per[:, :, 8] = 0.0
     per[:, :, 9] = n_missing
 
-    any_missing = missing.any(axis=1)  # (n, w)
+    any_missing = cast(npt.NDArray[np.bool_], missing.any(axis=1))  # (n, w); an array, whatever the stubs say
     out[:, -2] = np.cumprod(any_missing[:, ::-1], axis=1).sum(axis=1)
     st = np.asarray(states)
     out[:, -1] = (st[:, 1:] != st[:, :-1]).sum(axis=1) if w > 1 else 0.0

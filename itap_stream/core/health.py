@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -83,10 +84,11 @@ class SensorHealth:
             return []
         k_miss, k_stuck = min(st.missing_readings, w), min(st.stuck_readings, w)
         tail = values[:, -k_miss:, :]
-        gone = np.isnan(tail).all(axis=1)  # (n, s)
+        # (numpy's stubs type a reduction along an axis as "scalar or array")
+        gone = cast(npt.NDArray[np.bool_], np.isnan(tail).all(axis=1))  # (n, s)
         missing = gone & ~gone.all(axis=1, keepdims=True)  # the others still report
         tail = values[:, -k_stuck:, :]
-        present = ~np.isnan(tail).any(axis=1)
+        present = ~cast(npt.NDArray[np.bool_], np.isnan(tail).any(axis=1))
         stuck = present & (tail.max(axis=1) == tail.min(axis=1)) if k_stuck > 1 else np.zeros_like(gone)
         out: list[Alert] = []
         starts, ends = list(start_ts), list(end_ts)

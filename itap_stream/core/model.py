@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -331,7 +331,8 @@ class IsolationForestDetector:
             msg = "detector is not fitted"
             raise RuntimeError(msg)
         Z = self.scaler_.transform(np.asarray(X, dtype=np.float64))
-        Xs = (Z if self.rotation_ is None else self.rotated(X)).astype(np.float32)
+        # rotated() is not None once fitted with a rotation
+        Xs = (Z if self.rotation_ is None else cast(Array, self.rotated(X))).astype(np.float32)
         return np.asarray(-self.forest_.score_samples(Xs))
 
 

@@ -295,7 +295,7 @@ def assess(
     idx = np.flatnonzero(flags)
     if len(idx):
         exps = explain(X[idx], artifact.stats.mean, artifact.stats.std, names, families)
-        explanations = dict(zip(idx.tolist(), exps))
+        explanations = dict(zip(idx.tolist(), exps, strict=True))
     return Assessment(scores, flags, conf, explanations)
 
 

@@ -45,7 +45,9 @@ def _prf(pred: npt.NDArray[np.bool_], y: npt.NDArray[np.bool_]) -> dict[str, flo
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "tp": tp, "fp": fp, "fn": fn}
+    return {
+        "precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "tp": tp, "fp": fp, "fn": fn
+    }
 
 
 def threshold_sweep(scores: npt.ArrayLike, positive: npt.ArrayLike, points: int = 25) -> list[dict[str, float]]:

@@ -217,7 +217,8 @@ def lifecycle_from_dict(data: Mapping[str, Any]) -> Lifecycle:
     Examples
     --------
     >>> lifecycle_from_dict({"resolve_after": "2m", "repeat_interval": "30m", "flap_count": 3})
-    Lifecycle(resolve_after_s=120.0, resolve_after_windows=0, repeat_interval_s=1800.0, flap_count=3, flap_period_s=1800.0)
+    Lifecycle(resolve_after_s=120.0, resolve_after_windows=0, repeat_interval_s=1800.0, flap_count=3,
+              flap_period_s=1800.0)
     """
     try:
         lc = Lifecycle(
@@ -348,7 +349,9 @@ class RuleEngine:
         lifecycle: Lifecycle | None = None,
     ) -> None:
         self.rules = list(rules)
-        self.lifecycle = lifecycle or Lifecycle(resolve_after_s=resolve_after_s, repeat_interval_s=0.0, flap_count=10**9)
+        self.lifecycle = lifecycle or Lifecycle(
+            resolve_after_s=resolve_after_s, repeat_interval_s=0.0, flap_count=10**9
+        )
         self.resolve_after_s = self.lifecycle.resolve_after_s
         self.fault_classes = tuple(fault_classes)
         self._max_within = max((r.within_s for r in self.rules if r.type == "burst"), default=0.0)
@@ -411,7 +414,9 @@ class RuleEngine:
                 if len(fires) >= lc.flap_count - 1:
                     # fired and resolved again and again: hold it as one flapping alert
                     alert.status = "flapping"
-                    alert.note = f"fired {len(fires) + 1} times within {lc.flap_period_s:g} s; held until quiet that long"
+                    alert.note = (
+                        f"fired {len(fires) + 1} times within {lc.flap_period_s:g} s; held until quiet that long"
+                    )
                 fires.append(t)
                 dev.open[name] = alert
                 dev.sent[name] = t
@@ -419,22 +424,32 @@ class RuleEngine:
                 return
             open_alert.anomalies += 1
             if rule.escalate_at and w.is_anomaly and open_alert.severity == rule.severity:
-                recent = [f for ts, f in zip(dev.anomaly_ts, dev.anomaly_fam) if ts >= t - rule.within_s]
+                recent = [f for ts, f in zip(dev.anomaly_ts, dev.anomaly_fam, strict=True) if ts >= t - rule.within_s]
                 if len(recent) >= rule.escalate_at and len(set(recent)) == 1:
                     up = SEVERITIES[min(SEVERITIES.index(open_alert.severity) + 1, len(SEVERITIES) - 1)]
                     if up != open_alert.severity:
                         open_alert.severity = up
                         dev.sent[name] = t
-                        changes.append(self._snapshot(open_alert, "escalated", t, w,
-                                                      f"{len(recent)} anomalies in {rule.within_s:g} s, all {recent[0]}"))
+                        changes.append(
+                            self._snapshot(
+                                open_alert, "escalated", t, w,
+                                f"{len(recent)} anomalies in {rule.within_s:g} s, all {recent[0]}",
+                            )
+                        )
             if w.explanation is not None and open_alert.families:
                 fam, was = w.explanation.dominant_family, max(open_alert.families.items(), key=lambda kv: kv[1])[0]
                 if fam != was and len(dev.anomaly_fam) >= 2 and list(dev.anomaly_fam)[-2:] == [fam, fam]:
                     # two anomalies in a row dominated by another family: the fault has moved
                     open_alert.families = dict(w.explanation.families)
                     open_alert.top_features = list(w.explanation.top_features)
-                    changes.append(self._snapshot(open_alert, "updated", t, w, f"dominant family shifted from {was} to {fam}"))
-            if lc.repeat_interval_s > 0 and not open_alert.acknowledged and t - dev.sent.get(name, t) >= lc.repeat_interval_s:
+                    changes.append(
+                        self._snapshot(open_alert, "updated", t, w, f"dominant family shifted from {was} to {fam}")
+                    )
+            if (
+                lc.repeat_interval_s > 0
+                and not open_alert.acknowledged
+                and t - dev.sent.get(name, t) >= lc.repeat_interval_s
+            ):
                 dev.sent[name] = t
                 changes.append(self._snapshot(open_alert, "reminder", t, w, "still holding"))
             return

@@ -11,9 +11,10 @@ Time is whatever clock the caller passes: the core reads none.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -23,6 +24,12 @@ from itap_stream.errors import ConfigError
 __all__ = ["Silence", "SilenceBook", "silence_from_dict"]
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+#: A silence's start and end lie in 1970-01-01 .. 9999-12-31 (UTC), as epoch seconds.
+_MAX_TS = 253_402_300_800.0
+#: A weekly silence lasts at most a week.
+_MAX_WEEKLY_HOURS = 168.0
+#: The longest text a silence field may hold (id, patterns, comment).
+_MAX_TEXT = 1000
 
 
 @dataclass(frozen=True)
@@ -99,63 +106,154 @@ def silence_from_dict(raw: Mapping[str, Any], *, now: float | None = None) -> Si
     if not isinstance(raw, Mapping):
         msg = "a silence must be a mapping (device, rule, family, severity, start, end, duration, weekly, at, hours)"
         raise ConfigError(msg)
-    known = {"id", "device", "rule", "family", "severity", "start", "end", "duration", "weekly", "at", "hours", "comment"}
-    unknown = set(raw) - known
+    known = {
+        "id", "device", "rule", "family", "severity", "start", "end", "duration", "weekly", "at", "hours", "comment"
+    }
+    unknown = [k for k in raw if k not in known]
     if unknown:
-        msg = f"silence: unknown key(s) {sorted(unknown)}; known: {sorted(known)}"
+        msg = f"silence: unknown key(s) {sorted(_show(k) for k in unknown)}; known: {sorted(known)}"
         raise ConfigError(msg)
-    sev = str(raw.get("severity") or "").upper()
+    sev = _text(raw, "severity").upper()
     if sev and sev not in SEVERITIES:
         msg = f"silence: severity {raw['severity']!r} is not one of {', '.join(SEVERITIES)}"
         raise ConfigError(msg)
-    start = _time(raw.get("start"))
-    end = _time(raw.get("end"))
+    start = _time(raw.get("start"), "start")
+    end = _time(raw.get("end"), "end")
     if raw.get("duration") is not None:
         base = start if start is not None else now
         if base is None:
             msg = "silence: a duration needs a start"
             raise ConfigError(msg)
-        start = base
-        end = base + parse_duration(raw["duration"])
-    weekly = tuple(str(d).strip().lower()[:3] for d in (raw.get("weekly") or ()))
-    if any(d not in _DAYS for d in weekly):
-        msg = f"silence: weekly days must be among {', '.join(_DAYS)}, got {list(raw.get('weekly') or ())}"
+        start = _time(base, "start")
+        end = _time((start or 0.0) + _duration(raw["duration"]), "end (start + duration)")
+    if start is not None and end is not None and end < start:
+        msg = f"silence: end ({end:g}) is before start ({start:g})"
         raise ConfigError(msg)
-    at = str(raw.get("at", "00:00"))
-    try:
-        hh, mm = (int(x) for x in at.split(":"))
-        if not (0 <= hh < 24 and 0 <= mm < 60):
-            raise ValueError
-        hours = float(raw.get("hours", 0.0))
-    except ValueError:
-        msg = f"silence: 'at' must be HH:MM and 'hours' a number, got {at!r} / {raw.get('hours')!r}"
-        raise ConfigError(msg) from None
+    weekly = _days(raw.get("weekly"))
+    at = _at("00:00" if raw.get("at") is None else raw["at"])
+    hours = _number(0.0 if raw.get("hours") is None else raw["hours"], "hours")
+    if not 0.0 <= hours <= _MAX_WEEKLY_HOURS:
+        msg = f"silence: 'hours' must be between 0 and {_MAX_WEEKLY_HOURS:g} (a week), got {hours:g}"
+        raise ConfigError(msg)
     if weekly and hours <= 0:
         msg = "silence: a weekly silence needs hours > 0"
         raise ConfigError(msg)
-    fields = {
-        "device": str(raw.get("device") or "*"), "rule": str(raw.get("rule") or "*"),
-        "family": str(raw.get("family") or ""), "severity": sev, "start": start, "end": end, "weekly": weekly,
-        "at": at, "hours": hours, "comment": str(raw.get("comment") or ""),
+    fields: dict[str, Any] = {
+        "device": _text(raw, "device") or "*", "rule": _text(raw, "rule") or "*",
+        "family": _text(raw, "family"), "severity": sev, "start": start, "end": end, "weekly": weekly,
+        "at": at, "hours": hours, "comment": _text(raw, "comment"),
     }  # fmt: skip
-    sid = str(raw.get("id") or hashlib.sha1(repr(sorted(fields.items())).encode(), usedforsecurity=False).hexdigest()[:10])
+    digest = hashlib.sha1(repr(sorted(fields.items())).encode(), usedforsecurity=False).hexdigest()
+    sid = _text(raw, "id") or digest[:10]
     return Silence(id=sid, **fields)
 
 
-def _time(v: Any) -> float | None:
-    if v is None or v == "":
+def _show(v: Any) -> str:
+    """A short repr of a value for a message, whatever it is (a 5,000-digit int has no repr)."""
+    try:
+        text = repr(v)
+    except ValueError:
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(raw: Mapping[str, Any], key: str) -> str:
+    """A text field ("" when absent)."""
+    v = raw.get(key)
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        msg = f"silence: {key!r} must be text, got {type(v).__name__} {_show(v)} (quote it in YAML)"
+        raise ConfigError(msg)
+    if len(v) > _MAX_TEXT:
+        msg = f"silence: {key!r} is {len(v):,} characters long; at most {_MAX_TEXT:,}"
+        raise ConfigError(msg)
+    return v
+
+
+def _number(v: Any, name: str) -> float:
+    """A finite number (a number or numeric text)."""
+    try:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise TypeError
+        x = float(v)
+    except (TypeError, ValueError, OverflowError):
+        x = math.nan
+    if not math.isfinite(x):
+        msg = f"silence: {name!r} must be a finite number, got {_show(v)}"
+        raise ConfigError(msg)
+    return x
+
+
+def _duration(v: Any) -> float:
+    """Seconds from a duration such as ``2h`` or a number of seconds; finite and not negative."""
+    try:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise TypeError
+        seconds = parse_duration(v)
+    except (TypeError, ValueError, OverflowError):
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        msg = f"silence: duration must be a number of seconds or like '30m', '2h'; got {_show(v)}"
+        raise ConfigError(msg)
+    return seconds
+
+
+def _days(v: Any) -> tuple[str, ...]:
+    """Weekdays from a list (``[sat, sun]``) or comma-separated text (``sat,sun``)."""
+    if v is None or (isinstance(v, (str, list, tuple)) and not v):
+        return ()
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not all(isinstance(d, str) for d in items):
+        msg = f"silence: 'weekly' must be a list of days ({', '.join(_DAYS)}) or text like 'sat,sun', got {_show(v)}"
+        raise ConfigError(msg)
+    days = tuple(d.strip().lower()[:3] for d in items)
+    if any(d not in _DAYS for d in days) or len(days) > len(_DAYS):
+        msg = f"silence: weekly days must be among {', '.join(_DAYS)}, got {_show(v)}"
+        raise ConfigError(msg)
+    return days
+
+
+def _at(v: Any) -> str:
+    """``HH:MM`` (UTC) text, normalised to two digits each."""
+    parts = v.split(":") if isinstance(v, str) else []
+    ok = len(parts) == 2 and all(p.isascii() and p.isdigit() and len(p) <= 2 for p in parts)
+    if not ok or not (0 <= int(parts[0]) < 24 and 0 <= int(parts[1]) < 60):
+        msg = f"silence: 'at' must be HH:MM text (UTC, 00:00 to 23:59; quote it in YAML), got {_show(v)}"
+        raise ConfigError(msg)
+    return f"{int(parts[0]):02d}:{int(parts[1]):02d}"
+
+
+def _time(v: Any, name: str) -> float | None:
+    """Epoch seconds from epoch seconds (a number or numeric text), RFC 3339 text or a
+    datetime; None when absent. Within 1970 .. 9999."""
+    if v is None or (isinstance(v, str) and not v):
         return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, datetime):
-        dt = v
-    else:
-        try:
-            dt = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
-        except ValueError:
-            msg = f"silence: {v!r} is not a time (RFC 3339 or epoch seconds)"
-            raise ConfigError(msg) from None
-    return (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+    bad = f"silence: {name} must be RFC 3339 text or epoch seconds, got {_show(v)}"
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        if isinstance(v, (int, float)):
+            t = float(v)
+        elif isinstance(v, str):
+            try:
+                t = float(v)
+            except ValueError:
+                dt = datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
+                t = (dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)).timestamp()
+        elif isinstance(v, datetime):
+            t = (v if v.tzinfo is not None else v.replace(tzinfo=UTC)).timestamp()
+        elif isinstance(v, date):
+            t = datetime(v.year, v.month, v.day, tzinfo=UTC).timestamp()
+        else:
+            raise TypeError
+    except (TypeError, ValueError, OverflowError):
+        msg = f"{bad}: not a time"
+        raise ConfigError(msg) from None
+    if not 0.0 <= t < _MAX_TS:  # also nan and inf
+        msg = f"{bad}: not a time between 1970 and 9999"
+        raise ConfigError(msg)
+    return t
 
 
 class SilenceBook:

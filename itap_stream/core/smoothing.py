@@ -40,7 +40,7 @@ def smooth(
     mask = (1 << n) - 1
     out = np.zeros(len(raw), dtype=bool)
     get = state.get
-    for i, (dev, flag) in enumerate(zip(device_ids, raw.tolist())):
+    for i, (dev, flag) in enumerate(zip(device_ids, raw.tolist(), strict=True)):
         bits = ((get(dev, 0) << 1) | flag) & mask
         state[dev] = bits
         out[i] = bits.bit_count() >= k

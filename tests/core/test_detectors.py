@@ -93,7 +93,9 @@ def test_pca_limits_are_the_held_out_quantiles_of_t2_and_q():
 
 
 def test_unknown_detector_is_a_clear_error():
-    with pytest.raises(ConfigError, match="unknown detector 'svm'; choose one of auto, isolation_forest, pca, hst, ensemble"):
+    with pytest.raises(
+        ConfigError, match="unknown detector 'svm'; choose one of auto, isolation_forest, pca, hst, ensemble"
+    ):
         make_detector("svm")
 
 
@@ -204,7 +206,9 @@ def test_a_short_recording_fits_the_detector_on_the_compact_features(schema, tmp
     bw = windows_of_frame(simulate(1, 900.0, seed=32, maint=False).to_frame(), schema, 32, 4)
     np.testing.assert_array_equal(artifacts.load(path).detector.score(bw.features), art.detector.score(bw.features))
     # a long one keeps every feature
-    long_art, long_rep = train_from_frame(simulate(2, 3600.0, seed=33, maint=False).to_frame(), schema, window=32, hop=4)
+    long_art, long_rep = train_from_frame(
+        simulate(2, 3600.0, seed=33, maint=False).to_frame(), schema, window=32, hop=4
+    )
     assert not isinstance(long_art.detector, ColumnsDetector) and long_rep.features_used == len(names)
 
 
@@ -253,7 +257,9 @@ def test_by_default_a_short_recording_of_one_state_gets_the_mean_shift_chart(tmp
     reloaded = artifacts.load(path).detector
     np.testing.assert_array_equal(reloaded.score(tb.features), scores)
     ids = tb.device_ids.tolist()
-    np.testing.assert_array_equal(reloaded.score_sequence(tb.features, ids, {}), det.score_sequence(tb.features, ids, {}))
+    np.testing.assert_array_equal(
+        reloaded.score_sequence(tb.features, ids, {}), det.score_sequence(tb.features, ids, {})
+    )
     assert rep.features_used == d
 
 

@@ -50,7 +50,7 @@ def _oracle(window: np.ndarray, states: np.ndarray) -> dict[str, float]:
             break
         streak += 1
     out["missing_streak"] = float(streak)
-    out["state_transitions"] = float(sum(1 for a, b in zip(states[:-1], states[1:]) if a != b))
+    out["state_transitions"] = float(sum(1 for a, b in zip(states[:-1], states[1:], strict=True) if a != b))
     return out
 
 
@@ -82,7 +82,9 @@ def test_same_seed_same_features(schema):
     def feats(seed):
         f = simulate(3, 600, seed=seed).to_frame()
         codes = f["state"].map({s: i for i, s in enumerate(STATES)}).to_numpy()
-        return batch_windows(f["device_id"], f["ts"], codes, f[list(schema.names)].to_numpy(), window=32, hop=4).features
+        return batch_windows(
+            f["device_id"], f["ts"], codes, f[list(schema.names)].to_numpy(), window=32, hop=4
+        ).features
 
     np.testing.assert_array_equal(feats(5), feats(5))
     assert not np.array_equal(feats(5), feats(6))

@@ -80,7 +80,7 @@ def test_a_growing_burst_escalates_severity_keeping_its_id_only_when_one_family_
     assert eng.evaluate([_w(50)]) == []  # escalated once
     mixed = _engine(rule)
     fams = [VIB, VIB, VOLT, VIB, VIB]
-    out = mixed.evaluate([_w(t, families=f) for t, f in zip((0, 10, 20, 30, 40), fams)])
+    out = mixed.evaluate([_w(t, families=f) for t, f in zip((0, 10, 20, 30, 40), fams, strict=True)])
     # five anomalies, but two families: no escalation (the 3rd, Voltage, fired it; the shift
     # back to Vibration is noted)
     assert [(a.status, a.severity) for a in out] == [("firing", "WARNING"), ("updated", "WARNING")]

@@ -29,7 +29,8 @@ def _run_through(proc, part, step=37):
     for i in range(0, len(part), step):
         res = proc.process(part[i : i + step])
         if res.n_windows:
-            out.update(zip(res.windows.end_ts.tolist(), zip(res.scores.tolist(), res.is_anomaly.tolist())))
+            scored = zip(res.scores.tolist(), res.is_anomaly.tolist(), strict=True)
+            out.update(zip(res.windows.end_ts.tolist(), scored, strict=True))
     return out
 
 
@@ -50,7 +51,7 @@ def test_batch_scoring_equals_stream_scoring(schema, trained, default_rules):
         if res.n_windows:
             stream_scores += res.scores.tolist()
             stream_flags += res.is_anomaly.tolist()
-            stream_keys += list(zip(res.windows.device_ids, res.windows.end_ts.tolist()))
+            stream_keys += list(zip(res.windows.device_ids, res.windows.end_ts.tolist(), strict=True))
         stream_alerts += [a.to_dict() for a in res.alerts]
 
     table = score_frame(
@@ -58,8 +59,14 @@ def test_batch_scoring_equals_stream_scoring(schema, trained, default_rules):
         window=32, hop=4, alarm_k=3, alarm_n=4, workers=2,
     )
     a = table.assessment
-    batch = dict(zip(zip(table.windows.device_ids.tolist(), table.windows.end_ts.tolist()), zip(a.scores.tolist(), a.flags.tolist())))
-    stream = dict(zip(stream_keys, zip(stream_scores, stream_flags)))
+    batch = dict(
+        zip(
+            zip(table.windows.device_ids.tolist(), table.windows.end_ts.tolist(), strict=True),
+            zip(a.scores.tolist(), a.flags.tolist(), strict=True),
+            strict=True,
+        )
+    )
+    stream = dict(zip(stream_keys, zip(stream_scores, stream_flags, strict=True), strict=True))
     assert batch == stream
     assert sum(stream_flags) > 10
 
@@ -113,7 +120,9 @@ def test_loading_a_model_does_not_import_scikit_learn(model_file, tmp_path):
 def test_summaries_per_device_and_fleet():
     from itap_stream.core.aggregate import summarize
 
-    s = summarize(["B", "A", "A", "A"], [0.5, 0.1, 0.3, 0.9], [True, False, False, True], ["B", "A"], ["Voltage", "Vibration"])
+    s = summarize(
+        ["B", "A", "A", "A"], [0.5, 0.1, 0.3, 0.9], [True, False, False, True], ["B", "A"], ["Voltage", "Vibration"]
+    )
     assert list(s["devices"]) == ["A", "B"]
     assert s["devices"]["A"] == {
         "windows": 3, "anomalies": 1, "avg_score": round((0.1 + 0.3 + 0.9) / 3, 4),
@@ -155,12 +164,12 @@ def test_the_mean_shift_chart_with_drifting_signals_scores_alike_in_stream_and_b
     for i in range(0, len(readings), 53):
         res = proc.process(readings[i : i + 53])
         if res.n_windows:
-            stream.update(zip(zip(res.windows.device_ids, res.windows.end_ts.tolist()),
-                              zip(res.scores.tolist(), res.is_anomaly.tolist())))
+            stream.update(zip(zip(res.windows.device_ids, res.windows.end_ts.tolist(), strict=True),
+                              zip(res.scores.tolist(), res.is_anomaly.tolist(), strict=True), strict=True))
     table = score_frame(test, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4, workers=2)
     a = table.assessment
-    keys = list(zip(table.windows.device_ids.tolist(), table.windows.end_ts.tolist()))
-    assert dict(zip(keys, zip(a.scores.tolist(), a.flags.tolist()))) == stream
+    keys = list(zip(table.windows.device_ids.tolist(), table.windows.end_ts.tolist(), strict=True))
+    assert dict(zip(keys, zip(a.scores.tolist(), a.flags.tolist(), strict=True), strict=True)) == stream
     # the history mattered: against the training level alone the temperatures score otherwise
     assert not np.allclose(a.scores, art.detector.score(table.windows.features))
 

@@ -180,7 +180,9 @@ def test_itap_run_stops_on_sigterm_with_everything_stored(settings, tmp_path):
         "ITAP_HTTP_ADDR": "",
     }
     status = Subscriber(settings.broker_url, f"itap/status/consumer/{settings.client_id}")
-    proc = subprocess.Popen([sys.executable, "-m", "itap_stream.cli", "run"], env=env, stderr=subprocess.PIPE, text=True)  # noqa: S603
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "itap_stream.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert _wait(lambda: any(p == b"online" for _t, p, _r in status.messages), 20)
         sim = simulate(3, 300, seed=8, maint=False)
@@ -246,7 +248,9 @@ def test_a_killed_intake_process_is_replaced_and_its_session_delivers_the_gap(se
     metrics = Metrics()
     consumer, thread = _start(settings.replace(intake="process", qos=1), metrics)
     try:
-        first = publish(simulate(2, 200, seed=6, maint=False), settings.broker_url, speed=0, qos=1, client_id="t-sim-k1")
+        first = publish(
+            simulate(2, 200, seed=6, maint=False), settings.broker_url, speed=0, qos=1, client_id="t-sim-k1"
+        )
         assert _wait(lambda: metrics.sample("itap_readings_received_total") >= first)
         child = consumer.inbox._proc  # noqa: SLF001 - the test kills the process itself
         os.kill(child.pid, signal.SIGKILL)
@@ -365,8 +369,8 @@ def test_a_silent_device_goes_stale_by_the_injected_clock_and_clears_on_its_next
         assert not [p for _t, p, _r in sub.messages if b"device_stale" in p]
         now[0] += 1
         assert _wait(lambda: len([p for _t, p, _r in sub.messages if b"device_stale" in p]) == 2, 10)
-        later = json.dumps({"device_id": "DEV-0001", "ts": 1767225600 + 61, "state": "RUN", "rpm": 1500.0, "temp_c": 50.0,
-                            "voltage_v": 229.0, "current_a": 14.0, "vibration_mm_s": 2.4})
+        later = json.dumps({"device_id": "DEV-0001", "ts": 1767225600 + 61, "state": "RUN", "rpm": 1500.0,
+                            "temp_c": 50.0, "voltage_v": 229.0, "current_a": 14.0, "vibration_mm_s": 2.4})
         pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="t-stale-late")
         host, port = settings.broker_url.removeprefix("mqtt://").split(":")
         pub.connect(host, int(port))

@@ -18,7 +18,10 @@ from simulator.transport import publish
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
-pytestmark = [pytest.mark.network, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")]
+pytestmark = [
+    pytest.mark.network,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)"),
+]
 
 
 def _chromium(url: str, *extra: str) -> str:

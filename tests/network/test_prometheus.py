@@ -34,7 +34,7 @@ def test_prometheus_scrapes_the_consumer_and_answers_a_query(settings, tmp_path,
     metrics = Metrics()
     start_consumer(settings, metrics)
     exporter = serve(f"127.0.0.1:{free_port()}", metrics.registry)
-    target = "127.0.0.1:%d" % exporter.server_address[1]
+    target = f"127.0.0.1:{exporter.server_address[1]:d}"
     prom_port = free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(
@@ -48,7 +48,9 @@ def test_prometheus_scrapes_the_consumer_and_answers_a_query(settings, tmp_path,
     )
     base = f"http://127.0.0.1:{prom_port}"
     try:
-        sent = publish(simulate(2, 120, seed=4, maint=False), settings.broker_url, speed=0, qos=1, client_id="t-sim-prom")
+        sent = publish(
+            simulate(2, 120, seed=4, maint=False), settings.broker_url, speed=0, qos=1, client_id="t-sim-prom"
+        )
         deadline = time.monotonic() + 60
         got = None
         while time.monotonic() < deadline:
@@ -60,7 +62,9 @@ def test_prometheus_scrapes_the_consumer_and_answers_a_query(settings, tmp_path,
                 got = res[0]
                 break
             time.sleep(0.5)
-        assert got is not None, f"Prometheus never saw {sent} readings; its log: {prom.stderr.read() if prom.poll() is not None else ''}"
+        assert got is not None, (
+            f"Prometheus never saw {sent} readings; its log: {prom.stderr.read() if prom.poll() is not None else ''}"
+        )
         assert got["metric"]["instance"] == target
         up = _query(base, 'up{job="itap"}')
         assert up and up[0]["value"][1] == "1"
