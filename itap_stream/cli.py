@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from itap_stream import __version__
@@ -21,10 +22,15 @@ __all__ = ["main"]
 log = logging.getLogger("itap")
 
 EPILOGS = {
-    "demo": "example:\n  itap demo                      # ~1 minute, broker included\n  itap demo --duration 20 --devices 4 --broker mqtt://127.0.0.1:1883",
-    "run": "example:\n  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
-    "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
-    "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n  itap alerts --severity CRITICAL --device DEV-0007\n  itap alerts --json --count 10 --timeout 60 | jq .rule",
+    "demo": "example:\n  itap demo                      # ~1 minute, broker included\n"
+    "  itap demo --duration 20 --devices 4 --broker mqtt://127.0.0.1:1883",
+    "run": "example:\n"
+    "  ITAP_DB_URL=sqlite:///plant.db itap run --broker mqtt://127.0.0.1:1883 --model models/current.joblib",
+    "simulate": "examples:\n  itap simulate --devices 5 --duration 10m --speed 60 --broker mqtt://127.0.0.1:1883\n"
+    "  itap simulate --devices 20 --duration 2h --faults bearing_wear,overheat --out data/fleet.csv",
+    "alerts": "examples:\n  itap alerts                                   # every alert, as it arrives\n"
+    "  itap alerts --severity CRITICAL --device DEV-0007\n"
+    "  itap alerts --json --count 10 --timeout 60 | jq .rule",
     "ack": "examples:\n  itap ack 3f2c9a1b0d4e5f60 --note 'crew on the way' --by alice\n"
     "  itap ack 3f2c9a1b0d4e5f60 --broker mqtt://plant-broker:1883",
     "silence": "examples:\n  itap silence add --device DEV-0007 --duration 2h --comment 'bearing change'\n"
@@ -32,16 +38,71 @@ EPILOGS = {
     "  itap silence list\n  itap silence remove 3f2c9a1b0d",
     "rules": "examples:\n  itap rules test --rules candidate_rules.yaml --db sqlite:///plant.db\n"
     "  itap rules test --rules candidate_rules.yaml --since 2026-03-01T00:00:00Z --json reports/dry-run.json",
-    "evaluate": "examples:\n  itap evaluate --db sqlite:///itap-demo/itap.db\n  itap evaluate --db sqlite:///plant.db --since 2026-01-01T00:00:00Z --out reports/live-metrics.json",
-    "ingest": "examples:\n  itap ingest data/fleet.csv --db sqlite:///plant.db\n  itap ingest data/history.csv --db postgresql://postgres@127.0.0.1/itap --rejected reports/bad_rows.csv",
-    "validate": "examples:\n  itap validate data/fleet.csv\n  itap validate data/plant.csv --schema configs/plant-sensors.yaml --out reports/plant-quality.json",
-    "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
+    "evaluate": "examples:\n  itap evaluate --db sqlite:///itap-demo/itap.db\n"
+    "  itap evaluate --db sqlite:///plant.db --since 2026-01-01T00:00:00Z --out reports/live-metrics.json",
+    "ingest": "examples:\n  itap ingest data/fleet.csv --db sqlite:///plant.db\n"
+    "  itap ingest data/history.csv --db postgresql://postgres@127.0.0.1/itap --rejected reports/bad_rows.csv",
+    "validate": "examples:\n  itap validate data/fleet.csv\n"
+    "  itap validate data/plant.csv --schema configs/plant-sensors.yaml --out reports/plant-quality.json",
+    "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n"
+    "  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
     "passwd": "examples:\n"
     "  itap passwd mosquitto/passwd itap-consumer itap-operator itap-engineer itap-simulator DEV-0001 DEV-0002\n"
-    "  printf '%s\\n' \"$CONSUMER_PW\" | itap passwd --stdin mosquitto/passwd itap-consumer   # your own password",
-    "train": "examples:\n  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n  itap train --csv data/normal.csv --model models/current.joblib\n"
-    "  itap train --db sqlite:///plant.db --model models/2026-11.joblib --activate   # the running consumer switches to it",
+    "  printf '%s\\n' \"$CONSUMER_PW\" | itap passwd --stdin mosquitto/passwd itap-consumer"
+    "   # your own password",
+    "train": "examples:\n"
+    "  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n"
+    "  itap train --csv data/normal.csv --model models/current.joblib\n"
+    "  itap train --db sqlite:///plant.db --model models/2026-11.joblib --activate"
+    "   # the running consumer switches to it",
 }
+
+
+#: The longest run, wait or timeout an option takes, in seconds (a year): beyond any real use,
+#: and within what timers take (a larger one overflows them).
+MAX_SECONDS = 366 * 86400.0
+
+
+def _seconds(*, zero: bool = False, most: float = MAX_SECONDS) -> Callable[[str], float]:
+    """An argparse type: a duration (``90``, ``30s``, ``10m``, ``2h``) in seconds, finite,
+    positive (or zero when ``zero``) and at most ``most``: nan, inf and -1 are usage errors."""
+
+    def duration(text: str) -> float:
+        try:
+            seconds = parse_duration(text)
+        except (ConfigError, OverflowError):
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero) or seconds > most:
+            msg = (
+                f"{text!r} is not a duration {'>= 0' if zero else '> 0'} and at most {most:,.0f} s "
+                "(seconds, or like 30s, 10m, 2h)"
+            )
+            raise argparse.ArgumentTypeError(msg)
+        return seconds
+
+    return duration
+
+
+def _number(*, zero: bool = False, most: float = math.inf, integer: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 (>= 0 when ``zero``), at most ``most``; an int when ``integer``."""
+
+    def number(text: str) -> float:
+        try:
+            value: float = int(text) if integer else float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero) or value > most:
+            kind = "a whole number" if integer else "a finite number"
+            limit = f" and at most {most:,.0f}" if integer else f" and at most {most:,g}" if math.isfinite(most) else ""
+            msg = f"{text!r} is not {kind} {'>= 0' if zero else '> 0'}{limit}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return number
+
+
+_count = _number(integer=True)
+_seed = _number(zero=True, most=2**32 - 1, integer=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,12 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("demo", help="broker + simulator + consumer on this machine", epilog=EPILOGS["demo"], formatter_class=fmt)
+    p = sub.add_parser(
+        "demo", help="broker + simulator + consumer on this machine", epilog=EPILOGS["demo"], formatter_class=fmt
+    )
     _common(p)
-    p.add_argument("--duration", default="45s", help="wall-clock length of the simulated run (default 45s)")
-    p.add_argument("--devices", type=int, default=10, help="simulated devices (default 10)")
-    p.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
-    p.add_argument("--speed", type=float, default=60.0, help="event-time acceleration (default 60x)")
+    p.add_argument(
+        "--duration", type=_seconds(), default="45s", help="wall-clock length of the simulated run (default 45s)"
+    )
+    p.add_argument("--devices", type=_count, default=10, help="simulated devices (default 10)")
+    p.add_argument("--seed", type=_seed, default=7, help="simulation seed (default 7)")
+    p.add_argument("--speed", type=_number(), default=60.0, help="event-time acceleration (default 60x)")
     p.add_argument("--broker", help="use this broker instead of starting one")
     p.add_argument("--embedded-broker", action="store_true", help="force the pure-Python broker")
     p.add_argument("--workdir", default="itap-demo", help="where the database, model and summary go")
@@ -81,12 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _service_opts(p)
 
-    p = sub.add_parser("simulate", help="simulated telemetry to MQTT or CSV", epilog=EPILOGS["simulate"], formatter_class=fmt)
+    p = sub.add_parser(
+        "simulate", help="simulated telemetry to MQTT or CSV", epilog=EPILOGS["simulate"], formatter_class=fmt
+    )
     _common(p)
-    p.add_argument("--devices", type=int, default=10)
-    p.add_argument("--duration", default="10m", help="simulated event time, e.g. 600, 10m, 2h")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speed", type=float, default=1.0, help="1 = real time, 60 = a minute per second, 0 = flat out")
+    p.add_argument("--devices", type=_count, default=10)
+    p.add_argument("--duration", type=_seconds(), default="10m", help="simulated event time, e.g. 600, 10m, 2h")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument(
+        "--speed", type=_number(zero=True), default=1.0, help="1 = real time, 60 = a minute per second, 0 = flat out"
+    )
     p.add_argument(
         "--faults",
         default="",
@@ -98,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_options(p)
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
 
-    p = sub.add_parser("train", help="retrain the model from the store or a CSV", epilog=EPILOGS["train"], formatter_class=fmt)
+    p = sub.add_parser(
+        "train", help="retrain the model from the store or a CSV", epilog=EPILOGS["train"], formatter_class=fmt
+    )
     _common(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--db", help="train from this store (default: configured db_url)")
@@ -113,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         "isolation_forest, pca (Hotelling T² + SPE chart), hst (river Half-Space Trees) or ensemble "
         "(env ITAP_DETECTOR, config detector)",
     )
-    p.add_argument("--quantile", type=float, help="threshold: this quantile of held-out normal scores (config threshold_quantile)")
+    p.add_argument(
+        "--quantile", type=float, help="threshold: this quantile of held-out normal scores (config threshold_quantile)"
+    )
     p.add_argument(
         "--activate", action="store_true",
         help="then have the running consumer load it (itap/commands/reload; same --config / --broker as `itap run`)",
@@ -121,17 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_options(p)
     p.add_argument(
         "--recall-target", type=float,
-        help="when the data has labelled faults: the threshold with the best precision at this recall (default: best F1)",
+        help=(
+            "when the data has labelled faults: the threshold with the best precision at this recall "
+            "(default: best F1)"
+        ),
     )
 
-    p = sub.add_parser("alerts", help="print alerts live from the broker", epilog=EPILOGS["alerts"], formatter_class=fmt)
+    p = sub.add_parser(
+        "alerts", help="print alerts live from the broker", epilog=EPILOGS["alerts"], formatter_class=fmt
+    )
     _common(p)
     _broker_options(p)
     p.add_argument("--device", action="append", default=[], help="only this device (repeat for more)")
-    p.add_argument("--severity", action="append", default=[], help="only this severity: INFO, WARNING, CRITICAL (repeatable)")
+    p.add_argument(
+        "--severity", action="append", default=[], help="only this severity: INFO, WARNING, CRITICAL (repeatable)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON alert per line, for machines")
-    p.add_argument("--count", type=int, help="exit after this many alerts")
-    p.add_argument("--timeout", help="exit after this long, e.g. 60 or 10m (default: run until Ctrl-C)")
+    p.add_argument("--count", type=_count, help="exit after this many alerts")
+    p.add_argument(
+        "--timeout", type=_seconds(zero=True), help="exit after this long, e.g. 60 or 10m (default: run until Ctrl-C)"
+    )
     p.add_argument("--no-colour", action="store_true", help="no ANSI colours even on a terminal")
 
     p = sub.add_parser(
@@ -151,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="why / what is being done, stored and published with the acknowledgement")
     p.add_argument("--by", default=os.environ.get("USER", ""), help="who acknowledges (default: $USER)")
     _broker_options(p)
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the consumer's answer")
+    p.add_argument("--timeout", type=_seconds(), default=10.0, help="seconds to wait for the consumer's answer")
 
     p = sub.add_parser(
         "silence", help="maintenance windows on the running consumer: alerts are stored, not published",
@@ -162,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = ssub.add_parser(sname, help=shelp, epilog=EPILOGS["silence"], formatter_class=fmt)
         _common(sp)
         _broker_options(sp)
-        sp.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the consumer's answer")
+        sp.add_argument("--timeout", type=_seconds(), default=10.0, help="seconds to wait for the consumer's answer")
         if sname == "remove":
             sp.add_argument("silence_id", help="the id `itap silence add` or `list` printed")
         if sname == "add":
@@ -170,12 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--rule", help="rule name or pattern (signal_*); default all")
             sp.add_argument("--family", help="only alerts whose dominant family is this")
             sp.add_argument("--severity", help="only this severity (INFO, WARNING, CRITICAL)")
-            sp.add_argument("--duration", help="from now (or --start) for this long, e.g. 2h")
+            sp.add_argument("--duration", type=_seconds(), help="from now (or --start) for this long, e.g. 2h")
             sp.add_argument("--start", help="RFC 3339 or epoch seconds (default now)")
             sp.add_argument("--end", help="RFC 3339 or epoch seconds")
             sp.add_argument("--weekly", help="recurring on these days, e.g. sat,sun (with --at and --hours)")
             sp.add_argument("--at", default="00:00", help="weekly start, HH:MM UTC")
-            sp.add_argument("--hours", type=float, default=0.0, help="weekly length in hours")
+            sp.add_argument("--hours", type=_number(most=168), default=0.0, help="weekly length in hours (up to 168)")
             sp.add_argument("--comment", default="", help="why (stored with the silence)")
 
     p = sub.add_parser("rules", help="alert rules tools: `itap rules test` (dry-run a candidate rules file)",
@@ -294,7 +376,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     run_demo(
         settings,
-        duration_s=parse_duration(args.duration),
+        duration_s=args.duration,
         devices=args.devices,
         seed=args.seed,
         speed=args.speed,
@@ -313,19 +395,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulator import FAULT_KINDS, Fault, simulate
+    from simulator import FAULT_KINDS, Fault, check_size, simulate
     from simulator.generator import device_name
     from simulator.transport import publish, write_csv
 
     settings = _settings(args)
-    duration = parse_duration(args.duration)
-    if args.devices < 1:
-        msg = "--devices must be at least 1"
-        raise ConfigError(msg)
+    duration = args.duration
+    try:  # a simulation is generated in memory, whole: one that does not fit is refused up front
+        check_size(args.devices, duration)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     specs = [k.strip() for k in args.faults.split(",") if k.strip()]
 
     def when(text: str) -> float:
-        return duration * float(text[:-1]) / 100.0 if text.endswith("%") else parse_duration(text)
+        """Seconds into the run from a duration or a percentage of the run."""
+        try:
+            seconds = duration * float(text[:-1]) / 100.0 if text.endswith("%") else parse_duration(text)
+        except (ValueError, OverflowError, ConfigError):
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0):
+            msg = f"fault time {text!r} must be a duration (600, 10m, 2h) or a percentage of the run (40%)"
+            raise ConfigError(msg)
+        return seconds
 
     default_onset = when(args.fault_onset)
     faults = []
@@ -426,8 +517,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     if report.sweep:
         print("  sweep over the labelled windows (threshold: precision / recall / F1, smoothed):")
-        step = max(1, len(report.sweep) // 10)
-        shown = [r for i, r in enumerate(report.sweep) if i % step == 0 or r["threshold"] == report.threshold]
+        every = max(1, len(report.sweep) // 10)
+        shown = [r for i, r in enumerate(report.sweep) if i % every == 0 or r["threshold"] == report.threshold]
         for r in shown:
             mark = "  <- chosen" if r["threshold"] == report.threshold else ""
             print(f"    {r['threshold']:.4f}: {r['precision']:.3f} / {r['recall']:.3f} / {r['f1']:.3f}{mark}")
@@ -484,10 +575,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
         rep.files["rows"] = args.rows_out
     dt = time.perf_counter() - t0
     print(
-        f"scored {rep.rows:,} readings of {rep.devices} device(s) in {dt:.1f}s ({rep.rows / max(dt, 1e-9):,.0f} rows/s): "
+        f"scored {rep.rows:,} readings of {rep.devices} device(s) in {dt:.1f}s "
+        f"({rep.rows / max(dt, 1e-9):,.0f} rows/s): "
         f"{rep.windows:,} windows, {rep.anomalies:,} anomalous, {rep.alerts} alert(s) fired"
         + (f", {rep.drift_events} model_drift event(s): retraining suggested" if rep.drift_events else "")
-        + (f"; {rep.duplicates:,} duplicate and {rep.out_of_order:,} out-of-order readings skipped" if rep.duplicates or rep.out_of_order else "")
+        + (
+            f"; {rep.duplicates:,} duplicate and {rep.out_of_order:,} out-of-order readings skipped"
+            if rep.duplicates or rep.out_of_order
+            else ""
+        )
         + "\n" + "\n".join(f"  {k}: {v}" for k, v in rep.files.items())
     )
     if "metrics" in rep.files:
@@ -496,7 +592,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         m = json.loads(Path(rep.files["metrics"]).read_text(encoding="utf-8"))
         print(
             f"quality at the model threshold {m['threshold']:.4f} (smoothed): precision {m['precision']:.3f} "
-            f"recall {m['recall']:.3f} F1 {m['f1']:.3f} ROC AUC {m['roc_auc'] if m['roc_auc'] is None else round(m['roc_auc'], 3)}; "
+            f"recall {m['recall']:.3f} F1 {m['f1']:.3f} "
+            f"ROC AUC {m['roc_auc'] if m['roc_auc'] is None else round(m['roc_auc'], 3)}; "
             f"median detection delay {m['detection_delay_windows_median']} windows; "
             f"false alerts per healthy device-day {m['false_alerts_per_healthy_device_day']}"
         )
@@ -522,7 +619,9 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
 
     def ready() -> None:  # once subscribed: an unreachable broker is the only line otherwise
         if not args.json:
-            print(f"listening for alerts of {what} on {settings.broker_url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            print(
+                f"listening for alerts of {what} on {settings.broker_url} (Ctrl-C to stop)", file=sys.stderr, flush=True
+            )
 
     watch_alerts(
         settings,
@@ -532,7 +631,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
         as_json=args.json,
         colour=sys.stdout.isatty() and not args.no_colour and not os.environ.get("NO_COLOR"),
         count=args.count,
-        timeout_s=parse_duration(args.timeout) if args.timeout else None,
+        timeout_s=args.timeout,
         on_ready=ready,
     )
     return 0
@@ -592,11 +691,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     finally:
         store.dispose()
     if w.empty:
-        msg = f"the store {settings.db_url} holds no scored windows in that time range; run `itap run` (or `itap demo`) first"
+        msg = (
+            f"the store {settings.db_url} holds no scored windows in that time range; "
+            "run `itap run` (or `itap demo`) first"
+        )
         raise DataError(msg)
     labels = [x if isinstance(x, str) else None for x in w["label"].tolist()]
     if not any(labels):
-        msg = "the stored windows carry no labels (only simulator or replayed data has them): nothing to evaluate against"
+        msg = (
+            "the stored windows carry no labels (only simulator or replayed data has them): "
+            "nothing to evaluate against"
+        )
         raise DataError(msg)
     report = quality_report(
         w["device_id"].tolist(), w["window_end"], labels, w["score"], w["is_anomaly"].astype(bool),
@@ -604,11 +709,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     report.pop("threshold")
     print(
-        f"{report['windows']:,} stored windows of {w['device_id'].nunique()} device(s): precision {report['precision']:.3f} "
-        f"recall {report['recall']:.3f} F1 {report['f1']:.3f} ROC AUC {report['roc_auc'] if report['roc_auc'] is None else round(report['roc_auc'], 3)}\n"
+        f"{report['windows']:,} stored windows of {w['device_id'].nunique()} device(s): "
+        f"precision {report['precision']:.3f} "
+        f"recall {report['recall']:.3f} F1 {report['f1']:.3f} "
+        f"ROC AUC {report['roc_auc'] if report['roc_auc'] is None else round(report['roc_auc'], 3)}\n"
         f"  recall by fault: " + (", ".join(f"{k} {v:.2f}" for k, v in report["recall_by_fault"].items()) or "-") + "\n"
         f"  median detection delay {report['detection_delay_windows_median']} windows "
-        f"({report['detection_delay_s_median']} s); faults detected {report['faults_detected']}, missed {report['faults_missed']}\n"
+        f"({report['detection_delay_s_median']} s); "
+        f"faults detected {report['faults_detected']}, missed {report['faults_missed']}\n"
         f"  false alerts on healthy devices {report['false_alerts_on_healthy_devices']} "
         f"({report['false_alerts_per_healthy_device_day']} per device-day)\n"
         f"  model_drift events: {report['model_drift_events']}"
@@ -684,7 +792,10 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     finally:
         store.dispose()
     if w.empty:
-        msg = f"the store {settings.db_url} holds no scored windows in that time range; run `itap run` (or `itap demo`) first"
+        msg = (
+            f"the store {settings.db_url} holds no scored windows in that time range; "
+            "run `itap run` (or `itap demo`) first"
+        )
         raise DataError(msg)
     windows, labels = stored_windows(w, an)
     res = dry_run(windows, labels, current, candidate)
@@ -717,7 +828,21 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"passwd": _cmd_passwd, "silence": _cmd_silence, "ack": _cmd_ack, "rules": _cmd_rules, "evaluate": _cmd_evaluate, "ingest": _cmd_ingest, "validate": _cmd_validate, "alerts": _cmd_alerts, "demo": _cmd_demo, "run": _cmd_run, "simulate": _cmd_simulate, "train": _cmd_train, "score": _cmd_score}
+COMMANDS = {
+    "passwd": _cmd_passwd,
+    "silence": _cmd_silence,
+    "ack": _cmd_ack,
+    "rules": _cmd_rules,
+    "evaluate": _cmd_evaluate,
+    "ingest": _cmd_ingest,
+    "validate": _cmd_validate,
+    "alerts": _cmd_alerts,
+    "demo": _cmd_demo,
+    "run": _cmd_run,
+    "simulate": _cmd_simulate,
+    "train": _cmd_train,
+    "score": _cmd_score,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from simulator.generator import FAULT_KINDS, Fault, FleetSimulation, default_faults, simulate
+from simulator.generator import FAULT_KINDS, MAX_READINGS, Fault, FleetSimulation, check_size, default_faults, simulate
 
-__all__ = ["FAULT_KINDS", "Fault", "FleetSimulation", "default_faults", "simulate"]
+__all__ = ["FAULT_KINDS", "MAX_READINGS", "Fault", "FleetSimulation", "check_size", "default_faults", "simulate"]

@@ -22,13 +22,18 @@ name as its ground-truth ``label`` (None when healthy). Same seed, same output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FAULT_KINDS", "SIGNALS", "Fault", "FleetSimulation", "default_faults", "device_name", "simulate"]
+__all__ = [
+    "FAULT_KINDS", "MAX_READINGS", "SIGNALS", "Fault", "FleetSimulation", "check_size", "default_faults", "device_name",
+    "simulate",
+]
 
 FAULT_KINDS: tuple[str, ...] = ("bearing_wear", "overheat", "power_instability", "sensor_dropout")
 SIGNALS: tuple[str, ...] = ("rpm", "temp_c", "voltage_v", "current_a", "vibration_mm_s")
@@ -36,6 +41,52 @@ _STATES = ("RUN", "IDLE", "MAINT")
 #: 2026-01-01T00:00:00Z
 DEFAULT_START_TS = 1767225600.0
 _DEFAULT_RATE = {"bearing_wear": 1.0, "overheat": 6.0, "power_instability": 0.35, "sensor_dropout": 0.6}
+#: The most readings one simulation holds in memory: it is generated whole (about 200 bytes a
+#: reading at the peak, so some 4 GB), then published or written. Refused up front beyond this.
+MAX_READINGS = 20_000_000
+
+
+def check_size(n_devices: int, duration_s: float, interval_s: float = 1.0) -> int:
+    """The number of readings of a simulation; `ValueError` unless it is finite, at least
+    one and at most `MAX_READINGS`.
+
+    Examples
+    --------
+    >>> check_size(10, 600)
+    6000
+    >>> try:
+    ...     check_size(10, 1e9)
+    ... except ValueError as exc:
+    ...     print(str(exc).split(", more")[0])
+    10 devices for 1,000,000,000 s at one reading per 1 s is 10,000,000,000 readings
+    """
+    if isinstance(n_devices, bool) or not isinstance(n_devices, (int, np.integer)) or n_devices < 1:
+        msg = f"need at least one device, got {n_devices!r}"
+        raise ValueError(msg)
+    try:
+        duration_s, interval_s = float(duration_s), float(interval_s)
+    except (TypeError, ValueError, OverflowError):
+        msg = "duration and interval must be numbers of seconds within the range of a float"
+        raise ValueError(msg) from None
+    if not (math.isfinite(duration_s) and duration_s > 0):
+        msg = f"duration must be a positive, finite number of seconds, got {duration_s!r}"
+        raise ValueError(msg)
+    if not (math.isfinite(interval_s) and interval_s > 0):
+        msg = f"interval must be a positive, finite number of seconds, got {interval_s!r}"
+        raise ValueError(msg)
+    steps = int(duration_s // interval_s)
+    if steps < 1:
+        msg = f"duration {duration_s}s is shorter than one interval ({interval_s}s)"
+        raise ValueError(msg)
+    readings = steps * int(n_devices)
+    if readings > MAX_READINGS:
+        msg = (
+            f"{n_devices:,} devices for {duration_s:,.0f} s at one reading per {interval_s:g} s is {readings:,} "
+            f"readings, more than the {MAX_READINGS:,} a simulation may hold in memory; simulate fewer devices "
+            "or a shorter duration"
+        )
+        raise ValueError(msg)
+    return readings
 
 
 def device_name(i: int) -> str:
@@ -72,8 +123,15 @@ class Fault:
         if self.kind not in FAULT_KINDS:
             msg = f"unknown fault kind {self.kind!r}; known: {', '.join(FAULT_KINDS)}"
             raise ValueError(msg)
-        if self.onset_s < 0 or self.duration_s <= 0:
-            msg = f"fault {self.kind} on {self.device}: onset must be >= 0 and duration > 0"
+        finite = math.isfinite(self.onset_s) and math.isfinite(self.duration_s)
+        if not finite or self.onset_s < 0 or self.duration_s <= 0:
+            msg = (
+                f"fault {self.kind} on {self.device}: onset must be >= 0 and duration > 0 seconds, both finite; "
+                f"got {self.onset_s} and {self.duration_s}"
+            )
+            raise ValueError(msg)
+        if self.rate is not None and not (math.isfinite(self.rate) and self.rate >= 0):
+            msg = f"fault {self.kind} on {self.device}: rate must be a finite number >= 0, got {self.rate}"
             raise ValueError(msg)
         if self.signal not in SIGNALS:
             msg = f"fault {self.kind} on {self.device}: unknown signal {self.signal!r}"
@@ -181,16 +239,10 @@ def simulate(
     >>> bool((simulate(3, 60, seed=1).values == sim.values).all())
     True
     """
-    if n_devices < 1:
-        msg = f"need at least one device, got {n_devices}"
-        raise ValueError(msg)
-    steps = int(duration_s // interval_s)
-    if steps < 1:
-        msg = f"duration {duration_s}s is shorter than one interval ({interval_s}s)"
-        raise ValueError(msg)
+    steps = check_size(n_devices, duration_s, interval_s) // n_devices
     rng = np.random.default_rng(seed)
     ids = [device_name(i + 1) for i in range(n_devices)]
-    t = np.arange(steps) * interval_s
+    t = cast(npt.NDArray[np.float64], np.arange(steps) * interval_s)
     D = n_devices
 
     active = np.zeros((steps, D), dtype=bool)

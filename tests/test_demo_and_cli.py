@@ -30,7 +30,10 @@ def _demo(tmp_path, *extra):
 
 
 @pytest.mark.network
-@pytest.mark.skipif(shutil.which("mosquitto") is None and not __import__("pathlib").Path("/usr/sbin/mosquitto").exists(), reason="mosquitto not installed")
+@pytest.mark.skipif(
+    shutil.which("mosquitto") is None and not __import__("pathlib").Path("/usr/sbin/mosquitto").exists(),
+    reason="mosquitto not installed",
+)
 def test_demo_with_mosquitto(tmp_path):
     out, work = _demo(tmp_path)
     assert "started mosquitto broker" in out
@@ -97,7 +100,9 @@ def test_train_from_csv_then_schema_mismatch_is_named(tmp_path, capsys):
     schema = tmp_path / "s.yaml"
     schema.write_text("signals:\n  - {name: rpm, family: RPM}\n  - {name: pressure_bar, family: Pressure}\n")
     cfg = tmp_path / "itap.yaml"
-    cfg.write_text(f"sensors_file: {schema}\nmodel_path: {model}\ndb_url: sqlite:///{tmp_path / 'x.db'}\nhttp_addr: ''\n")
+    cfg.write_text(
+        f"sensors_file: {schema}\nmodel_path: {model}\ndb_url: sqlite:///{tmp_path / 'x.db'}\nhttp_addr: ''\n"
+    )
     assert main(["run", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "pressure_bar" in err and "Traceback" not in err
@@ -106,7 +111,9 @@ def test_train_from_csv_then_schema_mismatch_is_named(tmp_path, capsys):
 def test_simulate_to_csv_is_deterministic_and_labelled(tmp_path, capsys):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     for p in (a, b):
-        assert main(["simulate", "--devices", "3", "--duration", "10m", "--seed", "9", "--faults", "overheat", "--out", str(p)]) == 0
+        argv = ["simulate", "--devices", "3", "--duration", "10m", "--seed", "9", "--faults", "overheat",
+                "--out", str(p)]
+        assert main(argv) == 0
     assert a.read_bytes() == b.read_bytes()
     text = a.read_text()
     assert "overheat" in text and text.splitlines()[0].startswith("ts,device_id,state")

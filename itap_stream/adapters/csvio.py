@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from itap_stream.config import not_utf8_message
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import DataError
 
@@ -34,7 +35,9 @@ def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
             p, sep=sniff_delimiter(p), dtype={"device_id": str, "state": str, "tag": str, "label": str},
             low_memory=False,
         )
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise DataError(not_utf8_message("CSV", p)) from None
+    except (ValueError, pd.errors.ParserError) as exc:
         msg = f"cannot parse CSV {p}: {exc}"
         raise DataError(msg) from exc
     renames = schema.csv_renames()
@@ -65,7 +68,10 @@ def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
         parsed = pd.to_datetime(ts, utc=True, errors="coerce", format="mixed")
         bad = parsed.isna()
         if bad.any():
-            msg = f"CSV {p}: column ts has {int(bad.sum())} value(s) that are neither epoch seconds nor RFC 3339, first {ts[bad].iloc[0]!r}"
+            msg = (
+                f"CSV {p}: column ts has {int(bad.sum())} value(s) that are neither epoch seconds nor RFC 3339, "
+                f"first {ts[bad].iloc[0]!r}"
+            )
             raise DataError(msg)
         df["ts"] = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
     df["ts"] = df["ts"].astype(np.float64)
@@ -74,7 +80,10 @@ def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
     df["state"] = df["state"].fillna("RUN")
     bad_state = ~df["state"].isin(STATES)
     if bad_state.any():
-        msg = f"CSV {p}: unknown state(s) {sorted(df.loc[bad_state, 'state'].unique().tolist())[:5]}; expected {list(STATES)}"
+        msg = (
+            f"CSV {p}: unknown state(s) {sorted(df.loc[bad_state, 'state'].unique().tolist())[:5]}; "
+            f"expected {list(STATES)}"
+        )
         raise DataError(msg)
     for name in schema.names:
         if not pd.api.types.is_numeric_dtype(df[name]):
@@ -119,7 +128,9 @@ def _labels_of(col: pd.Series) -> pd.Series:
     """Ground truth from a label column: 0/1 (or true/false) become ``anomaly``/None, text is kept."""
     if pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col):
         num = pd.to_numeric(col, errors="coerce").fillna(0)
-        return pd.Series(np.where(num != 0, "anomaly", None), index=col.index, dtype=object)
+        # numpy's stubs take no None for x/y, though an object array holds it fine
+        labels = np.where(num != 0, "anomaly", None)  # type: ignore[call-overload]
+        return pd.Series(labels, index=col.index, dtype=object)
     text = col.astype(object).where(col.notna(), None)
     falsy = text.map(lambda v: v is None or str(v).strip().lower() in {"", "0", "false", "normal", "none"})
     return text.where(~falsy, None)

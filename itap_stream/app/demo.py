@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -22,8 +23,8 @@ from itap_stream.app.render import format_alert, format_summary
 from itap_stream.app.service import build_consumer
 from itap_stream.config import Settings, parse_broker_url
 from itap_stream.core.aggregate import summarize
-from itap_stream.errors import BrokerError
-from simulator import default_faults, simulate
+from itap_stream.errors import BrokerError, ConfigError
+from simulator import check_size, default_faults, simulate
 from simulator.transport import publish
 
 __all__ = ["run_demo"]
@@ -49,10 +50,20 @@ def run_demo(
     out: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     """Run the whole pipeline for ``duration_s`` seconds of wall time; returns the summary."""
+    if not (math.isfinite(duration_s) and duration_s > 0) or not (math.isfinite(speed) and speed > 0):
+        msg = f"the demo needs a positive, finite duration and speed, got {duration_s} s at {speed}x"
+        raise ConfigError(msg)
     work = Path(workdir)
+    model_path = Path(settings.model_path) if settings.model_path != Settings.model_path else work / "model.joblib"
+    try:  # before a broker starts: a run that cannot fit in memory is refused at once
+        check_size(devices, max(duration_s * speed, 120.0))
+        if not model_path.exists():
+            check_size(devices, 7200.0)  # the training run
+    except ValueError as exc:
+        msg = f"{exc} (--duration x --speed is the simulated time)"
+        raise ConfigError(msg) from None
     work.mkdir(parents=True, exist_ok=True)
     db_path = work / "itap.db"
-    model_path = Path(settings.model_path) if settings.model_path != Settings.model_path else work / "model.joblib"
     broker: BrokerHandle | None = None
     if broker_url is None:
         broker = start_broker(broker_kind)

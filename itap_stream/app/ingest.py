@@ -20,6 +20,7 @@ import pandas as pd
 
 from itap_stream.adapters.store import Store, StoreBatch
 from itap_stream.app.validate import parse_ts_column
+from itap_stream.config import not_utf8_message
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import DataError
 
@@ -125,7 +126,10 @@ def ingest_csv(
                 rep.rejected += len(bad)
                 for why, n in bad.value_counts().items():
                     rep.reasons[str(why)] = rep.reasons.get(str(why), 0) + int(n)
-            rows = [tuple(map(_plain, row)) for row in good[list(store.reading_columns)].itertuples(index=False, name=None)]
+            rows = [
+                tuple(map(_plain, row))
+                for row in good[list(store.reading_columns)].itertuples(index=False, name=None)
+            ]
             spans = good.groupby("device_id")["ts"].agg(["min", "max"])
             devices = {str(d): (float(lo), float(hi)) for d, lo, hi in spans.itertuples(name=None)}
             inserted = 0
@@ -135,7 +139,10 @@ def ingest_csv(
             rep.already_stored += len(rows) - inserted
             if progress is not None:
                 progress(rep.rows, total)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        loaded = f" ({rep.rows:,} rows before it were loaded; a rerun skips them)" if rep.rows else ""
+        raise DataError(not_utf8_message("CSV", p) + loaded) from None
+    except (ValueError, pd.errors.ParserError) as exc:
         msg = f"cannot parse CSV {p} after {rep.rows:,} rows: {exc}"
         raise DataError(msg) from exc
     rep.report_path = str(bad_path) if bad_written else None

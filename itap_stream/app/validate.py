@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from itap_stream.config import not_utf8_message
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import DataError
 
@@ -44,7 +45,9 @@ def validate_csv(path: str | Path, schema: SensorSchema) -> dict[str, Any]:
         raise DataError(msg)
     try:
         df = pd.read_csv(p, dtype=str, keep_default_na=True, low_memory=False)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise DataError(not_utf8_message("CSV", p)) from None
+    except (ValueError, pd.errors.ParserError) as exc:
         msg = f"cannot parse CSV {p}: {exc}"
         raise DataError(msg) from exc
     report: dict[str, Any] = {"file": str(p), "rows": len(df), "columns": list(df.columns), "usable": True}
@@ -147,8 +150,10 @@ def _warnings(r: dict[str, Any]) -> list[str]:
     for name, s in r.get("signals", {}).items():
         bad = s["non_numeric"] + s["non_finite"] + s["below_min"] + s["above_max"]
         if bad:
-            w.append(f"{name}: {bad:,} value(s) not usable ({s['non_numeric']} non-numeric, {s['non_finite']} non-finite, "
-                     f"{s['below_min']} below {s['valid_range'][0]:g}, {s['above_max']} above {s['valid_range'][1]:g})")
+            w.append(
+                f"{name}: {bad:,} value(s) not usable ({s['non_numeric']} non-numeric, {s['non_finite']} non-finite, "
+                f"{s['below_min']} below {s['valid_range'][0]:g}, {s['above_max']} above {s['valid_range'][1]:g})"
+            )
         if s["missing_rate"] >= 0.5:
             w.append(f"{name}: {s['missing_rate']:.0%} missing")
     if r.get("unknown_states"):
@@ -158,7 +163,9 @@ def _warnings(r: dict[str, Any]) -> list[str]:
 
 def format_report(r: dict[str, Any]) -> str:
     """The human summary `itap validate` prints."""
-    lines = [f"{r['file']}: {r['rows']:,} rows, {r.get('devices', 0)} device(s) — {'usable' if r['usable'] else 'UNUSABLE'}"]
+    lines = [
+        f"{r['file']}: {r['rows']:,} rows, {r.get('devices', 0)} device(s) — {'usable' if r['usable'] else 'UNUSABLE'}"
+    ]
     lines += [f"  unusable: {x}" for x in r["reasons"]]
     if r.get("signals"):
         lines.append(f"  {'signal':<16} {'missing':>8} {'out of range':>12} {'min':>10} {'max':>10}")
