@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 import time
 
 import numpy as np
@@ -218,8 +219,10 @@ def test_time_chaos_is_counted_per_rule_and_features_equal_the_sorted_deduplicat
     code = {s: i for i, s in enumerate(STATES)}
     bw = batch_windows([r.device_id for r in keep], [r.ts for r in keep], [code[r.state] for r in keep],
                        [r.values for r in keep], window=32, hop=4)
-    stream = {(d, e): row for d, e, row in zip(devs, ends, np.concatenate(feats))}
-    batch = {(d, e): row for d, e, row in zip(bw.device_ids.tolist(), bw.end_ts.tolist(), bw.features)}
+    stream = {(d, e): row for d, e, row in zip(devs, ends, np.concatenate(feats), strict=True)}
+    batch = {
+        (d, e): row for d, e, row in zip(bw.device_ids.tolist(), bw.end_ts.tolist(), bw.features, strict=True)
+    }
     assert stream.keys() == batch.keys() and len(batch) > 60
     for key, row in batch.items():
         np.testing.assert_array_equal(stream[key], row)
@@ -275,12 +278,33 @@ def test_metrics_and_dashboard_bind_to_loopback_by_default():
     assert load(PACKAGE_CONFIGS / "itap.yaml", environ={}).http_addr.startswith("127.0.0.1:")
 
 
-def test_a_restarted_consumer_refills_its_windows_from_the_store(settings, start_consumer, wait):
+def _joinable_consumer(settings, metrics, request):
+    """A consumer running in a thread this test can join (``start_consumer`` joins only at
+    teardown); `run` returns once its store writer committed everything it was handed and
+    its MQTT connections are closed."""
+    from itap_stream.app.service import build_consumer
+
+    consumer = build_consumer(settings, metrics=metrics)
+    ready = threading.Event()
+    thread = threading.Thread(target=consumer.run, kwargs={"ready": ready}, daemon=True)
+    thread.start()
+
+    def finish():
+        consumer.stop()
+        thread.join(20)
+
+    request.addfinalizer(finish)
+    assert ready.wait(15)
+    return consumer, thread
+
+
+def test_a_restarted_consumer_refills_its_windows_from_the_store(settings, start_consumer, wait, request):
     """Stop after 100 readings, restart, go on: the windows are those of one uninterrupted
     run, and readings the restarted consumer gets a second time count as duplicates."""
     t0 = time.time() - 300
     readings = [_reading("DEV-0003", t0 + i, seq=i) for i in range(200)]
     host, port = settings.broker_url.removeprefix("mqtt://").split(":")
+    db_path = settings.db_url.removeprefix("sqlite:///")
 
     def send(rs):
         pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"t-refill-{time.monotonic_ns()}")
@@ -291,26 +315,41 @@ def test_a_restarted_consumer_refills_its_windows_from_the_store(settings, start
         pub.disconnect()
         pub.loop_stop()
 
+    def stored() -> int:
+        db = sqlite3.connect(db_path)
+        try:
+            return db.execute("select count(*) from readings where device_id = 'DEV-0003'").fetchone()[0]
+        finally:
+            db.close()
+
     first = Metrics()
-    consumer = start_consumer(settings, first)
+    consumer, thread = _joinable_consumer(settings, first, request)
     send(readings[:100])
     assert wait(lambda: first.sample("itap_readings_processed_total") == 100)
     consumer.stop()
-    time.sleep(0.5)
+    # the restart refills its windows from the store: the first consumer must have committed
+    # its last batch and closed its session (the same client id) before the second starts
+    thread.join(30)
+    assert not thread.is_alive() and stored() == 100
     again = Metrics()
     start_consumer(settings, again)
     send(readings[96:])  # 96..99 again: a device retrying after the restart
-    assert wait(lambda: again.sample("itap_readings_processed_total") == 100)
+    # processed_total counts a micro-batch's accepted readings before its dropped ones are
+    # counted (and dead-lettered) and before the batch goes to the store: wait until reading
+    # 199 is committed, i.e. every micro-batch of this send was processed to its end
+    assert wait(lambda: stored() == 200)
+    assert again.sample("itap_readings_processed_total") == 100
     assert again.sample("itap_readings_rejected_total", reason="duplicate") == 4
-    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    db = sqlite3.connect(db_path)
     try:
-        assert wait(lambda: db.execute("select count(*) from windows").fetchone()[0] >= 43, 10)
-        ends = [r[0] for r in db.execute("select window_end from windows where device_id = 'DEV-0003' order by window_end")]
+        # committed in the same transaction as the readings that closed them
+        ends = [r[0] for r in db.execute(
+            "select window_end from windows where device_id = 'DEV-0003' order by window_end")]
     finally:
         db.close()
+    signals = ("rpm", "temp_c", "voltage_v", "current_a", "vibration_mm_s")
     whole = batch_windows(["DEV-0003"] * 200, [r["ts"] for r in readings], [0] * 200,
-                          [[r[n] for n in ("rpm", "temp_c", "voltage_v", "current_a", "vibration_mm_s")] for r in readings],
-                          window=32, hop=4)
+                          [[r[n] for n in signals] for r in readings], window=32, hop=4)
     assert ends == whole.end_ts.tolist()  # 43 windows, none missing after the restart, none twice
 
 
