@@ -19,7 +19,8 @@ RUN pip install --no-cache-dir . \
 USER itap
 VOLUME ["/data", "/models"]
 EXPOSE 9108
+# /healthz: 200 while the consumer works, 503 when its store, processing loop or intake is stuck
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
-  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:9108/metrics', timeout=4); sys.exit(0)"
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=4)"
 ENTRYPOINT ["itap"]
 CMD ["run"]

@@ -1,18 +1,19 @@
 """Chaos: faults of the broker, the consumer and the store while devices publish, and a
 sequence checker that counts lost, duplicated and reordered readings.
 
-Every scenario runs real processes: a mosquitto the scenario starts (persistence on, a
-free port), the consumer as ``itap run`` in its own process (so it can be killed), and
-devices publishing readings with per-device ``seq`` numbers over QoS 1 from one paho
-client whose queue is their own persistence while the broker is away. The checker then
-reads the store: for every device, which sequence numbers arrived, how often, and in
-which order.
+Every scenario runs real processes: a mosquitto the scenario starts (persistence on and
+autosaved as mosquitto/mosquitto.conf has it, a free port), the consumer as ``itap run``
+in its own process (so it can be killed), and devices publishing readings with
+per-device ``seq`` numbers over QoS 1 from one paho client whose queue is their own
+persistence while the broker is away. The checker then reads the store: for every
+device, which sequence numbers arrived, how often, and in which order.
 
     python -m bench.chaos                 # every scenario, table + bench/chaos.json
     python -m bench.chaos --quick         # fewer readings, broker down 10 s instead of 30 s
 
 The tests in ``tests/network/test_delivery.py`` run the same scenarios and assert 0 lost,
-0 duplicated and no dead letter. ``duplicated`` counts rows sharing a device's ``seq``:
+0 duplicated and no dead letter; ``tests/network/test_broker_chaos.py`` kills the broker
+with the shipped mosquitto.conf (`CRASH_SCENARIOS`). ``duplicated`` counts rows sharing a device's ``seq``:
 the store's unique (device, ts) key already refuses a second row for the same reading,
 so this guards against a reading stored twice under another timestamp.
 """
@@ -20,6 +21,7 @@ so this guards against a reading stored twice under another timestamp.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -33,13 +35,16 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 
-from itap_stream.adapters.broker import BrokerHandle, free_port, start_broker
+from itap_stream.adapters.broker import MOSQUITTO_CONF, BrokerHandle, free_port, start_broker
+from itap_stream.adapters.mqtt import BrokerAuth
+from itap_stream.config import parse_broker_url
 
-__all__ = ["SCENARIOS", "ConsumerProc", "Outcome", "SeqPublisher", "check_sequences", "main", "run_scenario"]
+__all__ = ["CRASH_SCENARIOS", "SCENARIOS", "ConsumerProc", "Outcome", "SeqPublisher", "check_sequences", "main",
+           "run_scenario"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SIGNALS = ("rpm", "temp_c", "voltage_v", "current_a", "vibration_mm_s")
@@ -58,11 +63,13 @@ class SeqPublisher:
     One paho client with a persistent session and an unbounded queue: while the broker
     is away it keeps what it could not hand over and sends it after reconnecting.
     ``payloads`` overrides what is sent (for bad input and time chaos): a list of
-    ``(topic, bytes)``.
+    ``(topic, bytes)``. ``auth`` logs in (a gateway account such as itap-simulator);
+    ``reconnect_min_s`` is the first pause before reconnecting (doubling up to 2 s).
     """
 
     def __init__(self, url: str, devices: list[str], per_device: int, *, rate: float = 1000.0,
-                 prefix: str = "itap", payloads: list[tuple[str, bytes]] | None = None) -> None:
+                 prefix: str = "itap", payloads: list[tuple[str, bytes]] | None = None,
+                 auth: BrokerAuth | None = None, reconnect_min_s: float = 1.0) -> None:
         host, port = url.removeprefix("mqtt://").split(":")
         self.devices, self.per_device, self.rate = devices, per_device, rate
         t0 = time.time() - per_device - 5
@@ -74,7 +81,10 @@ class SeqPublisher:
                                   clean_session=False, protocol=paho.MQTTv311)
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(100)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        # paho types the delays int but computes with floats
+        self.client.reconnect_delay_set(min_delay=cast(int, reconnect_min_s), max_delay=2)
+        if auth is not None:
+            auth.apply(self.client, parse_broker_url(url))
         self.client.connect(host, int(port))
         self.client.loop_start()
         self.sent = 0
@@ -237,7 +247,8 @@ class Outcome:
     duplicated: int
     reordered: int = 0
     dead_copies: int = 0  # dead letters that are copies of stored readings
-    redelivered: int = 0  # copies the broker sent again after a fault, counted by the consumer (itap_readings_redelivered_total)
+    # copies the broker sent again after a fault, counted by the consumer (itap_readings_redelivered_total)
+    redelivered: int = 0
     dead_reasons: dict[str, int] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -254,6 +265,7 @@ class Bed:
     rate: float
     http_port: int
     quick: bool
+    receive_max: int = 500
 
     def publisher(self, payloads: list[tuple[str, bytes]] | None = None) -> SeqPublisher:
         return SeqPublisher(self.broker.url, self.devices, self.per_device, rate=self.rate, payloads=payloads)
@@ -284,6 +296,37 @@ def _broker_restart(bed: Bed) -> dict[str, Any]:
     bed.broker.start()
     pub.finish()
     return {"broker_down_s": 1.0}
+
+
+def _broker_kill9(bed: Bed) -> dict[str, Any]:
+    """SIGKILL: mosquitto saves nothing at exit and comes back with its last autosave
+    (``autosave_interval 1`` of mosquitto/mosquitto.conf, every 2 s in mosquitto 2.0):
+    the consumer's session as it was then. What the broker took since and had not passed
+    to the consumer yet is lost, so the kill comes while the consumer keeps up, with less
+    than half its ``receive_max`` unstored (it waits up to 30 s for that moment); the
+    notes say how far behind it was."""
+    pub = bed.publisher().start()
+    pub.wait_until(0.4)
+    deadline = time.monotonic() + 30
+    while pub.sent - stored_count(bed.db_path) > bed.receive_max // 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    behind = pub.sent - stored_count(bed.db_path)
+    reconnects = bed.metric("itap_mqtt_reconnects_total")
+    bed.broker.kill()
+    sent_at_kill = pub.sent
+    time.sleep(1.0)
+    bed.broker.start()
+    back = time.monotonic()
+    reconnected_s = None
+    while time.monotonic() - back < 30:
+        with contextlib.suppress(OSError):
+            if bed.metric("itap_mqtt_reconnects_total") > reconnects:
+                reconnected_s = round(time.monotonic() - back, 2)
+                break
+        time.sleep(0.01)
+    pub.finish()
+    return {"broker_down_s": 1.0, "sent_at_kill": sent_at_kill, "unstored_at_kill": behind,
+            "consumer_back_s": reconnected_s}
 
 
 def _broker_down(bed: Bed) -> dict[str, Any]:
@@ -321,10 +364,8 @@ def _slow_store(bed: Bed) -> dict[str, Any]:
     peak = 0.0
     t0 = time.monotonic()
     while time.monotonic() - t0 < hold:
-        try:
+        with contextlib.suppress(OSError):
             peak = max(peak, bed.metric("itap_mqtt_unacked_messages"))
-        except OSError:
-            pass
         time.sleep(0.1)
     con.execute("COMMIT")
     con.close()
@@ -340,16 +381,33 @@ SCENARIOS: dict[str, Callable[[Bed], dict[str, Any]]] = {
     "store locked 3 s (backpressure)": _slow_store,
 }
 
+#: Crashes: the broker forgets what it did after its last autosave, so it sends copies of
+#: readings the consumer already stored without the MQTT DUP flag, and the consumer
+#: dead-letters them (``late`` or ``duplicate``, counted as ``dead_copies``). The contract
+#: here is 0 lost, 0 stored twice, and dead letters that are only such copies
+#: (tests/network/test_broker_chaos.py); SCENARIOS promise no dead letter at all.
+CRASH_SCENARIOS: dict[str, Callable[[Bed], dict[str, Any]]] = {
+    "broker kill -9 + restart under load": _broker_kill9,
+}
+
+
+def shipped_durability() -> str:
+    """The ``autosave_*`` lines of mosquitto/mosquitto.conf: how often the deployed broker
+    saves its sessions and queues (what a kill -9 can lose)."""
+    text = (ROOT / "mosquitto" / "mosquitto.conf").read_text(encoding="utf-8")
+    return "".join(line + "\n" for line in text.splitlines() if line.startswith("autosave_"))
+
 
 def run_scenario(name: str, model_path: str | Path, *, devices: int = 10, per_device: int = 200,
                  rate: float = 800.0, quick: bool = False, receive_max: int = 500,
                  workdir: Path | None = None, intake: str = "process") -> Outcome:
-    """Run one scenario from `SCENARIOS` on a fresh broker, consumer and store."""
+    """Run one scenario from `SCENARIOS` or `CRASH_SCENARIOS` on a fresh broker, consumer and store."""
     tmp = tempfile.TemporaryDirectory(prefix="itap-chaos-") if workdir is None else None
     work = Path(tmp.name) if tmp is not None else workdir
     assert work is not None
     work.mkdir(parents=True, exist_ok=True)
-    broker = start_broker("mosquitto", persistence=True)
+    # persistence as deployed (start_broker adds the folder), on the test broker's anonymous listener
+    broker = start_broker("mosquitto", conf=MOSQUITTO_CONF + shipped_durability(), persistence=True)
     db_path = work / f"chaos-{abs(hash(name)) % 10**8}.db"
     http_port = free_port()
     env = os.environ | {
@@ -364,10 +422,10 @@ def run_scenario(name: str, model_path: str | Path, *, devices: int = 10, per_de
     }
     consumer = ConsumerProc(env, work / "consumer.log")
     ids = [f"DEV-{i:04d}" for i in range(1, devices + 1)]
-    bed = Bed(broker, consumer, db_path, ids, per_device, rate, http_port, quick)
+    bed = Bed(broker, consumer, db_path, ids, per_device, rate, http_port, quick, receive_max)
     try:
         consumer.start()
-        notes = SCENARIOS[name](bed)
+        notes = (SCENARIOS | CRASH_SCENARIOS)[name](bed)
         expected = devices * per_device
         wait_settled(db_path, expected)
         redelivered = 0
@@ -407,18 +465,20 @@ def main(argv: list[str] | None = None) -> int:
         model = _train_model(Path(tmp) / "model.joblib")
         per_device = 100 if args.quick else 300
         rows = []
-        for name in SCENARIOS:
+        for name in SCENARIOS | CRASH_SCENARIOS:
             if args.only and not any(name.startswith(p) for p in args.only.split(",")):
                 continue
             print(f"[chaos] {name} …", file=sys.stderr, flush=True)
             rows.append(run_scenario(name, model, per_device=per_device, quick=args.quick))
-    header = f"| {'scenario':<38} | sent | stored | dead-lettered | redelivered | lost | duplicated | reordered | notes |"
+    header = (
+        f"| {'scenario':<38} | sent | stored | dead-lettered | redelivered | lost | duplicated | reordered | notes |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
         notes = ", ".join(f"{k}={v}" for k, v in r.notes.items())
-        print(f"| {r.scenario:<38} | {r.sent} | {r.stored} | {r.dead_lettered} | {r.redelivered} | {r.lost} | {r.duplicated} "
-              f"| {r.reordered} | {notes} |")
+        print(f"| {r.scenario:<38} | {r.sent} | {r.stored} | {r.dead_lettered} | {r.redelivered} | {r.lost} "
+              f"| {r.duplicated} | {r.reordered} | {notes} |")
     Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
     bad = [r.scenario for r in rows if r.lost or r.duplicated]
     if bad:

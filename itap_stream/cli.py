@@ -47,9 +47,9 @@ EPILOGS = {
     "score": "examples:\n  itap score --csv data/fleet.csv --model models/current.joblib --out-dir artifacts\n"
     "  itap simulate --devices 20 --duration 2h --faults overheat --out fleet.csv && itap score --csv fleet.csv",
     "passwd": "examples:\n"
-    "  itap passwd mosquitto/passwd itap-consumer itap-operator itap-engineer itap-simulator DEV-0001 DEV-0002\n"
-    "  printf '%s\\n' \"$CONSUMER_PW\" | itap passwd --stdin mosquitto/passwd itap-consumer"
-    "   # your own password",
+    "  itap passwd mosquitto/passwd itap-operator itap-engineer itap-simulator DEV-0001 DEV-0002\n"
+    "  printf '%s\\n%s\\n' \"$CONSUMER_PW\" \"$CONSUMER_PW\" | itap passwd --stdin mosquitto/passwd "
+    "itap-consumer itap-consumer-out   # your own password, one for both of the consumer's accounts",
     "train": "examples:\n"
     "  itap train --db sqlite:///itap.db --since 2026-01-01T00:00:00Z --model models/current.joblib\n"
     "  itap train --csv data/normal.csv --model models/current.joblib\n"

@@ -52,13 +52,18 @@ def test_compose_broker_gets_the_acl_and_password_file_and_services_log_in():
                                     ("simulator", "itap-simulator", "ITAP_SIMULATOR_PASSWORD")):
         env = services[service]["environment"]
         assert env["ITAP_BROKER_USERNAME"] == user and user in users
+        # mosquitto.conf ties each account to one client id: the consumer publishes on its own account
+        out = env.get("ITAP_BROKER_OUT_USERNAME", f"{user}-out")
+        assert service != "consumer" or (out == "itap-consumer-out" and out in users)
         # the password comes from the environment or the gitignored .env, and compose stops without it
         assert re.fullmatch(r"\$\{" + variable + r":\?.*mosquitto/README\.md\}", env["ITAP_BROKER_PASSWORD"])
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert "mosquitto/passwd" in ignored and ".env" in ignored
     readme = (ROOT / "mosquitto" / "README.md").read_text()
     for word in ("itap passwd mosquitto/passwd", "ITAP_CONSUMER_PASSWORD", "ITAP_SIMULATOR_PASSWORD",
-                 "ITAP_BROKER_USERNAME", "ITAP_BROKER_PASSWORD_FILE", "ITAP_TLS_CA", "ITAP_TLS_CERT", "mqtts://"):
+                 "ITAP_BROKER_USERNAME", "ITAP_BROKER_PASSWORD_FILE", "ITAP_TLS_CA", "ITAP_TLS_CERT", "mqtts://",
+                 "itap-consumer-out", "ITAP_BROKER_OUT_USERNAME", "use_username_as_clientid", "autosave_interval",
+                 "--stdin mosquitto/passwd itap-consumer itap-consumer-out"):
         assert word in readme, word
 
 
@@ -119,6 +124,15 @@ def _allowed(acl: tuple[list[tuple[str, str]], dict[str, list[tuple[str, str]]]]
         ("itap-consumer", "write", "itap/status/consumer/itap-consumer-1", True),
         ("itap-consumer", "write", "itap/telemetry/itap-consumer", False),
         ("itap-consumer", "write", "itap/commands/ack", False),
+        ("itap-consumer-out", "write", "itap/alerts/DEV-0001", True),
+        ("itap-consumer-out", "write", "itap/deadletter", True),
+        ("itap-consumer-out", "write", "itap/status/consumer/itap-consumer-1", True),
+        ("itap-consumer-out", "write", "itap/status/commands", True),
+        ("itap-consumer-out", "read", "itap/telemetry/DEV-0001", False),
+        ("itap-consumer-out", "read", "itap/commands/ack", False),
+        ("itap-consumer-out", "write", "itap/telemetry/itap-consumer-out", False),
+        ("itap-consumer-out", "write", "itap/telemetry/DEV-0001", False),
+        ("itap-consumer-out", "write", "itap/commands/ack", False),
         ("itap-operator", "read", "itap/alerts/DEV-0001", True),
         ("itap-operator", "read", "itap/status/commands", True),
         ("itap-operator", "read", "itap/telemetry/DEV-0001", False),
@@ -150,6 +164,9 @@ def test_prometheus_in_compose_scrapes_the_consumers_metrics_port():
     targets = [t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     port = compose["services"]["consumer"]["environment"]["ITAP_HTTP_ADDR"].rsplit(":", 1)[1]
     assert targets == [f"consumer:{port}"]
+    # the consumer answers only Host names it knows (DNS rebinding): the scrape target's must be one
+    allowed = compose["services"]["consumer"]["environment"]["ITAP_HTTP_ALLOWED_HOSTS"].split(",")
+    assert "consumer" in [h.strip() for h in allowed]
     if shutil.which("promtool"):  # Debian's prometheus package brings it
         check = subprocess.run(["promtool", "check", "config", str(ROOT / "prometheus" / "prometheus.yml")],
                                capture_output=True, text=True, check=False)
@@ -159,7 +176,7 @@ def test_prometheus_in_compose_scrapes_the_consumers_metrics_port():
 def test_dockerfile_runs_as_non_root_with_a_healthcheck():
     text = (ROOT / "Dockerfile").read_text()
     assert "\nUSER " in text and "USER root" not in text
-    assert "HEALTHCHECK" in text and "/metrics" in text
+    assert "HEALTHCHECK" in text and "http://127.0.0.1:9108/healthz" in text
     for path in ("itap_stream", "simulator", "configs"):
         assert f"COPY {path}" in text
 
@@ -167,6 +184,36 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck():
 def test_broker_config_keeps_a_slow_consumers_backlog():
     conf = (ROOT / "mosquitto" / "mosquitto.conf").read_text()
     assert "max_queued_messages 1000000" in conf and "persistence true" in conf
+
+
+def test_broker_config_saves_while_running_and_ties_client_ids_to_accounts():
+    text = (ROOT / "mosquitto" / "mosquitto.conf").read_text()
+    conf = _directives(text)
+    # a kill -9 loses at most the last autosave interval (2 s with mosquitto 2.0), not the whole state
+    assert conf["persistence"] == "true" and conf.get("autosave_on_changes", "false") == "false"
+    assert 0 < int(conf["autosave_interval"]) <= 2
+    # a listener setting: every listener, the commented TLS one too, is followed by it
+    lines = [line.strip() for line in text.splitlines()]
+    for i, line in enumerate(lines):
+        if line.lstrip("#").startswith("listener "):
+            assert lines[i + 1] == ("#" if line.startswith("#") else "") + "use_username_as_clientid true", line
+
+
+def test_compose_restarts_services_and_starts_them_once_the_broker_is_healthy():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    broker, consumer, simulator = services["mosquitto"], services["consumer"], services["simulator"]
+    for service in (broker, consumer):
+        assert service["restart"] == "unless-stopped"
+        assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
+    listener = _directives((ROOT / "mosquitto" / "mosquitto.conf").read_text())["listener"]
+    assert " ".join(broker["healthcheck"]["test"][1:]).endswith(f" {listener}")  # the port it listens on
+    port = consumer["environment"]["ITAP_HTTP_ADDR"].rsplit(":", 1)[1]
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(consumer["healthcheck"]["test"])
+    for service in (consumer, simulator):
+        assert service["depends_on"] == {"mosquitto": {"condition": "service_healthy"}}
+    # the image's HEALTHCHECK asks the consumer's HTTP port: the simulator has none
+    assert simulator["healthcheck"] == {"disable": True}
 
 
 def test_broker_config_tls_example_is_complete_and_commented_out():

@@ -97,6 +97,11 @@ class Metrics:
             "itap_mqtt_publish_refused", "Publications refused because the outbox was full (alerts stay in the store)",
             registry=r,
         )
+        self.retained_ignored = Counter(
+            "itap_mqtt_retained_ignored",
+            "Retained messages on subscribed topics acknowledged and ignored (a retained copy is no new reading)",
+            registry=r,
+        )
         self.model = Info("itap_model", "The model in use", registry=r)
 
     def sample(self, name: str, **labels: str) -> float:

@@ -10,10 +10,20 @@ session expiry; MQTT 3.1.1: clean session off) and acknowledges a message only w
 caller says so (`MqttLink.ack`, after the store committed it). The broker sends at most
 ``receive_max`` unacknowledged messages, so a slow store slows intake, and whatever was
 not acknowledged when the consumer died is delivered again.
+
+Retained messages are not intake: a retained copy of a reading or a command was handled
+when it was published, so the link asks the broker not to send retained messages on
+subscribe (MQTT 5 Retain Handling 2), and acknowledges and drops any that still come
+(MQTT 3.1.1 sends them at every subscribe), counting them in ``retained_ignored``.
+
+Reconnecting: every ``FAST_RECONNECT_DELAY_S`` for the first ``FAST_RECONNECT_ATTEMPTS``
+attempts (a restarted broker is back within a second or two, and the consumer should be
+subscribed again at once), then with doubling pauses up to ``RECONNECT_MAX_DELAY_S``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -23,11 +33,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from itap_stream.config import BrokerAddress, parse_broker_url
 from itap_stream.errors import BrokerError
@@ -41,6 +52,13 @@ Message = tuple[str, bytes, float, int, int, int]
 
 #: Longest pause between reconnect attempts (paho doubles it from 1 s up to this).
 RECONNECT_MAX_DELAY_S = 10
+#: Pause between the first reconnect attempts after a connection is lost ...
+FAST_RECONNECT_DELAY_S = 0.25
+#: ... for this many failed attempts (5 s), then the backoff of 1, 2, 4 ... RECONNECT_MAX_DELAY_S.
+FAST_RECONNECT_ATTEMPTS = 20
+#: At most one warning per topic level (``itap/telemetry``, ``itap/commands``) this often
+#: about retained messages ignored.
+RETAINED_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -203,13 +221,12 @@ class _Client(paho.Client):
     """paho's client with buffered socket reads (see `_BufferedSocket`)."""
 
     def _create_socket(self) -> Any:
-        sock = super()._create_socket()
-        try:
+        sock: Any = super()._create_socket()  # a socket, an SSL socket or a proxy's socket
+        # OSError/AttributeError: not a TCP socket (unix socket, some proxies)
+        with contextlib.suppress(OSError, AttributeError):
             # alerts are small packets that must leave now, not wait for Nagle's algorithm
             # to batch them with the next PUBACK (measured: p50 publish -> alert 20 ms -> see bench/)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass  # not a TCP socket (unix socket, some proxies)
         return _BufferedSocket(sock)
 
     def loop_read(self, max_packets: int = 1) -> Any:
@@ -295,6 +312,8 @@ class MqttLink:
         self.protocol = protocol
         self._epoch = 0  # connection number: part of each message's ack token
         self.connect_failures = 0  # failed (re)connection attempts
+        self.retained_ignored = 0  # retained copies acknowledged and dropped (written by paho's thread only)
+        self._retained_logged: dict[str, float] = {}  # topic level -> when a warning last named it
         if protocol not in (4, 5):
             msg = f"MQTT protocol must be 5 or 4 (3.1.1), got {protocol}"
             raise BrokerError(msg)
@@ -312,7 +331,7 @@ class MqttLink:
             self._connect_kw = {}
         c.max_queued_messages_set(outbox_max)
         c.max_inflight_messages_set(1000)
-        c.reconnect_delay_set(min_delay=1, max_delay=RECONNECT_MAX_DELAY_S)
+        _reconnect_schedule(c, fast=True)
         (auth or BrokerAuth()).apply(c, self.address)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
@@ -332,6 +351,8 @@ class MqttLink:
             log.error("broker %s:%s refused the connection: %s", self.address.host, self.address.port, rc)
             return
         self.refusal = None
+        if self.connect_failures >= FAST_RECONNECT_ATTEMPTS:
+            _reconnect_schedule(client, fast=True)  # the next loss starts with fast attempts again
         self.connect_failures = 0
         self._epoch += 1  # acknowledgements of messages from an earlier connection are not sent on this one
         if self._ever_connected:
@@ -340,7 +361,11 @@ class MqttLink:
         if self.subscriptions:
             # one SUBSCRIBE for all filters: `start` returns once the broker acknowledged it,
             # so nothing published after that is missed
-            client.subscribe(list(self.subscriptions))
+            if self.protocol == 5:  # no retained copies on subscribe: they are no new readings or commands
+                client.subscribe([(topic, SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+                                  for topic, qos in self.subscriptions])
+            else:
+                client.subscribe(list(self.subscriptions))
         else:
             self.subscribed.set()
         if self.birth is not None and self._announce:
@@ -357,11 +382,16 @@ class MqttLink:
                       [t for t, _q in self.subscriptions], ", ".join(bad))
         self.subscribed.set()
 
-    def _on_connect_fail(self, _c: paho.Client, _u: Any) -> None:
+    def _on_connect_fail(self, client: paho.Client, _u: Any) -> None:
         self.connect_failures += 1
+        if self.connect_failures < FAST_RECONNECT_ATTEMPTS:
+            _reconnect_schedule(client, fast=True)  # the next attempt after FAST_RECONNECT_DELAY_S again
+        elif self.connect_failures == FAST_RECONNECT_ATTEMPTS:
+            _reconnect_schedule(client, fast=False)
         if self.connect_failures in (1, 2, 5) or self.connect_failures % 10 == 0:
-            log.warning("%s: broker %s:%s unreachable (attempt %d); retrying with backoff up to %ss", self.client_id,
-                        self.address.host, self.address.port, self.connect_failures, RECONNECT_MAX_DELAY_S)
+            log.warning("%s: broker %s:%s unreachable (attempt %d); retrying every %gs for %d attempts, then with "
+                        "backoff up to %ss", self.client_id, self.address.host, self.address.port,
+                        self.connect_failures, FAST_RECONNECT_DELAY_S, FAST_RECONNECT_ATTEMPTS, RECONNECT_MAX_DELAY_S)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self._epoch += 1  # from now on no acknowledgement of this connection's messages goes out
@@ -374,10 +404,30 @@ class MqttLink:
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         if self.inbox is not None:
+            if msg.retain:  # a retained copy sent on subscribe, not a new message
+                self._drop_retained(msg)
+                return
             # the ack token is the packet id plus the connection it came on: after a reconnect
             # the broker sends unacknowledged messages again (same ids) and may give a freed id
             # to a new message, so an acknowledgement is only valid on its own connection
-            self.inbox.put((msg.topic, msg.payload, time.time(), (self._epoch << 16) | msg.mid, msg.qos, int(msg.dup)))
+            # paho types the payload bytes | bytearray, but decodes it with struct.unpack: bytes
+            payload = cast(bytes, msg.payload)
+            self.inbox.put((msg.topic, payload, time.time(), (self._epoch << 16) | msg.mid, msg.qos, int(msg.dup)))
+
+    def _drop_retained(self, msg: paho.MQTTMessage) -> None:
+        """Acknowledge and count a retained copy instead of enqueueing it: the reading or
+        command was handled when it was published, and a device's retained reading would
+        otherwise come back as a ``duplicate`` dead letter at every restart."""
+        if self.persistent and msg.qos > 0:
+            self.client.ack(msg.mid, msg.qos)
+        self.retained_ignored += 1
+        level = msg.topic.rsplit("/", 1)[0]
+        now = time.monotonic()
+        if now - self._retained_logged.get(level, -RETAINED_LOG_INTERVAL_S) >= RETAINED_LOG_INTERVAL_S:
+            self._retained_logged[level] = now
+            log.warning("%s: ignored the retained message on %s (%d retained message(s) ignored so far); readings "
+                        "and commands must be published with retain off", self.client_id, msg.topic,
+                        self.retained_ignored)
 
     def ack(self, acks: Sequence[tuple[int, int]]) -> None:
         """Acknowledge received messages ``(token, qos)`` in the order they arrived (after
@@ -439,6 +489,15 @@ class MqttLink:
                 log.warning("could not publish %s before disconnecting", final.topic)
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _reconnect_schedule(client: paho.Client, *, fast: bool) -> None:
+    """Pause ``FAST_RECONNECT_DELAY_S`` before the next reconnect attempt (``fast``), or
+    back off from 1 s, doubling up to ``RECONNECT_MAX_DELAY_S``. paho restarts its
+    schedule from ``min_delay`` whenever it is set."""
+    # paho types the delays int, but waits with float arithmetic (time.sleep): 0.25 s works
+    min_delay = cast(int, FAST_RECONNECT_DELAY_S) if fast else 1
+    client.reconnect_delay_set(min_delay=min_delay, max_delay=RECONNECT_MAX_DELAY_S)
 
 
 def connect_client(

@@ -11,15 +11,17 @@ and only then does the child acknowledge them to the broker. The consumer keeps 
 connection for publishing alerts, dead letters and status.
 
 Protocol (child -> consumer): ``ready``, ``error``, ``conn`` (up/down), ``batch``,
-``stopped``. (consumer -> child): ``ack``, ``stop`` (forward nothing more), ``close``
-(acknowledgements are done: disconnect, keeping the session). A reader thread in the
-child takes the consumer's messages, so acknowledgements never wait behind a full pipe.
+``retained`` (retained messages ignored so far), ``stopped``. (consumer -> child): ``ack``,
+``stop`` (forward nothing more), ``close`` (acknowledgements are done: disconnect, keeping
+the session). A reader thread in the child takes the consumer's messages, so
+acknowledgements never wait behind a full pipe.
 The child also exits when the pipe closes (the consumer died): what it did not
 acknowledge stays with the broker and is delivered again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
@@ -86,6 +88,7 @@ class Receiver:
         self._send_lock = threading.Lock()
         self.stopped = False  # the child forwards nothing more (asked to stop, or gone)
         self.gone = False  # the child's pipe closed
+        self.retained_ignored = 0  # retained messages the child acknowledged and dropped (`MqttLink`)
 
     def __len__(self) -> int:
         return len(self._carry)
@@ -140,6 +143,8 @@ class Receiver:
     def _handle(self, kind: str, data: Any) -> None:
         if kind == "conn" and self._on_connection is not None:
             self._on_connection(bool(data))
+        elif kind == "retained":
+            self.retained_ignored = int(data)
         elif kind == "stopped":
             self.stopped = True
         elif kind == "gone":
@@ -240,11 +245,15 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
         # runs from before the connection: a broker with a backlog for our session sends it
         # at once, ahead of the SUBACK that `link.start` waits for, and paho must not block
         # on a full inbox meanwhile
+        retained = 0
         try:
             while not stop.is_set():
                 batch = inbox.drain(4096, wait_s=0.05, linger_s=0.0, max_bytes=1 << 20)
                 if batch:
                     send("batch", (batch, sum(len(m[1]) for m in batch)))
+                if link.retained_ignored != retained:
+                    retained = link.retained_ignored
+                    send("retained", retained)
             # forwarded messages are acknowledged once committed; the rest stay unacknowledged
             # in the session and come again with the next connection
             send("stopped", None)
@@ -295,7 +304,5 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
 
 
 def _quiet(send: Callable[[str, Any], None], kind: str, data: Any) -> None:
-    try:
+    with contextlib.suppress(OSError, ValueError):
         send(kind, data)
-    except (OSError, ValueError):
-        pass

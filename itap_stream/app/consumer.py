@@ -225,6 +225,7 @@ class Consumer:
         self._running = threading.Event()  # `run` is in its loop
         self._finished = threading.Event()  # `run` has returned
         self._intake_down_since: float | None = None
+        self._retained_seen = 0  # the intake's count of ignored retained messages, as last exported
         self.batches = 0
         self.intake_restarts = 0
 
@@ -448,6 +449,10 @@ class Consumer:
         self._maybe_reload()
         self.metrics.outbox.set(self.link.outbox)
         self.metrics.unacked.set(self._to_ack - self._acked)  # set here only: one writer
+        retained = self.inbox.retained_ignored if isinstance(self.inbox, Receiver) else self.link.retained_ignored
+        if retained > self._retained_seen:  # a restarted intake starts again from 0
+            self.metrics.retained_ignored.inc(retained - self._retained_seen)
+        self._retained_seen = retained
         return len(msgs)
 
     # -- hot reload

@@ -4,6 +4,11 @@ files written by `itap passwd`, TLS with a CA and client certificates made here 
 Each "never arrives" check publishes the forbidden message first and an allowed marker
 after it; mosquitto handles a client's packets in order and has routed (or dropped) the
 forbidden one before it acknowledges it, so once the marker is in, the verdict is final.
+
+The shipped config has ``use_username_as_clientid``: one account is one connection, and a
+second login with the same account takes the first one over. So no test publishes as an
+account while a reader of that account is connected; the consumer publishes as
+``itap-consumer-out``.
 """
 
 from __future__ import annotations
@@ -20,21 +25,25 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 from conftest import _wait_for
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from itap_stream.adapters.broker import BrokerHandle, start_broker
-from itap_stream.adapters.mqtt import BrokerAuth, connect_client
+from itap_stream.adapters.mqtt import BrokerAuth, Inbox, MqttLink, Will, connect_client
 from itap_stream.app.passwd import hash_password, verify_password
 from itap_stream.cli import main
-from itap_stream.config import PACKAGE_CONFIGS, load
+from itap_stream.config import PACKAGE_CONFIGS, load, parse_broker_url
 from itap_stream.errors import BrokerError
 
 ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO = shutil.which("mosquitto") or next(
     (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
 )
-ACCOUNTS = ("itap-consumer", "itap-operator", "itap-engineer", "itap-simulator", "DEV-0001", "DEV-0002")
+ACCOUNTS = ("itap-consumer", "itap-consumer-out", "itap-operator", "itap-engineer", "itap-simulator", "DEV-0001",
+            "DEV-0002")
 
 pytestmark = [pytest.mark.network, pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")]
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
@@ -48,7 +57,7 @@ def _deployment_conf(passwd: Path, acl: Path, *, tls: Path | None = None, requir
     """
     text = (ROOT / "mosquitto" / "mosquitto.conf").read_text(encoding="utf-8")
     if tls is not None:
-        text = text.replace("listener 1883\n", "")
+        text = text.replace("listener 1883\nuse_username_as_clientid true\n", "")
         text = "\n".join(
             line[1:] if line.startswith("#") and line[1:2].strip() and (
                 not line.startswith("#require_certificate") or require_certificate
@@ -91,9 +100,13 @@ def _itap_passwd(path: Path, *users: str, stdin: str | None = None) -> dict[str,
 
 @pytest.fixture(scope="module")
 def accounts(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A password file made by `itap passwd` for every role, and the passwords it printed."""
+    """A password file made by `itap passwd` for every role, and the passwords it printed;
+    the consumer's two accounts share one password, as mosquitto/README.md makes them."""
     path = tmp_path_factory.mktemp("auth") / "passwd"
-    return path, _itap_passwd(path, *ACCOUNTS)
+    passwords = _itap_passwd(path, *ACCOUNTS)
+    shared = passwords["itap-consumer"]
+    _itap_passwd(path, "itap-consumer", "itap-consumer-out", stdin=f"{shared}\n{shared}\n")
+    return path, passwords | {"itap-consumer-out": shared}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +143,49 @@ class Collector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Session:
+    """A consumer-like session of one account: MQTT 5, clean start off, kept an hour, QoS 1
+    subscriptions. `disconnect` keeps the session, and the broker queues for it meanwhile.
+    ``kicked`` holds the reason codes of connections the broker closed (no reconnect)."""
+
+    def __init__(self, url: str, auth: BrokerAuth, client_id: str, *topics: str) -> None:
+        self.url, self.auth, self.client_id, self.topics = url, auth, client_id, topics
+        self.messages: list[tuple[str, bytes]] = []
+        self.kicked: list[str] = []
+        self.client: paho.Client | None = None
+
+    def connect(self) -> None:
+        ready = threading.Event()
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5,
+                        reconnect_on_failure=False)
+        address = parse_broker_url(self.url)
+        self.auth.apply(c, address)
+        c.on_connect = lambda cl, *_a: cl.subscribe([(t, 1) for t in self.topics])
+        c.on_subscribe = lambda *_a: ready.set()
+        c.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload))
+        c.on_disconnect = lambda _c, _u, _f, rc, _p: self.kicked.append(str(rc)) if c is self.client else None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client = c
+        c.connect(address.host, address.port, clean_start=False, properties=props)
+        c.loop_start()
+        assert ready.wait(10), f"{self.auth.username} did not get its subscription"
+
+    def payloads(self) -> list[bytes]:
+        return [p for _t, p in self.messages]
+
+    def disconnect(self) -> None:
+        c, self.client = self.client, None
+        if c is not None:
+            c.disconnect()
+            c.loop_stop()
+
+    def end(self) -> None:
+        """Disconnect and drop the session (a clean MQTT 3.1.1 login of the account)."""
+        self.disconnect()
+        connect_client(self.url, self.client_id, auth=self.auth).disconnect()
 
 
 def _publish(url: str, auth: BrokerAuth, *messages: tuple[str, str]) -> None:
@@ -175,30 +231,42 @@ def test_a_device_publishes_only_to_its_own_topic(secured):
 
 def test_the_operator_reads_alerts_but_publishes_nothing(secured):
     broker, passwords = secured
-    operator = Collector(broker.url, _auth("itap-operator", passwords), "itap/alerts/#", "itap/telemetry/+")
-    consumer = Collector(broker.url, _auth("itap-consumer", passwords), "itap/telemetry/+")
+    engineer = Collector(broker.url, _auth("itap-engineer", passwords), "itap/alerts/#")  # alerts, while
+    consumer = Collector(broker.url, _auth("itap-consumer", passwords), "itap/telemetry/+")  # the operator publishes
+    operator = None
     try:
         # itap/telemetry/itap-operator is what `pattern write itap/telemetry/%u` grants every user:
         # the operator's `topic deny itap/telemetry/#` must win over it
         _publish(broker.url, _auth("itap-operator", passwords),
                  ("itap/telemetry/DEV-0001", "forged"), ("itap/telemetry/itap-operator", "forged own"),
                  ("itap/alerts/DEV-0001", "forged alert"))
+        operator = Collector(broker.url, _auth("itap-operator", passwords), "itap/alerts/#", "itap/telemetry/+")
         _publish(broker.url, _auth("DEV-0001", passwords), ("itap/alerts/DEV-0001", "forged by a device"))
-        _publish(broker.url, _auth("itap-consumer", passwords), ("itap/alerts/DEV-0001", "real alert"))
+        _publish(broker.url, _auth("itap-consumer-out", passwords), ("itap/alerts/DEV-0001", "real alert"))
         _publish(broker.url, _auth("DEV-0001", passwords), ("itap/telemetry/DEV-0001", "marker"))
-        assert _wait(lambda: b"marker" in consumer.payloads() and b"real alert" in operator.payloads())
+        assert _wait(lambda: b"marker" in consumer.payloads() and b"real alert" in operator.payloads()
+                     and b"real alert" in engineer.payloads())
         assert operator.messages == [("itap/alerts/DEV-0001", b"real alert")]  # and no telemetry to read
+        assert engineer.payloads() == [b"real alert"]
         assert consumer.payloads() == [b"marker"]
     finally:
-        operator.close()
-        consumer.close()
+        for reader in (operator, engineer, consumer):
+            if reader is not None:
+                reader.close()
 
 
 def test_service_accounts_are_no_devices_and_the_gateway_writes_for_every_device(secured):
     broker, passwords = secured
-    consumer = Collector(broker.url, _auth("itap-consumer", passwords), "itap/telemetry/+", "itap/commands/#")
+    consumer = Session(broker.url, _auth("itap-consumer", passwords), "itap-consumer-1", "itap/telemetry/+",
+                       "itap/commands/#")
+    consumer.connect()
     try:
-        for user in ("itap-consumer", "itap-engineer"):
+        # the consumer account publishes on its reader's connection (one account, one
+        # connection), which would get its own messages back if the broker routed them
+        assert consumer.client is not None
+        for topic in ("itap/telemetry/itap-consumer", "itap/telemetry/DEV-0001"):
+            consumer.client.publish(topic, "forged by the consumer", qos=1).wait_for_publish(5)
+        for user in ("itap-consumer-out", "itap-engineer"):
             _publish(broker.url, _auth(user, passwords), (f"itap/telemetry/{user}", "forged own"),
                      ("itap/telemetry/DEV-0001", "forged"))
         _publish(broker.url, _auth("itap-simulator", passwords),
@@ -207,25 +275,28 @@ def test_service_accounts_are_no_devices_and_the_gateway_writes_for_every_device
         assert consumer.messages == [("itap/telemetry/DEV-0001", b"gateway 1"),
                                      ("itap/telemetry/DEV-0777", b"gateway 777")]
     finally:
-        consumer.close()
+        consumer.end()
 
 
 def test_the_engineer_sends_commands_and_reads_dead_letters_devices_and_operators_cannot(secured):
     broker, passwords = secured
     consumer = Collector(broker.url, _auth("itap-consumer", passwords), "itap/commands/#")
-    engineer = Collector(broker.url, _auth("itap-engineer", passwords), "itap/deadletter", "itap/status/#")
+    engineer = None
     try:
-        for user in ("itap-operator", "DEV-0001", "itap-simulator"):
+        for user in ("itap-operator", "DEV-0001", "itap-simulator", "itap-consumer-out"):
             _publish(broker.url, _auth(user, passwords), ("itap/commands/ack", f"from {user}"))
         _publish(broker.url, _auth("itap-engineer", passwords), ("itap/commands/ack", "from engineer"))
-        _publish(broker.url, _auth("itap-consumer", passwords),
+        # the engineer's reader logs in once its command is out (one account, one connection)
+        engineer = Collector(broker.url, _auth("itap-engineer", passwords), "itap/deadletter", "itap/status/#")
+        _publish(broker.url, _auth("itap-consumer-out", passwords),
                  ("itap/deadletter", "dead"), ("itap/status/commands", "answer"))
         assert _wait(lambda: b"from engineer" in consumer.payloads() and b"answer" in engineer.payloads())
         assert consumer.payloads() == [b"from engineer"]
         assert engineer.payloads() == [b"dead", b"answer"]
     finally:
         consumer.close()
-        engineer.close()
+        if engineer is not None:
+            engineer.close()
 
 
 def test_without_its_deny_line_the_device_pattern_would_let_the_operator_publish(accounts, tmp_path):
@@ -348,7 +419,7 @@ def test_cli_tools_log_in_with_the_settings_credentials(secured):
     alert = {"device_id": "DEV-0001", "rule": "anomaly", "severity": "WARNING", "status": "FIRING", "ts": 1.0}
     out = io.StringIO()
     shown = watch_alerts(settings("itap-operator"), out, as_json=True, count=1, timeout_s=10, on_ready=lambda: _publish(
-        broker.url, _auth("itap-consumer", passwords), ("itap/alerts/DEV-0001", json.dumps(alert))))
+        broker.url, _auth("itap-consumer-out", passwords), ("itap/alerts/DEV-0001", json.dumps(alert))))
     assert shown == 1 and json.loads(out.getvalue())["device_id"] == "DEV-0001"
 
     # a stand-in for the consumer answering commands, as the consumer account
@@ -377,12 +448,15 @@ def test_cli_tools_log_in_with_the_settings_credentials(secured):
         consumer.close()
 
 
+@pytest.mark.parametrize("intake", ["process", "thread"])
 def test_the_consumer_logs_in_and_stores_a_devices_own_telemetry_not_a_forged_one(
-    secured, settings, start_consumer, wait
+    secured, settings, start_consumer, wait, intake
 ):
+    """With the intake process the consumer has two connections, itap-consumer (the session)
+    and itap-consumer-out (alerts, status); with the thread intake one, itap-consumer."""
     broker, passwords = secured
     settings = settings.replace(broker_url=broker.url, broker_username="itap-consumer",
-                                broker_password=passwords["itap-consumer"])
+                                broker_password=passwords["itap-consumer"], intake=intake)
     consumer = start_consumer(settings)
     now = time.time()
 
@@ -396,6 +470,105 @@ def test_the_consumer_logs_in_and_stores_a_devices_own_telemetry_not_a_forged_on
     assert consumer.store.count("readings", device_id="DEV-0001") == 1  # the forged one came first, and never
     assert consumer.store.count("readings") == 1
     assert consumer.metrics.sample("itap_readings_received_total") == 1
+    assert consumer.metrics.sample("itap_mqtt_reconnects_total") == 0  # its connections did not take each other over
+
+
+# --- Identity: use_username_as_clientid -------------------------------------------------
+
+READINGS = 50
+
+
+def _takeover_attempt(broker: BrokerHandle, passwords: dict[str, str], consumer: Session) -> None:
+    """DEV-0001 logs in with the consumer's client ids, clean start: the id the consumer is
+    configured with and the one the broker gives it (its username)."""
+    for client_id in (consumer.client_id, consumer.auth.username or ""):
+        device = connect_client(broker.url, client_id, auth=_auth("DEV-0001", passwords))  # MQTT 3.1.1, clean
+        device.publish("itap/telemetry/DEV-0001", f"as {client_id}", qos=1).wait_for_publish(5)
+        device.disconnect()
+        device.loop_stop()
+
+
+def test_a_device_cannot_take_over_the_consumers_session_with_its_client_id(secured):
+    """The consumer's connection stays up while a device logs in with its client id, and its
+    queued messages survive the device's clean start (use_username_as_clientid)."""
+    broker, passwords = secured
+    consumer = Session(broker.url, _auth("itap-consumer", passwords), "itap-consumer-1", "itap/telemetry/+")
+    consumer.connect()
+    try:
+        _takeover_attempt(broker, passwords, consumer)
+        assert _wait(lambda: len(consumer.messages) == 2)  # still connected, still subscribed
+        assert consumer.payloads() == [b"as itap-consumer-1", b"as itap-consumer"] and consumer.kicked == []
+        consumer.disconnect()  # the session stays, and queues for it
+        _publish(broker.url, _auth("DEV-0001", passwords),
+                 *[("itap/telemetry/DEV-0001", f"reading {i}") for i in range(READINGS)])
+        _takeover_attempt(broker, passwords, consumer)
+        consumer.messages.clear()
+        consumer.connect()
+        assert _wait(lambda: len(consumer.messages) >= READINGS + 2)
+        assert consumer.payloads() == [f"reading {i}".encode() for i in range(READINGS)] + [
+            b"as itap-consumer-1", b"as itap-consumer"]
+        assert consumer.kicked == []
+    finally:
+        consumer.end()
+
+
+def test_without_use_username_as_clientid_the_device_takes_the_session_over(accounts, tmp_path):
+    """What the conf line prevents: the same steps, on the shipped config without it."""
+    passwd, passwords = accounts
+    line = "\nuse_username_as_clientid true\n"
+    conf = _deployment_conf(passwd, ROOT / "mosquitto" / "acl")
+    assert line in conf
+    with start_broker(conf=conf.replace(line, "\n")) as broker:
+        consumer = Session(broker.url, _auth("itap-consumer", passwords), "itap-consumer-1", "itap/telemetry/+")
+        consumer.connect()
+        device = connect_client(broker.url, "itap-consumer-1", auth=_auth("DEV-0001", passwords))
+        assert _wait(lambda: consumer.kicked != [])  # "Session taken over"
+        device.disconnect()
+        device.loop_stop()
+        consumer.connect()
+        consumer.disconnect()
+        _publish(broker.url, _auth("DEV-0001", passwords),
+                 *[("itap/telemetry/DEV-0001", f"reading {i}") for i in range(READINGS)])
+        device = connect_client(broker.url, "itap-consumer-1", auth=_auth("DEV-0001", passwords))
+        device.disconnect()
+        device.loop_stop()
+        consumer.connect()
+        _publish(broker.url, _auth("DEV-0001", passwords), ("itap/telemetry/DEV-0001", "marker"))
+        assert _wait(lambda: b"marker" in consumer.payloads())
+        assert consumer.payloads() == [b"marker"]  # the 50 queued readings were wiped with the session
+        consumer.disconnect()
+
+
+def test_the_consumers_two_accounts_are_connected_at_once(secured):
+    """The intake session as itap-consumer and the publishing link as itap-consumer-out
+    (`Settings.broker_auth(out=True)`), with the consumer's client ids, status and will."""
+    broker, passwords = secured
+    settings = load(PACKAGE_CONFIGS / "itap.yaml", environ={
+        "ITAP_BROKER_URL": broker.url, "ITAP_BROKER_USERNAME": "itap-consumer",
+        "ITAP_BROKER_PASSWORD": passwords["itap-consumer"]})
+    assert settings.broker_auth(out=True).username == "itap-consumer-out"
+    status = settings.topic("status", "consumer", settings.client_id)
+    operator = Collector(broker.url, _auth("itap-operator", passwords), "itap/alerts/#", status)
+    events: dict[str, list[bool]] = {"in": [], "out": []}
+    inbox = Inbox()
+    intake = MqttLink(broker.url, settings.client_id, subscriptions=[("itap/telemetry/+", 1)], inbox=inbox,
+                      persistent=True, auth=settings.broker_auth(), on_connection=events["in"].append)
+    out = MqttLink(broker.url, f"{settings.client_id}-out", auth=settings.broker_auth(out=True),
+                   will=Will(status, b"offline"), birth=Will(status, b"online"), on_connection=events["out"].append)
+    try:
+        intake.start()
+        out.start()
+        assert out.publish("itap/alerts/DEV-0001", "alert")
+        _publish(broker.url, _auth("DEV-0001", passwords), ("itap/telemetry/DEV-0001", "reading"))
+        assert _wait(lambda: len(inbox) == 1 and b"alert" in operator.payloads())
+        assert operator.messages[:2] == [(status, b"online"), ("itap/alerts/DEV-0001", b"alert")]
+        assert events == {"in": [True], "out": [True]}  # neither took the other over
+    finally:
+        out.stop(final=Will(status, b"offline"))
+        intake.stop()
+        operator.close()
+        connect_client(broker.url, "t-end", auth=_auth("itap-consumer", passwords)).disconnect()  # drop the session
+    assert _wait(lambda: operator.payloads()[-1:] == [b"offline"])
 
 
 # --- TLS ---------------------------------------------------------------------------------
@@ -498,11 +671,13 @@ def test_a_server_certificate_for_another_host_name_is_refused(accounts, pki, tm
     d.mkdir()
     (d / "ca.crt").write_bytes((pki / "ca.crt").read_bytes())
     cnf = d / "openssl.cnf"
-    cnf.write_text(_OPENSSL_CNF.replace("IP:127.0.0.1, DNS:localhost", "DNS:broker.elsewhere.invalid"), encoding="utf-8")
+    cnf.write_text(_OPENSSL_CNF.replace("IP:127.0.0.1, DNS:localhost", "DNS:broker.elsewhere.invalid"),
+                   encoding="utf-8")
     _openssl("req", "-new", "-config", cnf, "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", d / "server.key", "-out", d / "server.csr", "-subj", "/CN=broker.elsewhere.invalid")
     _openssl("x509", "-req", "-in", d / "server.csr", "-CA", pki / "ca.crt", "-CAkey", pki / "ca.key",
              "-set_serial", "4242", "-days", "2", "-extfile", cnf, "-extensions", "server", "-out", d / "server.crt")
-    with start_broker(conf=_deployment_conf(passwd, ROOT / "mosquitto" / "acl", tls=d), scheme="mqtts") as broker:
-        with pytest.raises(BrokerError, match="mismatch"):  # "IP address mismatch, certificate is not valid for …"
-            connect_client(broker.url, "t-wrong-host", auth=_auth("DEV-0001", passwords, tls_ca=str(d / "ca.crt")))
+    conf = _deployment_conf(passwd, ROOT / "mosquitto" / "acl", tls=d)
+    # "IP address mismatch, certificate is not valid for …"
+    with start_broker(conf=conf, scheme="mqtts") as broker, pytest.raises(BrokerError, match="mismatch"):
+        connect_client(broker.url, "t-wrong-host", auth=_auth("DEV-0001", passwords, tls_ca=str(d / "ca.crt")))
