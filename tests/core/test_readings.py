@@ -87,3 +87,66 @@ def test_reorder_buffer_is_bounded_and_flushes_a_device_whose_clock_stands_still
     burst = Reorderer(tolerance_s=3600.0, max_held=50)
     out = burst.add([Reading("D2", float(t), "RUN", (0.0,)) for t in range(200, 0, -1)], now=0.0)
     assert burst.held == 50 and len(out) == 150  # the cap releases the oldest at once
+
+
+T0 = 1767225600
+
+
+@pytest.mark.parametrize(
+    ("obj_or_raw", "reason"),
+    [
+        (b'{"device_id":"D1","ts":1767225600,"rpm":' + b"9" * 400 + b"}", "out_of_range"),
+        (_ok(ts=T0, seq=2**63), "out_of_range"),
+        (_ok(ts=T0, seq=10**30), "out_of_range"),
+        (_ok(ts=T0, seq=-(2**63) - 1), "wrong_type"),  # orjson reads an integer below int64 as a float
+        (b'{"device_id":"D1","ts":1767225600,"tag":"\\ud800"}', "bad_text"),
+        (_ok(ts=T0, tag="x" * 65), "bad_text"),
+        (_ok(ts=T0, tag="a\u0000b"), "bad_text"),
+        (_ok(ts=T0, label="\u202e"), "bad_text"),
+        (_ok(ts=0), "bad_ts"),
+        (_ok(ts=-1e300), "bad_ts"),
+        (_ok(ts=T0, state=["RUN"]), "unknown_state"),
+    ],
+)
+def test_values_the_store_cannot_hold_are_refused_at_decode(schema, obj_or_raw, reason):
+    raw = obj_or_raw if isinstance(obj_or_raw, bytes) else json.dumps(obj_or_raw).encode()
+    good, bad = decode(raw, schema, "D1")
+    assert good == [] and [r.reason for r in bad] == [reason]
+
+
+@pytest.mark.parametrize("device", ["D" * 129, "<b>x</b>", "sp ace", "nul\u0000", "rtl\u202e"])
+def test_device_ids_are_bounded_and_plain(schema, device):
+    good, bad = decode(json.dumps(_ok(device_id=device, ts=T0)).encode(), schema, device)
+    assert good == [] and bad[0].reason == "bad_text" and bad[0].device_id is None
+
+
+def test_a_deeply_nested_array_element_is_a_dead_letter_not_a_crash(schema):
+    payload = ("[" + json.dumps(_ok(ts=T0)) + "," + "[" * 1000 + "]" * 1000 + "]").encode()
+    good, bad = decode(payload, schema, "D1")
+    assert len(good) == 1 and [r.reason for r in bad] == ["not_an_object"] and bad[0].element is None
+
+
+def test_bad_elements_of_an_array_share_one_rejection_with_counts(schema):
+    items = [_ok(ts=T0 + i) for i in range(3)] + [{}] * 40 + [_ok(ts=T0 + 9, rpm="x")] * 2
+    good, bad = decode(json.dumps(items).encode(), schema, "D1")
+    assert len(good) == 3 and len(bad) == 1
+    assert bad[0].reason == "missing_device_id" and bad[0].counts == {"missing_device_id": 40, "wrong_type": 2}
+    assert bad[0].n == 42 and "42 of 45 elements refused" in bad[0].detail
+
+
+def test_an_array_over_max_readings_is_refused_whole(schema):
+    good, bad = decode(json.dumps([_ok(ts=T0 + i) for i in range(11)]).encode(), schema, "D1", max_readings=10)
+    assert good == [] and [r.reason for r in bad] == ["too_many_readings"]
+    good, bad = decode(json.dumps([_ok(ts=T0 + i) for i in range(10)]).encode(), schema, "D1", max_readings=10)
+    assert len(good) == 10 and not bad
+
+
+def test_decode_never_raises_on_random_bytes(schema):
+    import random
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        raw = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+        for topic in ("D1", "", "x" * 300):
+            good, bad = decode(raw, schema, topic)
+            assert len(good) + len(bad) >= 1
