@@ -257,6 +257,9 @@ def reading_from_mapping(
             values.append(bad)
     seq = obj.get("seq")
     if seq is not None:
+        if type(seq) is float and math.isfinite(seq) and seq.is_integer() and abs(seq) > SEQ_MAX:
+            # orjson reads an integer beyond 64 bits as a float
+            return Rejection("out_of_range", "seq must fit a signed 64-bit integer", device)
         if isinstance(seq, bool) or not isinstance(seq, int):
             return Rejection("wrong_type", f"seq must be an integer, got {type(seq).__name__}", device)
         if not SEQ_MIN <= seq <= SEQ_MAX:
