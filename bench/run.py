@@ -697,7 +697,7 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
     return "\n".join(lines)
 
 
-SECTIONS = ("ceiling", "pipeline", "batched", "latency", "growth", "score", "stages")
+SECTIONS = ("ceiling", "pipeline", "batched", "latency", "growth", "score", "stages", "realnormal")
 
 
 def run_benchmark(
@@ -744,6 +744,11 @@ def run_benchmark(
                     log("stages: " + ", ".join(f"{k}={v:.2f}" for k, v in b.results["stages"]["median"].items()))
             finally:
                 watcher.close()
+    if "realnormal" in sections and scale is not QUICK:
+        # detection on a real recording of normal operation: its own table and bench/realnormal.json
+        from bench.realnormal import main as realnormal
+
+        realnormal([])
     if merge and out is not None and out.exists():
         previous = json.loads(out.read_text(encoding="utf-8"))
         b.results = {**previous.get("results", {}), **b.results}

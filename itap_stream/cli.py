@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantile", type=float, help="threshold: this quantile of held-out normal scores (config threshold_quantile)"
     )
     p.add_argument(
+        "--accept-training-anomalies", action="store_true",
+        help="train even when the training data holds an outlying stretch (a fault or a change point inside it); "
+        "by default that is refused, naming where and which signals",
+    )
+    p.add_argument(
         "--activate", action="store_true",
         help="then have the running consumer load it (itap/commands/reload; same --config / --broker as `itap run`)",
     )
@@ -497,6 +502,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         schema=schema,
         seed=args.seed,
         step=step,
+        accept_training_anomalies=args.accept_training_anomalies,
     )
     print(
         f"trained on {report.devices} device(s), {report.rows:,} rows, {report.windows:,} normal windows "

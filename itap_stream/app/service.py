@@ -94,8 +94,12 @@ def train(
     schema: SensorSchema | None = None,
     seed: int = 0,
     step: Callable[[str], None] | None = None,
+    accept_training_anomalies: bool = False,
 ) -> tuple[TrainReport, dict[str, Any]]:
-    """`itap train`: fit on normal operation from a CSV or the store, write the artifact."""
+    """`itap train`: fit on normal operation from a CSV or the store, write the artifact.
+
+    Training data with an outlying stretch (a fault inside it) is refused unless
+    ``accept_training_anomalies``: see `train_from_frame`."""
     schema = schema or settings.schema()
     key = artifacts.model_key(settings.model_key_file)  # a bad key file fails now, not after training
     if csv:
@@ -121,6 +125,7 @@ def train(
         df, schema, window=settings.window, hop=settings.hop, quantile=settings.threshold_quantile, seed=seed,
         detector=settings.detector, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
         recall_target=settings.recall_target, drifting_families=settings.drifting_family_list(), step=step,
+        accept_training_anomalies=accept_training_anomalies,
     )
     if key is None:
         log.warning(

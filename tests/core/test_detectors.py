@@ -220,7 +220,12 @@ def test_by_default_a_short_recording_of_one_state_gets_the_mean_shift_chart(tmp
 
     from bench.testbed import SETS, make_run, schema_yaml
     from itap_stream.adapters.csvio import read_readings as frame_from_csv
-    from itap_stream.core.detectors import MeanShiftDetector, level_correlation, level_standard_errors
+    from itap_stream.core.detectors import (
+        MeanShiftDetector,
+        level_correlation,
+        level_standard_errors,
+        window_mean_spread,
+    )
     from itap_stream.core.features import feature_names
     from itap_stream.core.schema import SensorSchema
 
@@ -242,8 +247,16 @@ def test_by_default_a_short_recording_of_one_state_gets_the_mean_shift_chart(tmp
     assert rep.drifting_signals == ["temperature", "thermocouple"] and det.recent.tolist() == [
         s.family == "Temperature" for s in schema.signals]
     se = level_standard_errors([readings], 32)
-    np.testing.assert_allclose(det.se, np.where(det.recent, np.hypot(se, level_standard_errors([readings], 128)), se))
-    np.testing.assert_allclose(det.precision, np.linalg.inv(level_correlation([readings])))  # Hotelling's T²
+    # the others no tighter than their window means wandered in training
+    level_se = np.maximum(se, window_mean_spread([readings], 32))
+    np.testing.assert_allclose(
+        det.se, np.where(det.recent, np.hypot(se, level_standard_errors([readings], 128)), level_se))
+    # Hotelling's T², with no correlation between the drifting signals (against their recent
+    # level) and the others (against the training level)
+    corr = level_correlation([readings])
+    corr[np.ix_(det.recent, ~det.recent)] = corr[np.ix_(~det.recent, det.recent)] = 0.0
+    np.testing.assert_allclose(det.precision, np.linalg.inv(corr))
+    assert not np.allclose(corr, level_correlation([readings]))  # the warm-up did correlate them
     bw = windows_of_frame(train, schema, 32, 4)
     np.testing.assert_allclose(det.centre, bw.features[:, det.columns].mean(axis=0))  # every normal window
     tb = windows_of_frame(frame_from_csv(tmp_path / "test.csv", schema), schema, 32, 4)
@@ -505,3 +518,42 @@ def test_a_temperature_sensor_dead_for_minutes_neither_warns_nor_alarms():
     frame.loc[1000:1399, "motor_temp"] = np.nan
     end, flags = _flags_by_end(frame.iloc[400:], schema, art)  # warnings are errors in this suite
     assert not flags.any()
+
+
+def _wandering_rig(n: int, seed: int, step_at: int | None = None) -> pd.DataFrame:
+    """Four signals of one rig at 1 Hz: white noise plus a slow wander (about 1 noise std,
+    over ~10 minutes) of the size normal operation shows; optionally a 3 std step."""
+    rng = np.random.default_rng(seed)
+    cols = {}
+    for j, name in enumerate(["flow", "pressure", "current", "vibration"]):
+        w = np.convolve(rng.normal(size=n + 600), np.ones(600), mode="valid")[:n]
+        x = 50 + w / w.std() + rng.normal(size=n)
+        if step_at is not None and j == 0:
+            x[step_at:] += 3 * np.sqrt(2)  # 3 std of the signal as training saw it (wander and noise)
+        cols[name] = x
+    return pd.DataFrame({"device_id": "rig", "ts": 1.767e9 + np.arange(n), "state": "RUN", **cols})
+
+
+def test_the_charts_tolerance_comes_from_how_window_levels_wander_in_training():
+    """Issue 15, behaviour 2: normal wander between windows of the size seen in training
+    raises nothing; a genuine 3 std step does. (With the AR(1) noise of single readings as
+    the only tolerance, the same wander flagged 32-82 % of the windows.)"""
+    from itap_stream.app.offline import score_frame
+    from itap_stream.core.rules import RuleEngine
+    from itap_stream.core.schema import SensorSchema
+
+    schema = SensorSchema.from_dict({"signals": [
+        {"name": n, "family": f, "min": -1e6, "max": 1e6}
+        for n, f in [("flow", "Flow"), ("pressure", "Pressure"), ("current", "Current"), ("vibration", "Vibration")]
+    ]})
+    for seed in (0, 2):
+        rig = _wandering_rig(7200, seed)
+        art, _rep = train_from_frame(rig.iloc[:2400], schema, window=32, hop=4)  # the first 40 minutes
+        assert art.detector.name == "meanshift"
+        more = score_frame(rig, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4, workers=1)
+        later = more.windows.end_ts - 1.767e9 >= 2400
+        assert more.assessment.flags[later].mean() <= 0.02
+        step = score_frame(_wandering_rig(7200, seed, step_at=4800), schema, art, RuleEngine([]), window=32, hop=4,
+                           alarm_k=3, alarm_n=4, workers=1)
+        after = step.windows.end_ts - 1.767e9 >= 4800 + 64
+        assert step.assessment.flags[after].mean() >= 0.5
