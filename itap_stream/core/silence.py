@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from fnmatch import fnmatchcase
@@ -171,32 +171,28 @@ def _text(raw: Mapping[str, Any], key: str) -> str:
     return v
 
 
-def _number(v: Any, name: str) -> float:
-    """A finite number (a number or numeric text)."""
+def _finite(v: Any, convert: Callable[[Any], float], msg: str) -> float:
+    """``convert(v)`` for a number or text, when finite; else `ConfigError(msg)`."""
     try:
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             raise TypeError
-        x = float(v)
+        x = convert(v)
     except (TypeError, ValueError, OverflowError):
         x = math.nan
     if not math.isfinite(x):
-        msg = f"silence: {name!r} must be a finite number, got {_show(v)}"
         raise ConfigError(msg)
     return x
 
 
+def _number(v: Any, name: str) -> float:
+    """A finite number (a number or numeric text)."""
+    return _finite(v, float, f"silence: {name!r} must be a finite number, got {_show(v)}")
+
+
 def _duration(v: Any) -> float:
     """Seconds from a duration such as ``2h`` or a number of seconds; finite and not negative."""
-    try:
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise TypeError
-        seconds = parse_duration(v)
-    except (TypeError, ValueError, OverflowError):
-        seconds = math.nan
-    if not math.isfinite(seconds):
-        msg = f"silence: duration must be a number of seconds or like '30m', '2h'; got {_show(v)}"
-        raise ConfigError(msg)
-    return seconds
+    return _finite(v, parse_duration, f"silence: duration must be a number of seconds or like '30m', '2h'; "
+                                      f"got {_show(v)}")
 
 
 def _days(v: Any) -> tuple[str, ...]:

@@ -148,6 +148,26 @@ class Publisher:
         self.client.loop_stop()
 
 
+class CommandAnswers:
+    """The consumer's answers on ``{prefix}/status/commands``, as they arrive."""
+
+    def __init__(self, settings) -> None:
+        host, port = settings.broker_url.removeprefix("mqtt://").split(":")
+        self.replies: list[dict] = []
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"t-cmd-sub-{time.monotonic_ns()}")
+        ready = threading.Event()
+        self.client.on_connect = lambda c, *_a: c.subscribe(settings.topic("status", "commands"), qos=1)
+        self.client.on_subscribe = lambda *_a: ready.set()
+        self.client.on_message = lambda _c, _u, m: self.replies.append(json.loads(m.payload))
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        assert ready.wait(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def _start(settings, metrics=None):
     consumer = build_consumer(settings, metrics=metrics or Metrics())
     ready = threading.Event()
@@ -244,16 +264,8 @@ COMMANDS = [
 
 def test_hostile_commands_are_refused_and_the_consumer_keeps_running(settings):
     consumer, thread, errors = _start(settings)
-    replies: list[dict] = []
-    host, port = settings.broker_url.removeprefix("mqtt://").split(":")
-    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"t-cmd-sub-{time.monotonic_ns()}")
-    ready = threading.Event()
-    sub.on_connect = lambda c, *_a: c.subscribe(settings.topic("status", "commands"), qos=1)
-    sub.on_subscribe = lambda *_a: ready.set()
-    sub.on_message = lambda _c, _u, m: replies.append(json.loads(m.payload))
-    sub.connect(host, int(port))
-    sub.loop_start()
-    assert ready.wait(10)
+    answers = CommandAnswers(settings)
+    replies = answers.replies
     pub = Publisher(settings.broker_url)
     try:
         payloads = [(name, json.dumps(body).encode()) for name, body in COMMANDS]
@@ -271,8 +283,7 @@ def test_hostile_commands_are_refused_and_the_consumer_keeps_running(settings):
     finally:
         _stop(consumer, thread)
         pub.close()
-        sub.disconnect()
-        sub.loop_stop()
+        answers.close()
     assert not errors
 
 
@@ -440,16 +451,8 @@ def test_the_reload_attack_through_a_running_consumer_runs_no_code(settings, tmp
     outside = _plant_attack(tmp_path / "elsewhere", marker)
     inside = _plant_attack(models / "sub", marker)
     consumer, thread, errors = _start(settings)
-    replies: list[dict] = []
-    host, port = settings.broker_url.removeprefix("mqtt://").split(":")
-    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"t-cmd-sub-{time.monotonic_ns()}")
-    ready = threading.Event()
-    sub.on_connect = lambda c, *_a: c.subscribe(settings.topic("status", "commands"), qos=1)
-    sub.on_subscribe = lambda *_a: ready.set()
-    sub.on_message = lambda _c, _u, m: replies.append(json.loads(m.payload))
-    sub.connect(host, int(port))
-    sub.loop_start()
-    assert ready.wait(10)
+    answers = CommandAnswers(settings)
+    replies = answers.replies
     pub = Publisher(settings.broker_url)
     try:
         for i, path in enumerate((outside, inside, models / ".." / "elsewhere" / "e.joblib")):
@@ -464,8 +467,7 @@ def test_the_reload_attack_through_a_running_consumer_runs_no_code(settings, tmp
     finally:
         _stop(consumer, thread)
         pub.close()
-        sub.disconnect()
-        sub.loop_stop()
+        answers.close()
 
 
 def test_stop_returns_while_the_store_cannot_commit(settings):
