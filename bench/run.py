@@ -744,11 +744,6 @@ def run_benchmark(
                     log("stages: " + ", ".join(f"{k}={v:.2f}" for k, v in b.results["stages"]["median"].items()))
             finally:
                 watcher.close()
-    if "realnormal" in sections and scale is not QUICK:
-        # detection on a real recording of normal operation: its own table and bench/realnormal.json
-        from bench.realnormal import main as realnormal
-
-        realnormal([])
     if merge and out is not None and out.exists():
         previous = json.loads(out.read_text(encoding="utf-8"))
         b.results = {**previous.get("results", {}), **b.results}
@@ -769,6 +764,11 @@ def run_benchmark(
         out.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
         log(f"results written to {out}")
     report["table"] = text
+    if "realnormal" in sections and scale is not QUICK:
+        # detection on a real recording of normal operation: its own table and bench/realnormal.json
+        from bench.realnormal import main as realnormal
+
+        realnormal([])
     return report
 
 

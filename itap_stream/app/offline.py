@@ -31,8 +31,8 @@ from itap_stream.core.detectors import (
 )
 from itap_stream.core.drift import DriftMonitor
 from itap_stream.core.features import feature_names
-from itap_stream.core.model import Artifact, TrainStats
-from itap_stream.core.pipeline import TableResult, check_compatible, score_in_order, score_table
+from itap_stream.core.model import Artifact, TrainStats, quantile_threshold
+from itap_stream.core.pipeline import TableResult, check_compatible, score_in_order, score_table, settling_windows
 from itap_stream.core.quality import choose_threshold
 from itap_stream.core.rules import RuleEngine, iso
 from itap_stream.core.schema import STATES, SensorSchema
@@ -242,6 +242,7 @@ def train_from_frame(
             order = np.lexsort((bw.end_ts[idx], pd.factorize(bw.device_ids[idx])[0]))
             by_device = [bw.features[idx[order][bw.device_ids[idx[order]] == d]][:, cols]
                          for d in pd.unique(bw.device_ids[idx])]
+            from itap_stream.core.detectors import log_variance_spread, reading_steps
             det = MeanShiftDetector(
                 cols, level_se, level_correlation(segments),
                 # a window mean against a recent level: the error of both, from the training noise
@@ -249,6 +250,12 @@ def train_from_frame(
                 recent=recent, recent_errors=np.hypot(se, level_standard_errors(segments, window * RECENT_WINDOWS)),
                 spacing=max(1, math.ceil(window / hop)), back=RECENT_WINDOWS, alarm_k=alarm_k, alarm_n=alarm_n,
                 missing_columns=[names.index(f"{sig}_missing") for sig in kept], window=window,
+                # spread: the variance of the last RECENT_WINDOWS + 1 windows against training's; only a
+                # drop is flagged (noise rises 1.7x in normal operation of the real test bed)
+                std_columns=[names.index(f"{sig}_std") for sig in kept],
+                slope_columns=[names.index(f"{sig}_slope") for sig in kept],
+                variance_floors=reading_steps(segments) ** 2 / 12.0,
+                spread_floors=log_variance_spread(segments, window), spread_back=RECENT_WINDOWS,
             )
         else:
             cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
@@ -297,6 +304,13 @@ def train_from_frame(
             + (f"best precision at recall >= {recall_target}" if recall_target is not None else "best F1")
         )
     stats = TrainStats(mean=X_fit.mean(axis=0), std=X_fit.std(axis=0), calibration_scores=cal_scores)
+    # windows with a state change inside (start-ups, stops) are judged against their own kind:
+    # the same quantile of every normal such window, never below the common threshold
+    settling = idx[settling_windows(bw.features[idx], names)]
+    settling_threshold = None
+    if len(settling):
+        s_scores = det.score(bw.features[settling]) if in_order is None else in_order[settling]
+        settling_threshold = max(threshold, quantile_threshold(s_scores, quantile))
     report = TrainReport(
         devices=int(pd.unique(bw.device_ids[idx]).size),
         rows=len(df),
@@ -327,6 +341,7 @@ def train_from_frame(
         training={k: v for k, v in report.to_dict().items() if k != "sweep"}
         | {"quantile": quantile, "seed": seed, "detector": det.name},
         versions=artifacts.library_versions(),
+        settling_threshold=settling_threshold,
     )
     return artifact, report
 

@@ -422,6 +422,41 @@ def window_mean_spread(segments: list[Array], window: int) -> Array:
     return np.where(n >= 4, np.nan_to_num(sd, nan=0.0), 0.0)
 
 
+def log_variance_spread(segments: list[Array], window: int) -> Array:
+    """Per signal, the standard deviation of the log of a ``window``-reading variance expected
+    from the readings' own noise: ``(2 + excess kurtosis) (1 + phi²) / ((1 - phi²) window)``
+    under an AR(1) model (``phi`` and the kurtosis pooled over ``segments`` like
+    `level_standard_errors`). A floor for the spread test: a few hundred readings give few
+    windows to measure how much their variance varies.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> round(float(log_variance_spread([rng.normal(size=(4000, 1))], 32)[0]), 2)  # sqrt(2 / 32)
+    0.25
+    """
+    rows = [np.asarray(x, dtype=np.float64) for x in segments if len(x) > 1]
+    if not rows:
+        msg = "need at least two readings of one device to estimate the noise of its signals"
+        raise ValueError(msg)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        # each non-overlapping window centred on its own mean: slow wander of the level (which a
+        # window's variance does not see) would pass for autocorrelated noise
+        centred = []
+        for x in rows:
+            k = max(1, len(x) // window)
+            w = x[: k * window] if len(x) >= window else x
+            w = w.reshape(k, -1, x.shape[1])
+            centred.extend(list(w - np.nanmean(w, axis=1, keepdims=True)))
+        var = np.nanmean(np.concatenate([c * c for c in centred]), axis=0)
+        lag = np.nanmean(np.concatenate([c[1:] * c[:-1] for c in centred]), axis=0)
+        kurt = np.nanmean(np.concatenate([c**4 for c in centred]), axis=0) / (var * var) - 3.0
+        phi = np.clip(np.nan_to_num(lag / var, nan=0.0), 0.0, 0.95)
+    kurt = np.clip(np.nan_to_num(kurt, nan=0.0), 0.0, 6.0)
+    return np.asarray(np.sqrt((2.0 + kurt) * (1 + phi**2) / ((1 - phi**2) * window)), dtype=np.float64)
+
+
 def reading_steps(segments: list[Array]) -> Array:
     """Per signal, the smallest positive difference between two of its readings (0 for a
     signal with fewer than two distinct values): its resolution when it is quantised.
@@ -485,6 +520,30 @@ def level_correlation(segments: list[Array], shrink: float = 0.2) -> Array:
     return (1.0 - shrink) * r + shrink * np.eye(d)
 
 
+def spread_quantile(p: float, signals: int, rise: bool = False) -> float:
+    """The ``p`` quantile of a sum of ``signals`` squared standard normals, each kept only
+    when negative (``rise``: all kept, the chi-square): the one-sided spread test's limit.
+
+    Examples
+    --------
+    >>> round(spread_quantile(0.95, 1), 3)  # P(z < 0 and z² > x) = 0.05: z < -1.645
+    2.706
+    >>> round(spread_quantile(0.95, 2, rise=True), 3)  # chi-square, two degrees of freedom
+    5.991
+    """
+    from scipy.optimize import brentq
+    from scipy.stats import binom, chi2
+
+    if rise:
+        return float(chi2.ppf(p, signals))
+    weights = binom.pmf(np.arange(1, signals + 1), signals, 0.5)
+
+    def tail(x: float) -> float:
+        return float(np.sum(weights * chi2.sf(x, np.arange(1, signals + 1)))) - (1.0 - p)
+
+    return float(brentq(tail, 1e-9, float(chi2.ppf(p, signals)) + 10.0))
+
+
 def _nanmean(rows: list[Array]) -> Array:
     """Mean of same-shape rows ignoring NaN; NaN (quietly) where every row is NaN."""
     stack = np.stack(rows)
@@ -503,6 +562,7 @@ class _Levels:
     alarm: bool = False
     held: Array | None = None  # the level held while in alarm
     good: Array | None = None  # the latest level made of windows outside an alarm
+    spreads: deque[Array] | None = None  # recent windows' log variances (the spread test)
 
 
 class MeanShiftDetector:
@@ -535,6 +595,14 @@ class MeanShiftDetector:
     follows the windows as they come, so a warm-up already under way at the start ends it.
     That needs each device's windows in order: `score_sequence`, which the stream and the
     batch path both call. `score` has no history: every signal against its training level.
+
+    **Spread** (``std_columns``; charts trained before have none): per signal, the log of the
+    readings' variance about each window's trend, averaged over the window scored and the
+    ``spread_back`` non-overlapping ones before it, against its training mean, in units of its
+    training spread (at least `log_variance_spread`, plus the error of that mean). Only a drop
+    counts (a rise is normal on a real pump: its accelerometer noise grows 1.7x); the squared
+    drops summed over signals get their own limit (`spread_quantile`, the same tail), and the
+    score is the larger of the level score and this one rescaled so both limits coincide.
 
     Examples
     --------
@@ -580,6 +648,12 @@ class MeanShiftDetector:
         alarm_n: int = 4,
         missing_columns: list[int] | None = None,
         window: int | None = None,
+        std_columns: list[int] | None = None,
+        variance_floors: Array | None = None,
+        spread_floors: Array | None = None,
+        slope_columns: list[int] | None = None,
+        spread_back: int = 4,
+        spread_rise: bool = False,
     ) -> None:
         self.columns = np.asarray(columns, dtype=np.intp)
         self.se = np.asarray(standard_errors, dtype=np.float64)
@@ -627,11 +701,41 @@ class MeanShiftDetector:
             raise ConfigError(msg)
         #: the drifting signals' level for a device with no history yet: where training ended
         self.start_level: Array | None = None
+        #: the spread test: per level column, its window std feature and the smallest
+        #: variance a reading can show (quantisation); None: no spread test (older charts)
+        self.std_columns = None if std_columns is None else np.asarray(std_columns, dtype=np.intp)
+        if self.std_columns is not None and len(self.std_columns) != d:
+            msg = "the mean-shift chart needs one std column per level column"
+            raise ConfigError(msg)
+        self.variance_floors = (np.zeros(d) if variance_floors is None
+                                else np.asarray(variance_floors, dtype=np.float64))
+        if spread_back < 0:
+            msg = "the mean-shift chart needs spread_back >= 0"
+            raise ConfigError(msg)
+        self.spread_back = int(spread_back)
+        self.slope_columns = None if slope_columns is None else np.asarray(slope_columns, dtype=np.intp)
+        self.spread_floors = None if spread_floors is None else np.asarray(spread_floors, dtype=np.float64)
+        self.spread_rise = bool(spread_rise)
+        self.spread_centre: Array | None = None  # learnt: mean log window variance per signal
+        self.spread_sd: Array | None = None  # learnt: its standard deviation (0: left out)
+        self.spread_limit: float | None = None
+        self.spread_windows = 1.0  # learnt: the training windows behind spread_centre (non-overlapping)
 
     def fit(self, X: Array) -> None:
         levels = np.asarray(X, dtype=np.float64)[:, self.columns]
         with np.errstate(invalid="ignore"):
             self.centre = np.nan_to_num(np.nanmean(levels, axis=0), nan=0.0)
+        if self.std_columns is not None:
+            lv = self._log_variances(X)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.spread_centre = np.nan_to_num(np.nanmean(lv, axis=0), nan=0.0)
+                sd = np.nan_to_num(np.nanstd(lv, axis=0), nan=0.0)
+            # a signal whose window variance never moved (stuck on its quantisation floor) says nothing
+            floor = getattr(self, "spread_floors", None)
+            self.spread_sd = np.where(sd > 1e-6, sd if floor is None else np.maximum(sd, floor), 0.0)
+            # the training mean's own error: its windows overlap, ``spacing`` of them per window length
+            self.spread_windows = max(1.0, len(lv) / self.spacing)
 
     def fit_start_level(self, means: list[Array]) -> None:
         """The drifting signals' level where the training readings ended: per device (one
@@ -657,21 +761,57 @@ class MeanShiftDetector:
             levels[X[:, missing] >= window] = np.nan
         return levels
 
+    def _log_variances(self, X: Array) -> Array:
+        """Per window and signal, the log of the readings' variance in the window (a window with
+        dropouts corrected for the filled-in readings); NaN where the signal reported nothing."""
+        X = np.asarray(X, dtype=np.float64)
+        assert self.std_columns is not None
+        var = X[:, self.std_columns] ** 2
+        missing, window = getattr(self, "missing_columns", None), getattr(self, "window", None)
+        slopes = getattr(self, "slope_columns", None)
+        if slopes is not None and window:  # about the window's own trend: a warm-up is no noise
+            var = np.maximum(var - X[:, slopes] ** 2 * (window * window - 1) / 12.0, 0.0)
+        if missing is not None and window:
+            present = window - X[:, missing]
+            var = np.where(present > 1, var * window / np.maximum(present - 1, 1), np.nan)
+        return np.log(np.maximum(var, np.maximum(self.variance_floors, 1e-300)))
+
+    def _spread_scores(self, lv: Array, k: Array) -> Array:
+        """The spread score of mean log variances ``lv`` over ``k`` non-overlapping windows,
+        in units of the level chart's limit (one limit for both)."""
+        assert self.spread_centre is not None and self.spread_sd is not None
+        live = self.spread_sd > 0
+        if not live.any() or self.limit is None or not self.spread_limit:
+            return np.zeros(len(lv))
+        err = np.sqrt(1.0 / k[:, None] + 1.0 / self.spread_windows)
+        u = (lv[:, live] - self.spread_centre[live]) / (self.spread_sd[live] * err)
+        u = np.nan_to_num(u, nan=0.0)
+        if not self.spread_rise:
+            u = np.minimum(u, 0.0)
+        s = np.sqrt(np.einsum("ij,ij->i", u, u) / live.sum())
+        return s * (self.limit / self.spread_limit)
+
     def _scores(self, levels: Array, centre: Array) -> Array:
         z = np.nan_to_num((levels - centre) / self.se, nan=0.0)  # a dropped-out signal counts as at its level
         t2 = np.einsum("ij,jk,ik->i", z, self.precision, z)
         return np.sqrt(np.maximum(t2, 0.0) / len(self.columns))
 
     def score(self, X: Array) -> Array:
-        return self._scores(self._levels(X), self.centre)
+        out = self._scores(self._levels(X), self.centre)
+        if getattr(self, "std_columns", None) is not None and self.spread_centre is not None:
+            out = np.maximum(out, self._spread_scores(self._log_variances(X), np.ones(len(out))))
+        return out
 
     def score_sequence(self, X: Array, device_ids: Sequence[str], state: dict[str, Any]) -> Array:
         """Scores of windows given in event order per device, drifting signals against their
         recent level; ``state`` (a dict the caller owns) carries each device's history over."""
         recent = getattr(self, "recent", None)
-        if recent is None or not recent.any() or self.limit is None:
+        spread = getattr(self, "std_columns", None) is not None and getattr(self, "spread_centre", None) is not None
+        if recent is None or not (recent.any() or spread) or self.limit is None:
             return self.score(X)
         levels = self._levels(X)
+        lvs = self._log_variances(X) if spread else None
+        sb = getattr(self, "spread_back", 0)
         out = np.empty(len(levels))
         spacing, back, mask, k = self.spacing, self.back, (1 << self.alarm_n) - 1, self.alarm_k
         for i, dev in enumerate(device_ids):
@@ -679,6 +819,15 @@ class MeanShiftDetector:
             if st is None:
                 st = state[dev] = _Levels(deque(maxlen=spacing * back))
             m = levels[i]
+            spread_score = 0.0
+            if lvs is not None:
+                # the spread over this window and the SPREAD_BACK non-overlapping ones before it
+                if st.spreads is None:
+                    st.spreads = deque(maxlen=max(spacing * sb, 1))
+                rows = [lvs[i]] + [st.spreads[-spacing * j] for j in range(1, sb + 1) if len(st.spreads) >= spacing * j]
+                mean_lv = _nanmean(rows)
+                spread_score = float(self._spread_scores(mean_lv[None, :], np.array([float(len(rows))]))[0])
+                st.spreads.append(lvs[i])
             known = False  # whether the level comes from windows scored outside an alarm
             if st.alarm and st.held is not None:
                 level, known = st.held, True
@@ -700,7 +849,7 @@ class MeanShiftDetector:
                         st.good = level
             centre = self.centre.copy()
             centre[recent] = level
-            s = float(self._scores(m[None, :], centre)[0])
+            s = max(float(self._scores(m[None, :], centre)[0]), spread_score)
             out[i] = s
             over = s >= self.limit
             st.over = ((st.over << 1) | over) & mask
@@ -717,7 +866,12 @@ class MeanShiftDetector:
         from scipy.stats import chi2
 
         d = len(self.columns)
-        self.limit = float(np.sqrt(chi2.ppf(1.0 - (1.0 - quantile) / 10.0, d) / d))
+        tail = (1.0 - quantile) / 10.0
+        self.limit = float(np.sqrt(chi2.ppf(1.0 - tail, d) / d))
+        sd = getattr(self, "spread_sd", None)
+        if getattr(self, "std_columns", None) is not None and sd is not None and (sd > 0).any():
+            live = int((sd > 0).sum())
+            self.spread_limit = float(np.sqrt(spread_quantile(1.0 - tail, live, self.spread_rise) / live))
         return self.limit
 
 

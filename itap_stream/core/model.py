@@ -436,3 +436,7 @@ class Artifact:
     training: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = 1
+    #: the threshold of windows with a state change inside (start-ups, stops), from the
+    #: scores of such training windows; None (none in training, or an older model): such
+    #: windows are never anomalous (`core.pipeline.raw_anomalies`)
+    settling_threshold: float | None = None

@@ -557,3 +557,42 @@ def test_the_charts_tolerance_comes_from_how_window_levels_wander_in_training():
                            alarm_k=3, alarm_n=4, workers=1)
         after = step.windows.end_ts - 1.767e9 >= 4800 + 64
         assert step.assessment.flags[after].mean() >= 0.5
+
+
+def _quieting_rig(n: int, seed: int, drop_at: int | None = None) -> pd.DataFrame:
+    """Four white-noise signals of one rig at 1 Hz, flow and pressure correlated (0.7 of a
+    shared component); optionally both their variances halve from ``drop_at``, levels unchanged."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=n)
+    cols = {}
+    for j, name in enumerate(["flow", "pressure", "current", "vibration"]):
+        e = 0.7 * shared + np.sqrt(0.51) * rng.normal(size=n) if j < 2 else rng.normal(size=n)
+        if drop_at is not None and j < 2:
+            e[drop_at:] *= np.sqrt(0.5)
+        cols[name] = 50 + e
+    return pd.DataFrame({"device_id": "rig", "ts": 1.767e9 + np.arange(n), "state": "RUN", **cols})
+
+
+def test_the_chart_flags_a_drop_in_variability_with_no_level_change():
+    """Issue 15, point 4: a fault that only quietens two correlated signals (variance 0.5x, as
+    cavitation calms flow and fluid temperature) is an alarm; the same data without the drop
+    is not. (The chart on window means alone flagged none of it.)"""
+    from itap_stream.app.offline import score_frame
+    from itap_stream.core.rules import RuleEngine
+    from itap_stream.core.schema import SensorSchema
+
+    schema = SensorSchema.from_dict({"signals": [
+        {"name": n, "family": f, "min": -1e6, "max": 1e6}
+        for n, f in [("flow", "Flow"), ("pressure", "Pressure"), ("current", "Current"), ("vibration", "Vibration")]
+    ]})
+    for seed in (0, 2):
+        rig = _quieting_rig(3600, seed)
+        art, _rep = train_from_frame(rig.iloc[:600], schema, window=32, hop=4)  # the first 10 minutes
+        assert art.detector.name == "meanshift"
+        clean = score_frame(rig, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4, workers=1)
+        later = clean.windows.end_ts - 1.767e9 >= 600
+        assert clean.assessment.flags[later].mean() <= 0.02
+        quiet = score_frame(_quieting_rig(3600, seed, drop_at=2400), schema, art, RuleEngine([]), window=32, hop=4,
+                            alarm_k=3, alarm_n=4, workers=1)
+        after = quiet.windows.end_ts - 1.767e9 >= 2400 + 160  # once the five windows averaged are all quiet
+        assert quiet.assessment.flags[after].mean() >= 0.8
