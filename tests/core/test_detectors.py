@@ -520,6 +520,22 @@ def test_a_temperature_sensor_dead_for_minutes_neither_warns_nor_alarms():
     assert not flags.any()
 
 
+def _rig_schema():
+    """The four signals of the `_wandering_rig` / `_quieting_rig` stand-ins, none of a drifting family."""
+    from itap_stream.core.schema import SensorSchema
+
+    return SensorSchema.from_dict({"signals": [
+        {"name": n, "family": f, "min": -1e6, "max": 1e6}
+        for n, f in [("flow", "Flow"), ("pressure", "Pressure"), ("current", "Current"), ("vibration", "Vibration")]
+    ]})
+
+
+def _flagged_share(frame: pd.DataFrame, schema, art, since_s: float) -> float:
+    """Share of the windows ending ``since_s`` or more after the rig's start that the default flags (batch path)."""
+    res = score_frame(frame, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4, workers=1)
+    return float(res.assessment.flags[res.windows.end_ts - 1.767e9 >= since_s].mean())
+
+
 def _wandering_rig(n: int, seed: int, step_at: int | None = None) -> pd.DataFrame:
     """Four signals of one rig at 1 Hz: white noise plus a slow wander (about 1 noise std,
     over ~10 minutes) of the size normal operation shows; optionally a 3 std step."""
@@ -538,25 +554,13 @@ def test_the_charts_tolerance_comes_from_how_window_levels_wander_in_training():
     """Issue 15, behaviour 2: normal wander between windows of the size seen in training
     raises nothing; a genuine 3 std step does. (With the AR(1) noise of single readings as
     the only tolerance, the same wander flagged 32-82 % of the windows.)"""
-    from itap_stream.app.offline import score_frame
-    from itap_stream.core.rules import RuleEngine
-    from itap_stream.core.schema import SensorSchema
-
-    schema = SensorSchema.from_dict({"signals": [
-        {"name": n, "family": f, "min": -1e6, "max": 1e6}
-        for n, f in [("flow", "Flow"), ("pressure", "Pressure"), ("current", "Current"), ("vibration", "Vibration")]
-    ]})
+    schema = _rig_schema()
     for seed in (0, 2):
         rig = _wandering_rig(7200, seed)
         art, _rep = train_from_frame(rig.iloc[:2400], schema, window=32, hop=4)  # the first 40 minutes
         assert art.detector.name == "meanshift"
-        more = score_frame(rig, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4, workers=1)
-        later = more.windows.end_ts - 1.767e9 >= 2400
-        assert more.assessment.flags[later].mean() <= 0.02
-        step = score_frame(_wandering_rig(7200, seed, step_at=4800), schema, art, RuleEngine([]), window=32, hop=4,
-                           alarm_k=3, alarm_n=4, workers=1)
-        after = step.windows.end_ts - 1.767e9 >= 4800 + 64
-        assert step.assessment.flags[after].mean() >= 0.5
+        assert _flagged_share(rig, schema, art, 2400) <= 0.02
+        assert _flagged_share(_wandering_rig(7200, seed, step_at=4800), schema, art, 4800 + 64) >= 0.5
 
 
 def _quieting_rig(n: int, seed: int, drop_at: int | None = None) -> pd.DataFrame:
@@ -577,22 +581,11 @@ def test_the_chart_flags_a_drop_in_variability_with_no_level_change():
     """Issue 15, point 4: a fault that only quietens two correlated signals (variance 0.5x, as
     cavitation calms flow and fluid temperature) is an alarm; the same data without the drop
     is not. (The chart on window means alone flagged none of it.)"""
-    from itap_stream.app.offline import score_frame
-    from itap_stream.core.rules import RuleEngine
-    from itap_stream.core.schema import SensorSchema
-
-    schema = SensorSchema.from_dict({"signals": [
-        {"name": n, "family": f, "min": -1e6, "max": 1e6}
-        for n, f in [("flow", "Flow"), ("pressure", "Pressure"), ("current", "Current"), ("vibration", "Vibration")]
-    ]})
+    schema = _rig_schema()
     for seed in (0, 2):
         rig = _quieting_rig(3600, seed)
         art, _rep = train_from_frame(rig.iloc[:600], schema, window=32, hop=4)  # the first 10 minutes
         assert art.detector.name == "meanshift"
-        clean = score_frame(rig, schema, art, RuleEngine([]), window=32, hop=4, alarm_k=3, alarm_n=4, workers=1)
-        later = clean.windows.end_ts - 1.767e9 >= 600
-        assert clean.assessment.flags[later].mean() <= 0.02
-        quiet = score_frame(_quieting_rig(3600, seed, drop_at=2400), schema, art, RuleEngine([]), window=32, hop=4,
-                            alarm_k=3, alarm_n=4, workers=1)
-        after = quiet.windows.end_ts - 1.767e9 >= 2400 + 160  # once the five windows averaged are all quiet
-        assert quiet.assessment.flags[after].mean() >= 0.8
+        assert _flagged_share(rig, schema, art, 600) <= 0.02
+        # once the five windows averaged are all quiet
+        assert _flagged_share(_quieting_rig(3600, seed, drop_at=2400), schema, art, 2400 + 160) >= 0.8
