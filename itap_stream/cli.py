@@ -32,7 +32,8 @@ EPILOGS = {
     "  itap alerts --severity CRITICAL --device DEV-0007\n"
     "  itap alerts --json --count 10 --timeout 60 | jq .rule",
     "ack": "examples:\n  itap ack 3f2c9a1b0d4e5f60 --note 'crew on the way' --by alice\n"
-    "  itap ack 3f2c9a1b0d4e5f60 --broker mqtt://plant-broker:1883",
+    "  itap ack 3f2c9a1b0d4e5f60 --broker mqtt://plant-broker:1883\n"
+    "  itap ack 3f2c9a1b0d4e5f60 --rebaseline --note 'new impeller, runs 2 degC warmer'",
     "silence": "examples:\n  itap silence add --device DEV-0007 --duration 2h --comment 'bearing change'\n"
     "  itap silence add --rule 'signal_*' --weekly sat,sun --at 22:00 --hours 8\n"
     "  itap silence list\n  itap silence remove 3f2c9a1b0d",
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alert_id", help="the alert's id (the `id` field of the published alert)")
     p.add_argument("--note", default="", help="why / what is being done, stored and published with the acknowledgement")
     p.add_argument("--by", default=os.environ.get("USER", ""), help="who acknowledges (default: $USER)")
+    p.add_argument("--rebaseline", action="store_true",
+                   help="also accept the device's current state as its new normal (a baseline_shift event; the "
+                        "mean-shift chart's alarm on it ends): for a change that is known and fine")
     _broker_options(p)
     p.add_argument("--timeout", type=_seconds(), default=10.0, help="seconds to wait for the consumer's answer")
 
@@ -569,7 +573,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     result = score_frame(
         df, schema, artifact, settings.rule_engine(),
         window=settings.window, hop=settings.hop, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
-        drift_delta=settings.drift_delta,
+        drift_delta=settings.drift_delta, baseline=settings.baseline_policy(),
     )
     step(f"scored {len(result.windows):,} windows; writing results to {args.out_dir} ...")
     rep = write_score_outputs(df, result, args.out_dir, windows_out=args.windows_out, threshold=artifact.threshold)
@@ -739,12 +743,16 @@ def _cmd_ack(args: argparse.Namespace) -> int:
     from itap_stream.app.commands import send_command
 
     settings = _settings(args)
-    answer = send_command(settings, "ack", {"alert_id": args.alert_id, "note": args.note, "by": args.by},
-                          timeout_s=args.timeout)
+    body = {"alert_id": args.alert_id, "note": args.note, "by": args.by}
+    if args.rebaseline:
+        body["rebaseline"] = True
+    answer = send_command(settings, "ack", body, timeout_s=args.timeout)
     if not answer.get("ok"):
         print(f"itap ack: {answer.get('reason', 'refused')}", file=sys.stderr)
         return 1
     print(f"alert {args.alert_id} acknowledged" + (f": {args.note}" if args.note else ""))
+    if answer.get("baseline_shift"):
+        print(f"the device's current state is its new normal (baseline_shift event {answer['baseline_shift']})")
     return 0
 
 

@@ -60,6 +60,11 @@ class Settings:
     drifting_families: str = "Temperature"
     recall_target: float | None = None
     drift_delta: float = 0.002
+    # the mean-shift chart: a deviation that stopped changing becomes a device's new baseline
+    rebaseline_after: float = 300.0  # settled this long after coming back part-way from the alarm's peak
+    rebaseline_hold: float = 3600.0  # settled this long without coming back
+    rebaseline_max_shift: float = 3.0  # training std, a step that never came back; 0 = off
+    rebaseline_max_settled: float = 20.0  # training std, a drifting signal settled after coming back half-way
     stale_after: float = 300.0
     signal_missing_readings: int = 16
     signal_stuck_readings: int = 32
@@ -129,6 +134,13 @@ class Settings:
             raise ConfigError(msg)
         if not 0.0 <= self.drift_delta < 1.0:
             msg = f"drift_delta must be in [0, 1) (0 turns drift detection off), got {self.drift_delta}"
+            raise ConfigError(msg)
+        if not 0 < self.rebaseline_after <= self.rebaseline_hold or self.rebaseline_max_shift < 0 \
+                or self.rebaseline_max_settled <= 0:
+            msg = ("rebaseline_after must be positive and at most rebaseline_hold, rebaseline_max_shift not "
+                   "negative (0 = off) and rebaseline_max_settled positive, got "
+                   f"{self.rebaseline_after}, {self.rebaseline_hold}, {self.rebaseline_max_shift}, "
+                   f"{self.rebaseline_max_settled}")
             raise ConfigError(msg)
         if not 1 <= self.alarm_k <= self.alarm_n:
             msg = f"alarm smoothing needs 1 <= alarm_k <= alarm_n, got {self.alarm_k} of {self.alarm_n}"
@@ -204,6 +216,15 @@ class Settings:
     def drifting_family_list(self) -> list[str]:
         """``drifting_families`` as a list (the setting is a comma-separated string)."""
         return [f.strip() for f in self.drifting_families.split(",") if f.strip()]
+
+    def baseline_policy(self) -> Any:
+        """The mean-shift chart's `BaselinePolicy`, or None when ``rebaseline_max_shift`` is 0 (off)."""
+        from itap_stream.core.detectors import BaselinePolicy
+
+        if self.rebaseline_max_shift <= 0:
+            return None
+        return BaselinePolicy(self.rebaseline_after, self.rebaseline_hold, self.rebaseline_max_shift,
+                              self.rebaseline_max_settled)
 
     def schema(self) -> SensorSchema:
         return SensorSchema.from_dict(load_yaml(self.sensors_file, what="sensor schema"))

@@ -61,6 +61,10 @@ class Metrics:
             "itap_commands", "Commands received on the command topic, by command and result", ["command", "result"],
             registry=r,
         )
+        self.baseline_shifts = Counter(
+            "itap_baseline_shifts", "baseline_shift events (a settled deviation became a device's normal), by how: "
+            "settled, held or operator", ["how"], registry=r,
+        )
         self.model_drift = Counter(
             "itap_model_drift", "model_drift events (normal scores shifted: retrain), by scope", ["scope"], registry=r
         )

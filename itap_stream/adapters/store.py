@@ -398,6 +398,24 @@ class Store:
             raise StoreError(msg) from exc
         return out
 
+    def operator_rebaselines(self) -> dict[str, list[float]]:
+        """Per device, the event times (``window_end``) of the stored ``baseline_shift`` events
+        an operator caused (`Processor.restore` applies them again after a restart)."""
+        a = self.alerts
+        out: dict[str, list[float]] = {}
+        q = (sa.select(a.c.device_id, a.c.window_end)
+             .where(a.c.rule == "baseline_shift", a.c.root_cause.like("baseline shift (operator)%"))
+             .order_by(a.c.window_end))
+        try:
+            with self.engine.connect() as conn:
+                for device_id, end in conn.execute(q):
+                    if end is not None:
+                        out.setdefault(device_id, []).append(float(end))
+        except SQLAlchemyError as exc:
+            msg = f"cannot read baseline shifts from {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+        return out
+
     def count(self, table: str, **where: Any) -> int:
         t = self.metadata.tables[table]
         q = sa.select(sa.func.count()).select_from(t)

@@ -159,6 +159,7 @@ class Consumer:
             ),
             reorder_tolerance_s=settings.reorder_tolerance,
             max_clock_skew_s=settings.max_clock_skew,
+            baseline=settings.baseline_policy(),
         )
         self._stale_checked = 0.0
         self.silences = SilenceBook(settings.silences(self.clock()))
@@ -289,7 +290,8 @@ class Consumer:
         t0 = time.perf_counter()
         try:
             n = self.processor.restore(
-                self.store.recent_readings(self.processor.restore_depth(), max_devices=self.settings.max_devices)
+                self.store.recent_readings(self.processor.restore_depth(), max_devices=self.settings.max_devices),
+                self.store.operator_rebaselines(),
             )
         except ItapError as exc:
             log.warning("could not refill device windows from the store, starting empty: %s", exc)
@@ -736,6 +738,9 @@ class Consumer:
             m.alerts.labels(alert.rule, alert.severity, alert.status).inc()
             if alert.rule == "model_drift":
                 m.model_drift.labels("fleet" if alert.device_id == FLEET else "device").inc()
+            elif alert.rule == "baseline_shift":
+                m.baseline_shifts.labels("operator" if alert.note.startswith("operator") else alert.note).inc()
+                log.info("%s: %s", alert.device_id, alert.root_cause)
             batch.alerts.append(
                 {
                     "alert_id": alert.id,
@@ -813,7 +818,7 @@ class Consumer:
             reply["ok"] = False
             reply["reason"] = f"command failed: {type(exc).__name__}: {clean_text(exc, DETAIL_CHARS)}"
             out = []
-        known = ("ack", "silence", "reload")
+        known = ("ack", "rebaseline", "silence", "reload")
         self.metrics.commands.labels(name if name in known else "unknown", "ok" if reply["ok"] else "refused").inc()
         if not reply["ok"]:
             log.warning("command %s refused: %s", reply["command"], reply["reason"])
@@ -826,6 +831,8 @@ class Consumer:
             pass  # not a JSON object: answered as refused below
         elif name == "ack":
             out.extend(self._ack_command(body, reply))
+        elif name == "rebaseline":
+            out.extend(self._rebaseline_command(body, reply))
         elif name == "silence":
             self._silence_command(body, reply)
         elif name == "reload":
@@ -858,25 +865,66 @@ class Consumer:
                     f"{k}: {v}" for k, v in results.items() if v not in ("reloaded", "unchanged")
                 )
         else:
-            reply["reason"] = f"unknown command {reply['command']!r}; known: ack, silence, reload"
+            reply["reason"] = f"unknown command {reply['command']!r}; known: ack, rebaseline, silence, reload"
         return out
 
     def _ack_command(self, body: dict[str, Any], reply: dict[str, Any]) -> list[Alert]:
-        """``{"alert_id", "note", "by"}``: acknowledge an open alert."""
+        """``{"alert_id", "note", "by", "rebaseline"}``: acknowledge an open alert; with
+        ``"rebaseline": true`` also accept its device's current state as its new normal
+        (`Processor.rebaseline`, a ``baseline_shift`` event), even when already acknowledged."""
         alert_id = body.get("alert_id")
         if not isinstance(alert_id, str) or not alert_id:
             reply["reason"] = "ack needs an alert_id"
             return []
-        note, by = str(body.get("note") or ""), str(body.get("by") or "")
-        done = self.processor.engine.acknowledge(alert_id, at=self.clock(), note=f"{by}: {note}" if by else note)
+        rebase = body.get("rebaseline", False)
+        if not isinstance(rebase, bool):
+            reply["reason"] = "rebaseline must be true or false"
+            return []
+        note, by = clean_text(body.get("note") or "", 500), clean_text(body.get("by") or "", 64)
         reply["alert_id"] = alert_id
-        if done is None:
+        engine = self.processor.engine
+        alert = engine.find_open(alert_id)
+        if alert is None or (alert.acknowledged and not rebase):
             reply["reason"] = (
                 f"no open, unacknowledged alert with id {alert_id} (unknown, resolved or already acknowledged)"
             )
             return []
+        out: list[Alert] = []
+        if rebase:
+            shifted = self._rebaseline(alert.device_id, by, note, reply)
+            if shifted is None:
+                return []
+            out.append(shifted)
+        done = engine.acknowledge(alert_id, at=self.clock(), note=f"{by}: {note}" if by else note)
+        if done is not None:
+            out.append(done)
         reply["ok"] = True
-        return [done]
+        return out
+
+    def _rebaseline(self, device_id: str, by: str, note: str, reply: dict[str, Any]) -> Alert | None:
+        """The operator's baseline shift of one device, or None with the reason in ``reply``."""
+        got = self.processor.rebaseline(device_id, self.clock())
+        if isinstance(got, str):
+            reply["reason"] = got
+            return None
+        who = f"operator {by}" if by else "operator"
+        got = dataclasses.replace(got, note=f"{who}: {note}" if note else who)
+        reply["baseline_shift"] = got.id
+        return got
+
+    def _rebaseline_command(self, body: dict[str, Any], reply: dict[str, Any]) -> list[Alert]:
+        """``{"device_id", "note", "by"}``: accept a device's current state as its new normal."""
+        device_id = body.get("device_id")
+        if not isinstance(device_id, str) or not device_id:
+            reply["reason"] = "rebaseline needs a device_id"
+            return []
+        reply["device_id"] = clean_text(device_id, 128)
+        got = self._rebaseline(device_id, clean_text(body.get("by") or "", 64), clean_text(body.get("note") or "", 500),
+                               reply)
+        if got is None:
+            return []
+        reply["ok"] = True
+        return [got]
 
     def _silence_command(self, body: dict[str, Any], reply: dict[str, Any]) -> None:
         """``{"action": "add", ...silence}``, ``{"action": "remove", "id"}`` or ``{"action": "list"}``."""

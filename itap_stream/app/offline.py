@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,6 +115,14 @@ def _normal_segments(df: pd.DataFrame, schema: SensorSchema) -> list[Any]:
         rows = np.flatnonzero(normal & (dev == d))
         out.append(np.asarray(a["values"], dtype=np.float64)[rows[np.argsort(ts[rows], kind="stable")]])
     return out
+
+
+def _training_std(segments: list[Any]) -> Any:
+    """Per signal, the std of its training readings (each device's own, pooled)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        var = np.nanmean(np.stack([np.nanvar(x, axis=0) for x in segments if len(x)]), axis=0)
+    return np.sqrt(np.nan_to_num(var, nan=0.0))
 
 
 def _check_training_data(df: pd.DataFrame, schema: SensorSchema, window: int, accept: bool) -> dict[str, Any]:
@@ -256,6 +265,8 @@ def train_from_frame(
                 slope_columns=[names.index(f"{sig}_slope") for sig in kept],
                 variance_floors=reading_steps(segments) ** 2 / 12.0,
                 spread_floors=log_variance_spread(segments, window), spread_back=RECENT_WINDOWS,
+                # the unit of a baseline shift's size: each signal's std over its training readings
+                level_scale=_training_std(segments),
             )
         else:
             cols = [i for i, n in enumerate(names) if n.endswith(COMPACT_SUFFIXES)]
@@ -371,6 +382,7 @@ def score_frame(
     alarm_n: int,
     workers: int | None = None,
     drift_delta: float = 0.002,
+    baseline: Any = None,
 ) -> TableResult:
     """Batch scoring of a readings table on the shared core (`core.pipeline.score_table`).
 
@@ -381,7 +393,8 @@ def score_frame(
     with ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
         bw = windows_of_frame(df, schema, window, hop, map_fn=pool.map)
         drift = DriftMonitor(delta=drift_delta) if drift_delta > 0 else None
-        return score_table(bw, artifact, engine, schema, alarm_k=alarm_k, alarm_n=alarm_n, map_fn=pool.map, drift=drift)
+        return score_table(bw, artifact, engine, schema, alarm_k=alarm_k, alarm_n=alarm_n, map_fn=pool.map, drift=drift,
+                           baseline=baseline)
 
 
 def _top_explanations(device_ids: Any, explanations: dict[int, Any], top: int = 5) -> dict[str, Any]:

@@ -40,6 +40,8 @@ from itap_stream.errors import ConfigError
 
 __all__ = [
     "DETECTORS",
+    "BaselinePolicy",
+    "BaselineShift",
     "ColumnsDetector",
     "EnsembleDetector",
     "HalfSpaceTreesDetector",
@@ -553,6 +555,61 @@ def _nanmean(rows: list[Array]) -> Array:
     return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
+@dataclass(frozen=True)
+class BaselinePolicy:
+    """When the mean-shift chart takes a deviation that has stopped changing as a device's new
+    baseline (a ``baseline_shift`` event), instead of alarming on it for ever.
+
+    A deviation is *settled* when every window of a span (all of them inside the alarm)
+    scores under the chart's limit against their common mean, and none of them is out on
+    spread. Its size is counted in training standard deviations: per signal, the settled
+    level's distance from the level the alarm is judged against, divided by the std of
+    that signal's training readings; the largest over the signals counts.
+
+    * **Settled after an event**: the readings came back at least half-way from the
+      alarm's largest deviation, or every signal but the drifting ones (temperatures) is
+      back within the chart's limit (the fault ended; the motor stays a little warmer),
+      and they stayed settled for ``after_s``: the new baseline when no signal moved more than
+      ``max_shift`` training std, or a drifting signal (a temperature, judged against its
+      recent level because it moves anyway) ``max_settled``.
+    * **A step that never came back**, settled for ``hold_s``: the new baseline when no
+      signal moved more than ``max_shift`` training std (not an emergency for ever, but
+      an hour of alarm first).
+
+    Anything larger (an overheat that plateaus far out; a value beyond a signal's physical
+    range is refused at intake and never gets here) stays alarmed until an operator accepts
+    it (`MeanShiftDetector.rebaseline`).
+    """
+
+    after_s: float = 300.0
+    hold_s: float = 3600.0
+    max_shift: float = 3.0
+    max_settled: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.after_s <= self.hold_s) or not (self.max_shift > 0 and self.max_settled > 0):
+            msg = ("baseline policy needs 0 < rebaseline_after <= rebaseline_hold and positive rebaseline_max_shift "
+                   f"and rebaseline_max_settled, got {self.after_s}, {self.hold_s}, {self.max_shift}, "
+                   f"{self.max_settled}")
+            raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class BaselineShift:
+    """A device's chart baseline moved: ``how`` is ``settled`` (came back part-way and
+    stopped changing), ``held`` (a small step that persisted ``hold_s``) or ``operator``.
+    ``index`` is the window (row of the scored batch) it happened at, -1 for an operator's."""
+
+    index: int
+    device_id: str
+    how: str
+    columns: tuple[int, ...]  # the chart's feature columns (window means), in order
+    before: tuple[float, ...]  # the level the alarm was judged against
+    after: tuple[float, ...]  # the new baseline
+    shift_sd: tuple[float, ...]  # (after - before) in training std; NaN where unknown
+    settled_s: float = 0.0  # how long it had not changed
+
+
 @dataclass
 class _Levels:
     """One device's recent window means (drifting signals) and the chart's own alarm state."""
@@ -563,6 +620,13 @@ class _Levels:
     held: Array | None = None  # the level held while in alarm
     good: Array | None = None  # the latest level made of windows outside an alarm
     spreads: deque[Array] | None = None  # recent windows' log variances (the spread test)
+    base: Array | None = None  # this device's own baseline of every chart signal (after a baseline shift)
+    spread_base: Array | None = None  # its own spread centre (after an operator's rebaseline)
+    last: deque[Array] | None = None  # the latest windows' levels (what an operator's rebaseline takes)
+    reference: Array | None = None  # the level the current alarm is judged against (None: not known)
+    peak: float = 0.0  # the largest level score of the current alarm
+    episode: deque[tuple[float, Array, bool]] | None = None  # (time, levels, out on spread) in the alarm
+    episode_start: float = 0.0
 
 
 class MeanShiftDetector:
@@ -654,6 +718,7 @@ class MeanShiftDetector:
         slope_columns: list[int] | None = None,
         spread_back: int = 4,
         spread_rise: bool = False,
+        level_scale: Array | None = None,
     ) -> None:
         self.columns = np.asarray(columns, dtype=np.intp)
         self.se = np.asarray(standard_errors, dtype=np.float64)
@@ -720,6 +785,12 @@ class MeanShiftDetector:
         self.spread_sd: Array | None = None  # learnt: its standard deviation (0: left out)
         self.spread_limit: float | None = None
         self.spread_windows = 1.0  # learnt: the training windows behind spread_centre (non-overlapping)
+        #: per signal, the std of its training readings: the unit of a baseline shift's size
+        #: (`BaselinePolicy.max_shift`); None (charts trained before): no automatic baseline shift
+        self.level_scale = None if level_scale is None else np.asarray(level_scale, dtype=np.float64)
+        if self.level_scale is not None and len(self.level_scale) != d:
+            msg = "the mean-shift chart needs one training std per level column"
+            raise ConfigError(msg)
 
     def fit(self, X: Array) -> None:
         levels = np.asarray(X, dtype=np.float64)[:, self.columns]
@@ -776,15 +847,17 @@ class MeanShiftDetector:
             var = np.where(present > 1, var * window / np.maximum(present - 1, 1), np.nan)
         return np.log(np.maximum(var, np.maximum(self.variance_floors, 1e-300)))
 
-    def _spread_scores(self, lv: Array, k: Array) -> Array:
+    def _spread_scores(self, lv: Array, k: Array, centre: Array | None = None) -> Array:
         """The spread score of mean log variances ``lv`` over ``k`` non-overlapping windows,
-        in units of the level chart's limit (one limit for both)."""
+        in units of the level chart's limit (one limit for both); against ``centre`` (a
+        device's own, after an operator's rebaseline) or the training one."""
         assert self.spread_centre is not None and self.spread_sd is not None
         live = self.spread_sd > 0
         if not live.any() or self.limit is None or not self.spread_limit:
             return np.zeros(len(lv))
         err = np.sqrt(1.0 / k[:, None] + 1.0 / self.spread_windows)
-        u = (lv[:, live] - self.spread_centre[live]) / (self.spread_sd[live] * err)
+        c = self.spread_centre if centre is None else centre
+        u = (lv[:, live] - c[live]) / (self.spread_sd[live] * err)
         u = np.nan_to_num(u, nan=0.0)
         if not self.spread_rise:
             u = np.minimum(u, 0.0)
@@ -802,9 +875,22 @@ class MeanShiftDetector:
             out = np.maximum(out, self._spread_scores(self._log_variances(X), np.ones(len(out))))
         return out
 
-    def score_sequence(self, X: Array, device_ids: Sequence[str], state: dict[str, Any]) -> Array:
+    def score_sequence(
+        self,
+        X: Array,
+        device_ids: Sequence[str],
+        state: dict[str, Any],
+        *,
+        times: Sequence[float] | Array | None = None,
+        policy: BaselinePolicy | None = None,
+        events: list[BaselineShift] | None = None,
+    ) -> Array:
         """Scores of windows given in event order per device, drifting signals against their
-        recent level; ``state`` (a dict the caller owns) carries each device's history over."""
+        recent level; ``state`` (a dict the caller owns) carries each device's history over.
+
+        With ``times`` (each window's end, seconds) and a ``policy``, a deviation that has
+        stopped changing becomes the device's new baseline as `BaselinePolicy` says; each
+        such `BaselineShift` is appended to ``events``."""
         recent = getattr(self, "recent", None)
         spread = getattr(self, "std_columns", None) is not None and getattr(self, "spread_centre", None) is not None
         if recent is None or not (recent.any() or spread) or self.limit is None:
@@ -812,13 +898,20 @@ class MeanShiftDetector:
         levels = self._levels(X)
         lvs = self._log_variances(X) if spread else None
         sb = getattr(self, "spread_back", 0)
+        scale: Array | None = getattr(self, "level_scale", None)
+        shifting = policy is not None and times is not None and scale is not None
+        t_end = np.asarray(times, dtype=np.float64) if times is not None else None
         out = np.empty(len(levels))
         spacing, back, mask, k = self.spacing, self.back, (1 << self.alarm_n) - 1, self.alarm_k
+        limit = self.limit
         for i, dev in enumerate(device_ids):
             st = state.get(dev)
             if st is None:
                 st = state[dev] = _Levels(deque(maxlen=spacing * back))
             m = levels[i]
+            if st.last is None:
+                st.last = deque(maxlen=spacing * back)
+            st.last.append(m)
             spread_score = 0.0
             if lvs is not None:
                 # the spread over this window and the SPREAD_BACK non-overlapping ones before it
@@ -826,41 +919,146 @@ class MeanShiftDetector:
                     st.spreads = deque(maxlen=max(spacing * sb, 1))
                 rows = [lvs[i]] + [st.spreads[-spacing * j] for j in range(1, sb + 1) if len(st.spreads) >= spacing * j]
                 mean_lv = _nanmean(rows)
-                spread_score = float(self._spread_scores(mean_lv[None, :], np.array([float(len(rows))]))[0])
+                spread_score = float(self._spread_scores(mean_lv[None, :], np.array([float(len(rows))]),
+                                                         getattr(st, "spread_base", None))[0])
                 st.spreads.append(lvs[i])
-            known = False  # whether the level comes from windows scored outside an alarm
-            if st.alarm and st.held is not None:
-                level, known = st.held, True
-            else:
-                earlier = [st.means[-spacing * j] for j in range(1, back + 1) if len(st.means) >= spacing * j]
-                past = [mj for mj, usable in earlier if usable]
-                known = bool(past)
-                start: Array | None = getattr(self, "start_level", None)
-                level = start if start is not None else self.centre[recent]
-                if not past and st.good is not None:  # just out of a long alarm: the last level outside one
-                    level, known = st.good, True
-                else:
-                    # no window outside an alarm yet (one raised before any history): follow them all
-                    past = past or [mj for mj, _ in earlier]
-                    if past:
-                        mean = _nanmean(past)
-                        level = np.where(np.isnan(mean), level, mean)
-                    if known:
-                        st.good = level
-            centre = self.centre.copy()
+            level, known = self._recent_level(st)
+            centre = (self.centre if st.base is None else st.base).copy()
             centre[recent] = level
-            s = max(float(self._scores(m[None, :], centre)[0]), spread_score)
+            level_score = float(self._scores(m[None, :], centre)[0])
+            s = max(level_score, spread_score)
             out[i] = s
-            over = s >= self.limit
+            over = s >= limit
             st.over = ((st.over << 1) | over) & mask
             if not st.alarm and st.over.bit_count() >= k:
                 st.alarm, st.held = True, (level if known else None)
+                st.reference, st.peak, st.episode = (centre if known else None), 0.0, None
             elif st.alarm and not over:
-                st.alarm, st.held = False, None
+                st.alarm, st.held, st.reference, st.episode = False, None, None, None
+            if st.alarm and shifting and st.reference is not None:
+                assert t_end is not None and policy is not None and scale is not None
+                shift = self._settled(st, float(t_end[i]), m, level_score, spread_score >= limit, policy, scale)
+                if shift is not None:
+                    new, how, settled_s = shift
+                    ev = self._shift(st, dev, i, how, new, scale, settled_s)
+                    if events is not None:
+                        events.append(ev)
+                    out[i] = max(float(self._scores(m[None, :], new)[0]), spread_score)
+                    continue
             # a window joins the recent level only when it was itself under the limit and no
             # alarm is on: a fault's first windows (before k of n have fired) stay out of it
             st.means.append((m[recent], not (st.alarm or over)))
         return out
+
+    def _recent_level(self, st: _Levels) -> tuple[Array, bool]:
+        """The drifting signals' level for the next window of a device, and whether it comes
+        from windows scored outside an alarm."""
+        recent = self.recent
+        if st.alarm and st.held is not None:
+            return st.held, True
+        earlier = [st.means[-self.spacing * j] for j in range(1, self.back + 1) if len(st.means) >= self.spacing * j]
+        past = [mj for mj, usable in earlier if usable]
+        known = bool(past)
+        start: Array | None = getattr(self, "start_level", None)
+        level = start if start is not None else self.centre[recent]
+        if not past and st.good is not None:  # just out of a long alarm: the last level outside one
+            return st.good, True
+        # no window outside an alarm yet (one raised before any history): follow them all
+        past = past or [mj for mj, _ in earlier]
+        if past:
+            mean = _nanmean(past)
+            level = np.where(np.isnan(mean), level, mean)
+        if known:
+            st.good = level
+        return level, known
+
+    def _settled(
+        self, st: _Levels, t: float, m: Array, level_score: float, out_on_spread: bool, policy: BaselinePolicy,
+        scale: Array,
+    ) -> tuple[Array, str, float] | None:
+        """The new baseline when the device's alarm has settled as ``policy`` says, else None."""
+        assert st.reference is not None
+        if st.episode is None:
+            st.episode, st.episode_start = deque(), t
+        st.episode.append((t, m, out_on_spread))
+        st.peak = max(st.peak, level_score)
+        while st.episode and st.episode[0][0] < t - policy.hold_s:
+            st.episode.popleft()
+        assert self.limit is not None
+        for how, span in (("settled", policy.after_s), ("held", policy.hold_s)):
+            if t - st.episode_start < span:
+                return None
+            rows = [(lv, spr) for ts, lv, spr in st.episode if ts >= t - span]
+            if any(spr for _, spr in rows):
+                return None
+            stack = np.stack([lv for lv, _ in rows])
+            mean = _nanmean(list(stack))
+            candidate = np.where(np.isnan(mean), st.reference, mean)
+            if float(self._scores(stack, candidate).max()) >= self.limit:
+                continue  # still moving over this span (a longer one cannot be steadier)
+            if how == "settled" and not self._event_over(candidate, st):
+                continue  # never came back: only after hold_s
+            with np.errstate(invalid="ignore", divide="ignore"):
+                size = np.where(scale > 0, np.abs(candidate - st.reference) / scale, 0.0)
+            bound = np.where(self.recent, policy.max_settled, policy.max_shift) if how == "settled" \
+                else policy.max_shift
+            if (np.nan_to_num(size) > bound).any():
+                return None  # far out: an operator decides
+            return candidate, how, span
+        return None
+
+    def _event_over(self, candidate: Array, st: _Levels) -> bool:
+        """Whether the settled level ``candidate`` says the event behind the alarm is over: it
+        came back at least half-way from the alarm's largest deviation, or only drifting
+        signals (temperatures) are still off their level."""
+        assert st.reference is not None and self.limit is not None
+        if float(self._scores(candidate[None, :], st.reference)[0]) <= 0.5 * st.peak:
+            return True
+        others = np.where(self.recent, st.reference, candidate)
+        return bool(self.recent.any()) and float(self._scores(others[None, :], st.reference)[0]) < self.limit
+
+    def _shift(self, st: _Levels, dev: str, index: int, how: str, new: Array, scale: Array | None,
+               settled_s: float) -> BaselineShift:
+        """Make ``new`` the device's baseline, end its alarm, and describe the change."""
+        recent = self.recent
+        if st.reference is not None:
+            before = st.reference
+        else:
+            before = (self.centre if st.base is None else st.base).copy()
+            before[recent] = st.held if st.held is not None else (
+                st.good if st.good is not None else self._recent_level(st)[0])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shift = (new - before) / scale if scale is not None else np.full(len(new), np.nan)
+        st.base = new.copy()
+        st.good = new[recent].copy()
+        st.means.clear()
+        st.alarm, st.held, st.reference, st.episode, st.over, st.peak = False, None, None, None, 0, 0.0
+        return BaselineShift(index, dev, how, tuple(int(c) for c in self.columns), tuple(before.tolist()),
+                             tuple(new.tolist()), tuple(np.where(np.isfinite(shift), shift, np.nan).tolist()),
+                             settled_s)
+
+    def rebaseline(self, state: dict[str, Any], device_id: str) -> BaselineShift | None:
+        """An operator accepts a device's current state as its normal: the mean of its
+        latest ``back`` non-overlapping windows becomes its baseline (level and spread), and
+        any alarm the chart holds ends. None when the device has no scored window yet."""
+        st = state.get(device_id)
+        if st is None or not st.last:
+            return None
+        rows = [st.last[-1 - self.spacing * j] for j in range(self.back) if len(st.last) > self.spacing * j]
+        mean = _nanmean(rows)
+        current = (self.centre if st.base is None else st.base).copy()
+        current[self.recent] = st.held if st.held is not None else self._recent_level(st)[0]
+        new = np.where(np.isnan(mean), current, mean)
+        if st.spreads and getattr(self, "spread_centre", None) is not None:
+            sb = max(getattr(self, "spread_back", 0), 0)
+            lv_rows = [st.spreads[-1 - self.spacing * j] for j in range(sb + 1) if len(st.spreads) > self.spacing * j]
+            lv = _nanmean(lv_rows)
+            base = self.spread_centre if st.spread_base is None else st.spread_base
+            assert base is not None
+            st.spread_base = np.where(np.isnan(lv), base, np.minimum(lv, base) if not self.spread_rise else lv)
+        if st.reference is None:
+            st.reference = current
+        return self._shift(st, device_id, -1, "operator", new, getattr(self, "level_scale", None), 0.0)
 
     def calibrate(self, X: Array, quantile: float) -> float:
         from scipy.stats import chi2

@@ -8,6 +8,7 @@ no I/O; the caller stores and publishes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from itap_stream.core.batch import BatchWindows
+from itap_stream.core.detectors import BaselinePolicy, BaselineShift
 from itap_stream.core.drift import DriftMonitor, drift_alert
 from itap_stream.core.explain import Explanation, explain
 from itap_stream.core.features import extract, feature_families, feature_names
@@ -31,8 +33,8 @@ from itap_stream.core.window import DROP_REASONS, FleetWindows, WindowBatch
 from itap_stream.errors import SchemaMismatch
 
 __all__ = [
-    "Assessment", "BatchResult", "Processor", "TableResult", "assess", "check_compatible", "quiet_windows",
-    "raw_anomalies", "score_table", "settling_windows",
+    "Assessment", "BatchResult", "Processor", "TableResult", "assess", "baseline_alert", "check_compatible",
+    "quiet_windows", "raw_anomalies", "score_table", "settling_windows",
 ]
 
 #: Windows whose last reading is in one of these states are scored but never anomalous.
@@ -132,8 +134,11 @@ class Processor:
         health: SensorHealth | None = None,
         reorder_tolerance_s: float = 0.0,
         max_clock_skew_s: float | None = None,
+        baseline: BaselinePolicy | None = None,
     ) -> None:
         check_compatible(artifact, schema, window, hop)
+        #: when the mean-shift chart takes a settled deviation as a device's new baseline (None: never)
+        self.baseline = baseline
         self.reorder = Reorderer(reorder_tolerance_s)
         self.max_clock_skew_s = max_clock_skew_s
         self.drift = drift
@@ -147,6 +152,7 @@ class Processor:
         self.alarm_k, self.alarm_n = alarm_k, alarm_n
         self._alarm_state: dict[str, int] = {}
         self._detector_state: dict[str, Any] = {}  # per device, for detectors that score in sequence
+        self._last_end: dict[str, float] = {}  # per device, the end of its latest window (event time)
 
     @property
     def artifact(self) -> Artifact:
@@ -171,7 +177,9 @@ class Processor:
         # than that needs the readings since it began: replay up to REPLAY_READINGS more
         return self.windows.window + det.spacing * det.back * self.windows.hop + REPLAY_READINGS
 
-    def restore(self, recent: dict[str, tuple[list[Reading], int]]) -> int:
+    def restore(
+        self, recent: dict[str, tuple[list[Reading], int]], rebaselines: dict[str, list[float]] | None = None
+    ) -> int:
         """Refill the device windows from stored readings after a restart (see
         `FleetWindows.restore`); returns the devices restored. Windows then close where
         they would have without the restart, and readings delivered again count as duplicates.
@@ -179,8 +187,10 @@ class Processor:
         Given more readings than a window (`restore_depth`), the windows they closed are
         scored again, silently, to rebuild the detector's per-device history and the alarm
         smoothing, so the next windows score as in an uninterrupted run (unless an alarm the
-        detector holds began before the replayed readings). Called for a device already
-        running (a model reload), it only replays."""
+        detector holds began before the replayed readings). ``rebaselines`` (per device, the
+        event times of operators' rebaselines, from the stored ``baseline_shift`` events) are
+        applied again where they fall in the replay, or after its first window when they are
+        older. Called for a device already running (a model reload), it only replays."""
         window, hop = self.windows.window, self.windows.hop
         for device_id, (readings, count) in recent.items():
             self.windows.restore(device_id, readings[-window:], count)
@@ -191,13 +201,47 @@ class Processor:
                     if first + i >= window and (first + i - window) % hop == 0]
             if not ends:
                 continue
-            values = np.array([[r.values for r in readings[i - window + 1 : i + 1]] for i in ends], dtype=np.float64)
-            states = np.array([[STATES.index(r.state) for r in readings[i - window + 1 : i + 1]] for i in ends],
-                              dtype=np.int8)
-            last_states = [readings[i].state for i in ends]
-            assess(self.artifact, extract(values, states), [device_id] * len(ends), last_states, self._alarm_state,
-                   self.alarm_k, self.alarm_n, self._names, self._families, detector_state=self._detector_state)
+            times = [readings[i].ts for i in ends]
+            cuts = sorted({max(1, int(np.searchsorted(times, t, side="right")))
+                           for t in (rebaselines or {}).get(device_id, [])})
+            start = 0
+            for cut in cuts:  # replay up to each rebaseline, apply it, go on
+                self._replay(device_id, readings, ends[start:cut])
+                self._last_end[device_id] = times[cut - 1]
+                self.rebaseline(device_id, times[cut - 1])
+                start = cut
+            if start < len(ends):
+                self._replay(device_id, readings, ends[start:])
+            self._last_end[device_id] = times[-1]
         return len(recent)
+
+    def _replay(self, device_id: str, readings: list[Reading], ends: list[int]) -> None:
+        """Score the windows ending at readings ``ends`` again, silently (`restore`)."""
+        if not ends:
+            return
+        window = self.windows.window
+        values = np.array([[r.values for r in readings[i - window + 1 : i + 1]] for i in ends], dtype=np.float64)
+        states = np.array([[STATES.index(r.state) for r in readings[i - window + 1 : i + 1]] for i in ends],
+                          dtype=np.int8)
+        last_states = [readings[i].state for i in ends]
+        # baseline shifts replay too (their events were published the first time)
+        assess(self.artifact, extract(values, states), [device_id] * len(ends), last_states, self._alarm_state,
+               self.alarm_k, self.alarm_n, self._names, self._families, detector_state=self._detector_state,
+               times=[readings[i].ts for i in ends], baseline=self.baseline)
+
+    def rebaseline(self, device_id: str, at: float) -> Alert | str:
+        """An operator accepts a device's current state as its normal (`MeanShiftDetector.rebaseline`):
+        the ``baseline_shift`` event, or why it cannot be done."""
+        det = self.artifact.detector
+        if not hasattr(det, "rebaseline"):
+            return (f"the model's detector ({getattr(det, 'name', type(det).__name__)}) keeps no per-device baseline; "
+                    "retrain with `itap train` on data of the new normal instead")
+        ev = det.rebaseline(self._detector_state, device_id)
+        if ev is None:
+            return f"no scored window of device {device_id} since the model was loaded: nothing to take as its normal"
+        self._alarm_state[device_id] = 0  # the smoothing forgets the alarm too
+        end = self._last_end.get(device_id, at)  # event time: where in the device's readings it happened
+        return baseline_alert(ev, self.schema, end, end, "", 0.0)
 
     @property
     def held(self) -> int:
@@ -237,17 +281,23 @@ class Processor:
         result.windows = batch
         if not len(batch):
             return result
+        self._last_end.update(zip(batch.device_ids, batch.end_ts.tolist(), strict=True))
         states = result.states = batch.last_states
         if health is not None:
             result.alerts.extend(health.windows(batch.device_ids, batch.values, states, batch.start_ts.tolist(),
                                                 batch.end_ts.tolist()))
         X = extract(batch.values, batch.states)
         a = assess(self.artifact, X, batch.device_ids, states, self._alarm_state, self.alarm_k, self.alarm_n,
-                   self._names, self._families, detector_state=self._detector_state)
+                   self._names, self._families, detector_state=self._detector_state, times=batch.end_ts,
+                   baseline=self.baseline)
         result.features, result.scores, result.is_anomaly, result.confidence = X, a.scores, a.flags, a.confidence
         result.explanations = a.explanations
         scored = scored_windows(batch.device_ids, batch.start_ts, batch.end_ts, states, a, batch.tags)
         alerts = self.engine.evaluate(scored)
+        for ev in a.baseline_events:
+            i = ev.index
+            alerts.append(baseline_alert(ev, self.schema, float(batch.start_ts[i]), float(batch.end_ts[i]), states[i],
+                                         float(a.scores[i])))
         if health is not None and health.settings.decommissioned:
             gone = health.settings.decommissioned
             alerts = [al for al in alerts if al.device_id not in gone]
@@ -268,6 +318,7 @@ class Assessment:
     flags: npt.NDArray[np.bool_]
     confidence: npt.NDArray[np.float64]
     explanations: dict[int, Explanation]
+    baseline_events: list[BaselineShift] = field(default_factory=list)
 
 
 def quiet_windows(
@@ -317,12 +368,24 @@ def raw_anomalies(
 
 
 def score_in_order(
-    detector: Any, X: npt.NDArray[np.float64], device_ids: Sequence[str], state: dict[str, Any]
+    detector: Any,
+    X: npt.NDArray[np.float64],
+    device_ids: Sequence[str],
+    state: dict[str, Any],
+    *,
+    times: npt.ArrayLike | None = None,
+    baseline: BaselinePolicy | None = None,
+    events: list[BaselineShift] | None = None,
 ) -> npt.NDArray[np.float64]:
     """Scores of windows in event order per device: a detector with a per-device history
-    (``score_sequence``, the mean-shift chart's drifting signals) carries it in ``state``."""
+    (``score_sequence``, the mean-shift chart's drifting signals) carries it in ``state``,
+    and with ``times`` and a ``baseline`` policy moves a device's baseline (into ``events``)."""
     seq = getattr(detector, "score_sequence", None)
-    return seq(X, device_ids, state) if seq is not None else detector.score(X)
+    if seq is None:
+        return detector.score(X)
+    if baseline is None or times is None:
+        return seq(X, device_ids, state)
+    return seq(X, device_ids, state, times=np.asarray(times, dtype=np.float64), policy=baseline, events=events)
 
 
 def assess(
@@ -338,13 +401,20 @@ def assess(
     scores: npt.NDArray[np.float64] | None = None,
     *,
     detector_state: dict[str, Any] | None = None,
+    times: npt.ArrayLike | None = None,
+    baseline: BaselinePolicy | None = None,
+    events: list[BaselineShift] | None = None,
 ) -> Assessment:
     """Score feature rows, smooth per device (windows in event order per device), explain the anomalies.
 
-    The stream (`Processor`) and the batch path (`score_table`) both decide through here.
+    The stream (`Processor`) and the batch path (`score_table`) both decide through here;
+    ``times`` (window ends) and ``baseline`` let the chart move a device's baseline
+    (`Assessment.baseline_events`; given ``scores``, the caller passes the ``events`` it got).
     """
+    events = [] if events is None else events
     if scores is None:
-        scores = score_in_order(artifact.detector, X, device_ids, {} if detector_state is None else detector_state)
+        scores = score_in_order(artifact.detector, X, device_ids, {} if detector_state is None else detector_state,
+                                times=times, baseline=baseline, events=events)
     raw = raw_anomalies(artifact, scores, X, last_states, names)
     flags = smooth(device_ids, raw, alarm_state, k=alarm_k, n=alarm_n)
     conf = confidence(scores, artifact.stats.calibration_scores)
@@ -353,7 +423,61 @@ def assess(
     if len(idx):
         exps = explain(X[idx], artifact.stats.mean, artifact.stats.std, names, families)
         explanations = dict(zip(idx.tolist(), exps, strict=True))
-    return Assessment(scores, flags, conf, explanations)
+    return Assessment(scores, flags, conf, explanations, events)
+
+
+def baseline_alert(
+    ev: BaselineShift, schema: SensorSchema, start: float, end: float, state: str, score: float
+) -> Alert:
+    """The ``baseline_shift`` event as an alert record (status ``event``: it neither fires nor
+    resolves): which signals moved, by how many training std, from what to what."""
+    names = feature_names(schema)
+    family = {s.name: s.family for s in schema.signals}
+    unit = {s.name: s.unit for s in schema.signals}
+    moved = []
+    for col, b, a, z in zip(ev.columns, ev.before, ev.after, ev.shift_sd, strict=True):
+        sig = names[col].removesuffix("_mean")
+        moved.append((sig, b, a, z))
+    moved.sort(key=lambda x: -abs(x[3]) if np.isfinite(x[3]) else 0.0)
+    # the signals that moved (half a training std or more), at least the one that moved most
+    shown_sigs = [x for x in moved if not np.isfinite(x[3]) or abs(x[3]) >= 0.5] or moved[:1]
+    shown = ", ".join(
+        f"{sig} {b:.4g} -> {a:.4g}{(' ' + unit[sig]) if unit.get(sig) else ''}"
+        + (f" ({z:+.1f} std)" if np.isfinite(z) else "")
+        for sig, b, a, z in shown_sigs[:4]
+    )
+    why = {
+        "settled": (f"after the alarm the readings came back part of the way and have not changed for "
+                    f"{ev.settled_s / 60:.0f} min: the settled state is taken as the device's new normal"),
+        "held": (f"a small shift that has not changed for {ev.settled_s / 60:.0f} min is taken as the device's new "
+                 "normal"),
+        "operator": "an operator accepted the device's current state as its new normal",
+    }[ev.how]
+    weights = {sig: abs(z) for sig, _b, _a, z in moved if np.isfinite(z)}
+    total = sum(weights.values())
+    families: dict[str, float] = {}
+    for sig, w in weights.items():
+        families[family[sig]] = families.get(family[sig], 0.0) + (w / total if total else 0.0)
+    return Alert(
+        id=hashlib.sha1(f"{ev.device_id}|baseline_shift|{end!r}|{ev.how}".encode(),
+                        usedforsecurity=False).hexdigest()[:16],
+        rule="baseline_shift",
+        severity="INFO",
+        device_id=ev.device_id,
+        state=state,
+        window_start=start,
+        window_end=end,
+        score=score,
+        confidence=0.0,
+        root_cause=f"baseline shift ({ev.how}): {why}; {shown}. Retrain with `itap train` if this is not normal",
+        families={k: round(v, 4) for k, v in families.items()},
+        top_features=[(f"{sig}_mean", round(float(z), 3)) for sig, _b, _a, z in moved if np.isfinite(z)][:5],
+        route="engineering",
+        status="event",
+        fired_at=end,
+        changed_at=end,
+        note=ev.how,
+    )
 
 
 def scored_windows(
@@ -397,6 +521,7 @@ def score_table(
     map_fn: Callable[..., Iterable[Any]] = map,
     block: int = 2048,
     drift: DriftMonitor | None = None,
+    baseline: BaselinePolicy | None = None,
 ) -> TableResult:
     """The batch path: the same scoring, smoothing, explanations and rules as `Processor`,
     applied to all windows of a recording at once (windows are smoothed per device in
@@ -408,14 +533,16 @@ def score_table(
     order = np.lexsort((windows.end_ts, pd.factorize(windows.device_ids)[0])) if n else np.zeros(0, dtype=np.intp)
     X = windows.features[order]
     dev_sorted = [dev[i] for i in order.tolist()]
+    events: list[BaselineShift] = []
     if hasattr(artifact.detector, "score_sequence"):  # a per-device history: one pass in order
-        scores = score_in_order(artifact.detector, X, dev_sorted, {})
+        scores = score_in_order(artifact.detector, X, dev_sorted, {}, times=windows.end_ts[order], baseline=baseline,
+                                events=events)
     else:
         blocks = list(map_fn(artifact.detector.score, [X[i : i + block] for i in range(0, n, block)]))
         scores = np.concatenate(blocks) if blocks else np.zeros(0)
     a_sorted = assess(
         artifact, X, dev_sorted, [states[i] for i in order.tolist()], {},
-        alarm_k, alarm_n, feature_names(schema), feature_families(schema), scores=scores,
+        alarm_k, alarm_n, feature_names(schema), feature_families(schema), scores=scores, events=events,
     )
     # back to the input order of the windows
     inv = np.empty(n, dtype=np.intp)
@@ -435,11 +562,17 @@ def score_table(
     relevant = windows.end_ts >= first[codes]
     by_time = [i for i in np.argsort(windows.end_ts, kind="stable").tolist() if relevant[i]]
     alerts = engine.evaluate(scored_windows(dev, windows.start_ts, windows.end_ts, states, a, windows.tags, by_time))
+    if events:
+        for ev in events:
+            j = int(order[ev.index])
+            alerts.append(baseline_alert(ev, schema, float(windows.start_ts[j]), float(windows.end_ts[j]), states[j],
+                                         float(a.scores[j])))
+        alerts.sort(key=lambda al: al.window_end)
     if drift is not None and n:
         t_order = np.argsort(windows.end_ts, kind="stable")
         quiet = quiet_windows(windows.features, states, feature_names(schema))[t_order]
-        events = drift.update([dev[i] for i in t_order.tolist()], a.scores[t_order], a.flags[t_order],
+        drifts = drift.update([dev[i] for i in t_order.tolist()], a.scores[t_order], a.flags[t_order],
                               windows.end_ts[t_order], threshold=artifact.threshold, quiet=quiet)
-        if events:
-            alerts = sorted([*alerts, *(drift_alert(e) for e in events)], key=lambda al: al.window_end)
+        if drifts:
+            alerts = sorted([*alerts, *(drift_alert(e) for e in drifts)], key=lambda al: al.window_end)
     return TableResult(windows, a, alerts)

@@ -469,6 +469,14 @@ class RuleEngine:
         return dataclasses.replace(alert, status=status, changed_at=t, window_start=w.start_ts, window_end=w.end_ts,
                                    score=w.score, note=note)
 
+    def find_open(self, alert_id: str) -> Alert | None:
+        """The open alert with this id, or None."""
+        for dev in self._devices.values():
+            for alert in dev.open.values():
+                if alert.id == alert_id:
+                    return alert
+        return None
+
     def acknowledge(self, alert_id: str, at: float, note: str = "") -> Alert | None:
         """Acknowledge an open alert: no reminders until it resolves. Returns the
         ``acknowledged`` transition, or None when no open alert has that id."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -490,3 +491,92 @@ def test_hot_reload_of_rules_sensor_ranges_and_model_keeps_the_old_one_when_the_
     finally:
         consumer.stop()
         thread.join(20)
+
+
+def test_itap_ack_rebaseline_makes_a_plateau_the_devices_new_normal(settings, tmp_path, capsys):
+    """Issue 15, point 2: a plateaued overheat stays alarmed (far out: no automatic baseline
+    shift); `itap ack ID --rebaseline` accepts it, a baseline_shift event is published, stored
+    and counted, the device's alarm ends and its alert resolves as the plateau goes on."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from itap_stream.adapters import artifacts
+    from itap_stream.app.offline import train_from_frame
+    from itap_stream.cli import main
+    from itap_stream.core.schema import SensorSchema
+
+    spec = {"signals": [{"name": "motor_temp", "family": "Temperature", "unit": "degC", "min": -40, "max": 250},
+                        {"name": "pressure", "family": "Pressure", "unit": "bar", "min": -5, "max": 30}]}
+    (tmp_path / "sensors.yaml").write_text(yaml.safe_dump(spec))
+    rng = np.random.default_rng(8)
+    n, t0 = 2400, time.time() - 3000.0
+    temp, pres = 60.0 + 0.05 * rng.normal(size=n), 2.0 + 0.02 * rng.normal(size=n)
+    temp[1000:] += 3.0  # 60 training std, and it stays there
+    frame = pd.DataFrame({"device_id": "rig", "ts": t0 + np.arange(n, dtype=float), "state": "RUN",
+                          "motor_temp": temp, "pressure": pres})
+    art, _ = train_from_frame(frame.iloc[:400], SensorSchema.from_dict(spec), window=32, hop=4)
+    artifacts.save(art, tmp_path / "rig.joblib")
+    settings = settings.replace(sensors_file=str(tmp_path / "sensors.yaml"), model_path=str(tmp_path / "rig.joblib"))
+    host, port = settings.broker_url.removeprefix("mqtt://").split(":")
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"rig-{time.monotonic_ns()}")
+    pub.connect(host, int(port))
+    pub.loop_start()
+
+    def send(lo, hi):
+        for i in range(lo, hi):
+            body = {"device_id": "rig", "ts": t0 + i, "state": "RUN", "seq": i,
+                    "motor_temp": round(float(temp[i]), 4), "pressure": round(float(pres[i]), 4)}
+            info = pub.publish(f"{settings.topic_prefix}/telemetry/rig", json.dumps(body), qos=1)
+        info.wait_for_publish(10)
+
+    sub = Subscriber(settings.broker_url, f"{settings.topic_prefix}/alerts/#")
+    metrics = Metrics()
+    consumer, thread = _start(settings, metrics)
+
+    def alerts(**match):
+        got = [json.loads(p) for _t, p, _r in sub.messages]
+        return [a for a in got if all(a.get(k) == v for k, v in match.items())]
+
+    try:
+        send(400, 1600)
+        assert _wait(lambda: metrics.sample("itap_readings_received_total") >= 1200)
+        assert _wait(lambda: alerts(status="firing"))
+        fired = alerts(status="firing")[0]
+        args = ["--broker", settings.broker_url, "--timeout", "10"]
+        assert main(["ack", fired["id"], "--rebaseline", "--note", "new seal, runs warmer", "--by", "bob", *args]) == 0
+        out = capsys.readouterr().out
+        assert f"alert {fired['id']} acknowledged" in out and "new normal (baseline_shift event" in out
+        assert _wait(lambda: alerts(rule="baseline_shift"), 10)
+        [shift] = alerts(rule="baseline_shift")
+        assert shift["status"] == "event" and shift["note"] == "operator bob: new seal, runs warmer"
+        before, after = map(float, re.search(r"motor_temp ([\d.]+) -> ([\d.]+) degC \(\+\d+\.\d std\)",
+                                             shift["root_cause"]).groups())
+        assert (before, after) == (pytest.approx(60.0, abs=0.05), pytest.approx(63.0, abs=0.05))
+        assert metrics.sample("itap_baseline_shifts_total", how="operator") == 1
+        anomalies_before = metrics.sample("itap_anomalies_total", family="Temperature")
+        send(1600, 2000)
+        assert _wait(lambda: metrics.sample("itap_readings_received_total") >= 1600)
+        assert _wait(lambda: alerts(status="resolved", id=fired["id"]), 15)
+        assert metrics.sample("itap_anomalies_total", family="Temperature") <= anomalies_before + 3
+        # a restart applies the stored rebaseline again: the plateau stays normal
+        consumer.stop()
+        thread.join(20)
+        metrics = Metrics()
+        consumer, thread = _start(settings, metrics)
+        firing_before = len(alerts(status="firing"))
+        send(2000, n)
+        assert _wait(lambda: metrics.sample("itap_readings_received_total") >= n - 2000)
+        assert _wait(lambda: metrics.sample("itap_windows_scored_total") >= (n - 2000) // 4 - 1)
+        assert metrics.sample("itap_anomalies_total", family="Temperature") == 0
+        assert len(alerts(status="firing")) == firing_before
+    finally:
+        consumer.stop()
+        thread.join(20)
+        sub.close()
+        pub.loop_stop()
+        pub.disconnect()
+    db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
+    stored = db.execute("SELECT status, device_id FROM alerts WHERE rule = 'baseline_shift'").fetchall()
+    db.close()
+    assert stored == [("event", "rig")]

@@ -258,6 +258,10 @@ COMMANDS = [
     ("reload", {"parts": ["model"], "model_path": "/tmp/elsewhere/e.joblib"}),
     ("ack", {"alert_id": ["x"]}),
     ("ack", {"alert_id": "x" * 10_000}),
+    ("ack", {"alert_id": "x", "rebaseline": "yes"}),
+    ("rebaseline", {"device_id": {"a": 1}}),
+    ("rebaseline", {"device_id": "x" * 10_000}),
+    ("rebaseline", {"device_id": "D1", "note": ["x"] * 1000}),
     ("nope", {}),
 ]
 
