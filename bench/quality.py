@@ -46,7 +46,7 @@ def one_seed(seed: int, devices: int, hours: float, settings: Any, artifact: Any
     result = score_frame(
         frame, schema, artifact, settings.rule_engine(),
         window=settings.window, hop=settings.hop, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
-        drift_delta=settings.drift_delta,
+        drift_delta=settings.drift_delta, baseline=settings.baseline_policy(),
     )
     bw, a = result.windows, result.assessment
     # root cause: the likeliest fault class each anomaly alert names, against the fault the

@@ -117,12 +117,18 @@ def _ar1(rng: np.random.Generator, n: int, phi: float, std: float) -> np.ndarray
 #: faults, a warm-up of 2-10 degC (4-20 on the motor); its point-wise T² (F1 0.62-0.71) is
 #: the closest to the real bed's. ``drifting``: the same faults, and every other signal also
 #: settles by 8-32 std over a run (time constant 10-40 min): a failure case, see bench/README.md.
+#: ``settling`` (issue 15, behaviour 1): the faults of ``harsh``, then 7-13 minutes of normal
+#: operation in which the process does not return to where it was: from the fault's start the
+#: motor temperature moves 1.5-3 degC away (as on the real bed; time constant 1-4 minutes) and
+#: stays there, and every other signal the fault moved keeps 15-35 % of its shift.
 PROFILES: dict[str, dict[str, Any]] = {
     "published": {"subtle_share": 1.0, "subtle": (0.75, 3.0), "clear": (3.0, 8.0), "warmup_std": (1.0, 4.0)},
     "harsh": {"subtle_share": 0.4, "subtle": (1.5, 3.0), "clear": (3.0, 8.0), "warmup_abs": (0.3, 4.0)},
     "drifting": {"subtle_share": 0.4, "subtle": (1.5, 3.0), "clear": (3.0, 8.0), "warmup_std": (64.0, 256.0),
                  "settle_std": (8.0, 32.0)},
     "hot": {"subtle_share": 0.4, "subtle": (1.5, 3.0), "clear": (3.0, 8.0), "warmup_abs": (2.0, 10.0)},
+    "settling": {"subtle_share": 0.4, "subtle": (1.5, 3.0), "clear": (3.0, 8.0), "warmup_abs": (0.3, 4.0),
+                 "post": (420, 780), "residual": (0.15, 0.35), "residual_motor_abs": (1.5, 3.0)},
 }
 
 
@@ -133,6 +139,9 @@ def make_run(
     prof = PROFILES[profile_name]
     while True:  # 900-1400 readings: 400 + 100-400 normal, 180-480 fault, 0-200 normal
         ext, flen = int(rng.integers(100, 401)), int(rng.integers(180, 481))
+        if "post" in prof:  # a long normal part after the fault (no length bound)
+            post = int(rng.integers(*prof["post"]))
+            break
         post = 0 if rng.random() < 0.25 else int(rng.integers(1, 201))
         if 900 <= N_TRAIN + ext + flen + post <= 1400:
             break
@@ -171,6 +180,13 @@ def make_run(
                 x += settle * (1 - np.exp(-t / rng.uniform(600, 2400)))
         shift, extra = EFFECTS[fault_kind].get(role, (0.0, 0.0))
         x += magnitude * std * (shift * profile + extra * profile * rng.standard_t(6, n) / np.sqrt(1.5))
+        if "residual" in prof:  # after the fault the process settles a little away from where it was
+            if role == "temp_motor":  # moves from the fault's start, settling with a time constant of 1-4 min
+                tau = rng.uniform(60.0, 240.0)
+                x[f0:] += rng.choice([-1, 1]) * rng.uniform(*prof["residual_motor_abs"]) * (
+                    1 - np.exp(-(t[f0:] - f0) / tau))
+            else:
+                x[f1:] += rng.uniform(*prof["residual"]) * magnitude * std * shift
         spikes = rng.random(n) < 1 / (500 * len(spec))  # ~1 spike per 500 readings over all signals
         x[spikes] += rng.choice([-1, 1], spikes.sum()) * rng.uniform(4, 10, spikes.sum()) * std
         if quantum:
@@ -337,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=20261126)
     p.add_argument("--profile", choices=sorted(PROFILES), default="published",
                    help="published (default): small faults; harsh: clear faults, warm-up; hot: a stronger warm-up; "
-                        "drifting: every signal settles for minutes")
+                        "drifting: every signal settles for minutes; settling: after the fault the process settles "
+                        "a little away for 7-13 minutes")
     p.add_argument("--detectors", default="auto,isolation_forest,pca,hst,ensemble",
                    help="comma list, passed as `itap train --detector NAME` (default: all)")
     p.add_argument("--train-args", default="", help="extra `itap train` arguments (one string)")
