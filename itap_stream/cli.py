@@ -14,7 +14,7 @@ from typing import Any
 from itap_stream import __version__
 from itap_stream.config import Settings, load
 from itap_stream.core.readings import parse_ts
-from itap_stream.core.rules import parse_duration
+from itap_stream.core.rules import iso, parse_duration
 from itap_stream.errors import ConfigError, ItapError
 
 __all__ = ["main"]
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedded-broker", action="store_true", help="force the pure-Python broker")
     p.add_argument("--workdir", default="itap-demo", help="where the database, model and summary go")
     p.add_argument("--model", help="model artifact to use (trained there when missing)")
+    p.add_argument("--keep-open", action="store_true",
+                   help="keep serving the dashboard and /metrics after the summary, until Ctrl-C")
 
     p = sub.add_parser("run", help="the long-running consumer service", epilog=EPILOGS["run"], formatter_class=fmt)
     _common(p)
@@ -165,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fault-onset", default="40%", help="default onset: seconds/duration or a percentage of the run")
     p.add_argument("--out", help="write a CSV here instead of publishing")
+    p.add_argument("--start", help="event time of the first reading: RFC 3339, epoch seconds or `now`; default: "
+                                   "2026-01-01T00:00:00Z with --out (reproducible files), else now (ending now when "
+                                   "faster than real time, so no reading lies in the future)")
     _broker_options(p)
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
 
@@ -257,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
         if sname == "remove":
             sp.add_argument("silence_id", help="the id `itap silence add` or `list` printed")
         if sname == "add":
-            sp.add_argument("--device", help="device id or shell pattern (DEV-00*); default all")
-            sp.add_argument("--rule", help="rule name or pattern (signal_*); default all")
+            sp.add_argument("--device", help="device id or shell pattern (DEV-00*)")
+            sp.add_argument("--rule", help="rule name or pattern (signal_*)")
             sp.add_argument("--family", help="only alerts whose dominant family is this")
             sp.add_argument("--severity", help="only this severity (INFO, WARNING, CRITICAL)")
             sp.add_argument("--duration", type=_seconds(), help="from now (or --start) for this long, e.g. 2h")
@@ -268,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--at", default="00:00", help="weekly start, HH:MM UTC")
             sp.add_argument("--hours", type=_number(most=168), default=0.0, help="weekly length in hours (up to 168)")
             sp.add_argument("--comment", default="", help="why (stored with the silence)")
+            sp.add_argument("--all", action="store_true",
+                            help="silence every device and rule (needed when no --device/--rule/--family/--severity)")
 
     p = sub.add_parser("rules", help="alert rules tools: `itap rules test` (dry-run a candidate rules file)",
                        epilog=EPILOGS["rules"], formatter_class=fmt)
@@ -392,6 +399,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         broker_url=args.broker,
         broker_kind="embedded" if args.embedded_broker else "auto",
         workdir=args.workdir,
+        keep_open=args.keep_open,
     )
     return 0
 
@@ -458,11 +466,22 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             msg = f"fault {spec!r}: {exc}"
             raise ConfigError(msg) from None
+    from simulator.generator import DEFAULT_START_TS
+
+    if args.start is None:
+        # a file is reproducible from its seed; live readings carry the time they are sent at
+        start_ts = DEFAULT_START_TS if args.out else float(math.floor(time.time()))
+        if not args.out and (args.speed == 0 or args.speed > 1):
+            start_ts -= duration  # faster than real time: the run ends now instead of in the future
+    elif args.start.strip().lower() == "now":
+        start_ts = float(math.floor(time.time()))
+    else:
+        start_ts = _time_arg(args.start, "--start") or 0.0
     t0 = time.perf_counter()
     if args.out:
         print(f"[{0.0:6.1f}s] simulating {args.devices} devices for {duration:,.0f} s ...", file=sys.stderr, flush=True)
     try:
-        sim = simulate(args.devices, duration, seed=args.seed, faults=faults)
+        sim = simulate(args.devices, duration, seed=args.seed, faults=faults, start_ts=start_ts)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     desc = ", ".join(f"{f.kind}@{f.device}" for f in faults) or "no faults"
@@ -474,13 +493,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     steps = len(sim.ts)
 
+    tty = sys.stderr.isatty()  # in a log, one line per step instead of carriage returns
+    print(f"publishing {args.devices} devices from {iso(start_ts)} ({duration:,.0f} s of event time) to "
+          f"{settings.broker_url}", file=sys.stderr, flush=True)
+
     def progress(step: int, total: int) -> None:
         if step == total or step % max(1, total // 20) == 0:
-            print(f"\rpublished {step}/{steps} steps", end="", file=sys.stderr, flush=True)
+            print(f"\rpublished {step}/{steps} steps" if tty else f"published {step}/{steps} steps",
+                  end="" if tty else "\n", file=sys.stderr, flush=True)
 
     n = publish(sim, settings.broker_url, topic_prefix=settings.topic_prefix, speed=args.speed, qos=args.qos,
                 progress=progress, auth=settings.broker_auth())
-    print(f"\npublished {n:,} readings of {args.devices} devices ({desc}) to {settings.broker_url}")
+    print(("\n" if tty else "")
+          + f"published {n:,} readings of {args.devices} devices ({desc}) to {settings.broker_url}")
     return 0
 
 
@@ -767,6 +792,8 @@ def _cmd_silence(args: argparse.Namespace) -> int:
                 body[key] = getattr(args, key)
         if args.weekly:
             body.update(weekly=[d.strip() for d in args.weekly.split(",") if d.strip()], at=args.at, hours=args.hours)
+        if args.all:
+            body["all"] = True
     elif args.silence_command == "remove":
         body = {"action": "remove", "id": args.silence_id}
     else:
@@ -775,15 +802,16 @@ def _cmd_silence(args: argparse.Namespace) -> int:
     if not answer.get("ok"):
         print(f"itap silence {args.silence_command}: {answer.get('reason', 'refused')}", file=sys.stderr)
         return 1
+    from itap_stream.core.silence import describe
+
     if args.silence_command == "add":
         s = answer["silence"]
-        print(f"silence {s['id']} added: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "id"))
+        print(f"silence {s['id']} added: {describe(s)}")
     elif args.silence_command == "remove":
         print(f"silence {args.silence_id} removed")
     else:
         items = answer.get("silences", [])
-        print("\n".join(f"{s['id']}  " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "id") for s in items)
-              or "no silences")
+        print("\n".join(f"{s['id']}  {describe(s)}" for s in items) or "no silences")
     return 0
 
 

@@ -70,6 +70,7 @@ class Settings:
     signal_stuck_readings: int = 32
     devices_file: str = ""
     silences_file: str = ""
+    silence_max: float = 604_800.0  # the longest silence an operator may add (seconds; 7 days)
     webhook_url: str = ""
     webhook_format: str = "json"
     webhook_timeout: float = 5.0
@@ -92,6 +93,8 @@ class Settings:
     min_ts: float = 946_684_800.0  # 2000-01-01T00:00:00Z: older timestamps are bad_ts
     max_readings_per_message: int = 10_000
     max_devices: int = 100_000
+    gap_event_readings: int = 10  # a jump in a device's seq of this many readings is a data_gap event; 0 = none
+    summary_interval: float = 60.0  # seconds between `itap run`'s one-line summaries in the log; 0 = none
     stall_timeout: float = 120.0  # seconds a thread may make no progress while work waits; then the process exits
     http_allowed_hosts: str = ""  # Host header values the HTTP server answers besides its own address and localhost
     http_threads: int = 8  # connections served at once; more wait in the listen queue

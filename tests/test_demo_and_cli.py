@@ -49,6 +49,7 @@ def test_demo_with_embedded_broker(tmp_path):
 
 def _check_demo(out, work):
     assert "training on 2 h of simulated normal operation" in out
+    assert "[demo] dashboard: http://127.0.0.1:" in out and "/metrics" in out  # issue 16, point 6
     assert "fleet:" in out and "database:" in out and "model:" in out
     summary = json.loads((work / "summary.json").read_text())
     assert summary["readings_stored"] == summary["readings_published"] > 0

@@ -61,6 +61,14 @@ class Metrics:
             "itap_commands", "Commands received on the command topic, by command and result", ["command", "result"],
             registry=r,
         )
+        self.gaps = Counter(
+            "itap_readings_gap", "readings devices numbered (seq) that never arrived (jumps in seq)", registry=r,
+        )
+        self.broker_dropped = Gauge(
+            "itap_broker_dropped_messages", "the broker's own count of messages it dropped "
+            "($SYS/broker/publish/messages/dropped on mosquitto; -1 until the broker reports it)", registry=r,
+        )
+        self.broker_dropped.set(-1)
         self.baseline_shifts = Counter(
             "itap_baseline_shifts", "baseline_shift events (a settled deviation became a device's normal), by how: "
             "settled, held or operator", ["how"], registry=r,
@@ -111,6 +119,10 @@ class Metrics:
     def sample(self, name: str, **labels: str) -> float:
         """Current value of a sample, e.g. ``sample("itap_readings_processed_total")``."""
         return self.registry.get_sample_value(name, labels or None) or 0.0
+
+    def total(self, name: str) -> float:
+        """The sum of a metric's samples over all its labels (``itap_anomalies_total`` of every family)."""
+        return float(sum(s.value for m in self.registry.collect() for s in m.samples if s.name == name))
 
     def set_model(self, info: dict[str, Any]) -> None:
         self.model.info({k: str(v) for k, v in info.items()})

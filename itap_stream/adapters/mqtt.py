@@ -297,6 +297,7 @@ class MqttLink:
         session_expiry_s: float = 86400.0,
         receive_max: int = 10_000,
         outbox_max: int = 100_000,
+        watch: dict[str, Callable[[bytes], None]] | None = None,
     ) -> None:
         self.address: BrokerAddress = parse_broker_url(url)
         self._announce = announce  # publish ``birth`` on (re)connect; False until `announce()`
@@ -343,6 +344,10 @@ class MqttLink:
         self.client = c
         self.keepalive = keepalive
         self.refusal: str | None = None  # why the broker refused the connection, if it did
+        #: topics read on the side (QoS 0, each (re)connect), each payload handed to its
+        #: callback in paho's thread; a refused one is logged, never fatal
+        self.watch = dict(watch or {})
+        self._watch_mids: set[int] = set()
 
     # -- callbacks: no logic beyond bookkeeping and enqueueing
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
@@ -368,6 +373,10 @@ class MqttLink:
                 client.subscribe(list(self.subscriptions))
         else:
             self.subscribed.set()
+        for topic in self.watch:
+            _rc, mid = client.subscribe(topic, qos=0)
+            if mid is not None:
+                self._watch_mids.add(mid)
         if self.birth is not None and self._announce:
             client.publish(self.birth.topic, self.birth.payload, qos=self.birth.qos, retain=self.birth.retain)
         self.connected.set()
@@ -376,6 +385,12 @@ class MqttLink:
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
         bad = [str(c) for c in codes if getattr(c, "is_failure", False) or getattr(c, "value", 0) >= 0x80]
+        if _mid in self._watch_mids:
+            self._watch_mids.discard(_mid)
+            if bad:
+                log.info("%s: the broker does not let us read %s (%s); not watched", self.client_id,
+                         ", ".join(self.watch), ", ".join(bad))
+            return
         if bad:
             self.refusal = f"subscription refused: {', '.join(bad)}"
             log.error("broker %s:%s refused the subscription to %s: %s", self.address.host, self.address.port,
@@ -403,6 +418,13 @@ class MqttLink:
             log.warning("%s disconnected from broker: %s (reconnecting with backoff)", self.client_id, rc)
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        seen = self.watch.get(msg.topic)
+        if seen is not None:
+            try:
+                seen(cast(bytes, msg.payload))
+            except Exception:  # noqa: BLE001 - a watched value must never stop the network thread
+                log.exception("%s: handling %s failed", self.client_id, msg.topic)
+            return
         if self.inbox is not None:
             if msg.retain:  # a retained copy sent on subscribe, not a new message
                 self._drop_retained(msg)

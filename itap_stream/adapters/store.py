@@ -40,7 +40,7 @@ DEVICES_FLUSH_S = 5.0
 #: Column widths of the dead-letter table (a hostile topic or device id is cut to fit).
 DEADLETTER_TOPIC_CHARS, DEADLETTER_REASON_CHARS, DEADLETTER_ID_CHARS = 256, 32, 128
 #: The parts of a `StoreBatch` that `StoreWriter` splits when the store refuses a row.
-BATCH_PARTS = ("readings", "windows", "anomalies", "alerts", "deadletters", "devices")
+BATCH_PARTS = ("readings", "windows", "anomalies", "alerts", "deadletters", "gaps", "devices")
 
 
 class StoreWriteError(StoreError):
@@ -99,11 +99,13 @@ class StoreBatch:
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     deadletters: list[dict[str, Any]] = field(default_factory=list)  # dead-letter bodies
+    gaps: list[dict[str, Any]] = field(default_factory=list)  # jumps in a device's seq (`core.window.Gap`)
     devices: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (first, last) ts
     on_commit: list[Any] = field(default_factory=list)  # callables run after the commit
 
     def __len__(self) -> int:
-        return len(self.readings) + len(self.windows) + len(self.anomalies) + len(self.alerts) + len(self.deadletters)
+        return (len(self.readings) + len(self.windows) + len(self.anomalies) + len(self.alerts)
+                + len(self.deadletters) + len(self.gaps))
 
 
 class Store:
@@ -208,6 +210,19 @@ class Store:
             # one row per transition: reminders repeat a status, at another time
             sa.UniqueConstraint("alert_id", "status", "changed_at", name="uq_alerts_id_status_at"),
         )
+        # readings a device numbered (seq) that never arrived: one row per jump
+        self.gaps = sa.Table(
+            "gaps",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("device_id", sa.String(128), nullable=False),
+            sa.Column("seq_before", sa.BigInteger, nullable=False),
+            sa.Column("seq_after", sa.BigInteger, nullable=False),
+            sa.Column("missing", sa.BigInteger, nullable=False),
+            sa.Column("ts_before", sa.Float, nullable=False),
+            sa.Column("ts_after", sa.Float, nullable=False),
+            sa.UniqueConstraint("device_id", "seq_after", "ts_after", name="uq_gaps_device_seq_ts"),
+        )
         self.deadletters = sa.Table(
             "deadletters",
             md,
@@ -296,7 +311,8 @@ class Store:
                     inserted = self._insert_rows(conn, self.readings, self.reading_columns, batch.readings)
                 if batch.windows:
                     self._insert_rows(conn, self.windows, self.window_columns, batch.windows)
-                for table, rows in ((self.anomalies, batch.anomalies), (self.alerts, batch.alerts)):
+                for table, rows in ((self.anomalies, batch.anomalies), (self.alerts, batch.alerts),
+                                    (self.gaps, batch.gaps)):
                     if rows:
                         conn.execute(self._insert_ignore(table), rows)
                 if batch.deadletters:
@@ -415,6 +431,17 @@ class Store:
             msg = f"cannot read baseline shifts from {_safe_url(self.url)}: {exc}"
             raise StoreError(msg) from exc
         return out
+
+    def missing_readings(self) -> dict[str, int]:
+        """Per device, the readings its ``seq`` says never arrived (the sum of its gaps)."""
+        g = self.gaps
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(g.c.device_id, sa.func.sum(g.c.missing)).group_by(g.c.device_id)).all()
+        except SQLAlchemyError as exc:
+            msg = f"cannot read gaps from {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+        return {d: int(n) for d, n in rows}
 
     def count(self, table: str, **where: Any) -> int:
         t = self.metadata.tables[table]

@@ -50,7 +50,7 @@ from itap_stream.core.pipeline import BatchResult, Processor, check_compatible
 from itap_stream.core.readings import MAX_ID_CHARS, Reading, Rejection, decode
 from itap_stream.core.rules import Alert, RuleEngine
 from itap_stream.core.schema import SensorSchema
-from itap_stream.core.silence import SilenceBook, silence_from_dict
+from itap_stream.core.silence import SilenceBook, check_bounded, silence_from_dict
 from itap_stream.errors import ArtifactError, BrokerError, ConfigError, ItapError, ServiceFailed, StoreError
 
 __all__ = ["Consumer"]
@@ -85,6 +85,10 @@ BATCH_MAX_BYTES = 1 << 20
 STOP_BUDGET_S = 4.0
 #: Pause before a crashed intake process is replaced.
 INTAKE_RESTART_DELAY_S = 1.0
+#: The broker's count of messages it dropped (mosquitto publishes it every sys_interval).
+BROKER_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+#: Seq gaps are logged at most once per this many seconds (they are all counted and stored).
+GAP_LOG_INTERVAL_S = 10.0
 #: At stop, seconds to wait for the store to commit what was handed to it (the rest stays unacknowledged).
 STOP_FLUSH_S = 10.0
 #: At a stop the watchdog asked for, the same waits are this short (the store is failing anyway).
@@ -160,6 +164,7 @@ class Consumer:
             reorder_tolerance_s=settings.reorder_tolerance,
             max_clock_skew_s=settings.max_clock_skew,
             baseline=settings.baseline_policy(),
+            gap_event_readings=settings.gap_event_readings,
         )
         self._stale_checked = 0.0
         self.silences = SilenceBook(settings.silences(self.clock()))
@@ -181,6 +186,8 @@ class Consumer:
         self.model_key = artifacts.model_key(settings.model_key_file)
         self.models_dir = settings.models_dir or os.path.dirname(os.path.abspath(settings.model_path))
         self._beat = time.monotonic()  # the processing loop's heartbeat (each step)
+        self._summary_at = time.monotonic()  # when the last one-line summary was logged
+        self._summary_seen: dict[str, float] = {}
         self.fatal: str | None = None  # why the service must end (a dead or stalled thread)
         self.on_alert = on_alert
         self._stop = threading.Event()
@@ -216,7 +223,12 @@ class Consumer:
             session_expiry_s=settings.session_expiry,
             receive_max=settings.receive_max,
             outbox_max=settings.outbox_max,
+            watch={BROKER_DROPPED_TOPIC: self._on_broker_dropped},
         )
+        self._broker_dropped: int | None = None  # the broker's count, written by paho's thread
+        self._broker_dropped_seen: int | None = None  # as last exported and logged
+        self._gap_logged = 0.0
+        self._gap_pending: list[str] = []
         # messages handed to the store / acknowledged after its commit: each counter has one
         # writer (this loop / the store writer thread), the gauge is their difference
         self._to_ack = 0
@@ -395,9 +407,12 @@ class Consumer:
             ready.set()
         flushed = False
         try:
+            every = self.settings.summary_interval
             while not self._stop.is_set():
                 self._beat = time.monotonic()
                 self._step(timeout_s=0.1)
+                if every > 0 and self._beat - self._summary_at >= every:
+                    self.log_summary()
                 if not self.writer.alive:
                     self.fatal = f"the store writer thread has stopped ({self.writer.error!r})"
                     log.critical("%s: stopping", self.fatal)
@@ -440,6 +455,49 @@ class Consumer:
             self.writer.close(timeout_s=STOP_FLUSH_S if flushed and not self.fatal else 1.0)
             log.info("consumer stopped after %d micro-batches", self.batches)
 
+    def _on_broker_dropped(self, payload: bytes) -> None:
+        """``$SYS/broker/publish/messages/dropped`` (paho's thread): keep the count."""
+        try:
+            self._broker_dropped = int(payload.strip())
+        except ValueError:
+            return
+
+    def _check_broker_dropped(self) -> None:
+        """Export the broker's dropped-message count and warn when it rose."""
+        now = self._broker_dropped
+        if now is None or now == self._broker_dropped_seen:
+            return
+        before, self._broker_dropped_seen = self._broker_dropped_seen, now
+        self.metrics.broker_dropped.set(now)
+        if before is not None and now > before:
+            log.warning("the broker dropped %d more message(s) (%d in all, %s): a client's queue overflowed "
+                        "(mosquitto max_queued_messages); if it is this consumer's, readings were lost - see the "
+                        "seq gaps (itap_readings_gap_total)", now - before, now, BROKER_DROPPED_TOPIC)
+
+    def log_summary(self) -> str:
+        """Log (INFO) and return one line on the time since the last one: readings/s, devices,
+        windows, anomalies, rejected readings, open alerts, store lag, unacknowledged messages."""
+        now = time.monotonic()
+        m = self.metrics
+        seen = {
+            "readings": m.sample("itap_readings_processed_total"),
+            "windows": m.sample("itap_windows_scored_total"),
+            "anomalies": m.total("itap_anomalies_total"),
+            "rejected": m.total("itap_readings_rejected_total"),
+        }
+        d = {k: v - self._summary_seen.get(k, 0.0) for k, v in seen.items()}
+        span = max(now - self._summary_at, 1e-9)
+        self._summary_at, self._summary_seen = now, seen
+        line = (
+            f"last {span:.0f}s: {d['readings'] / span:,.1f} readings/s stored, {len(self.processor.windows):,} "
+            f"devices, {int(d['windows']):,} windows, {int(d['anomalies']):,} anomalies, {int(d['rejected']):,} "
+            f"rejected, {len(self.processor.engine.open_alerts()):,} open alerts, store lag "
+            f"{self.writer.pending} batch(es) / {self.writer.stalled_for(now):.1f}s, "
+            f"{self._to_ack - self._acked:,} unacknowledged"
+        )
+        log.info("%s", line)
+        return line
+
     # -- the loop
     def _step(self, timeout_s: float) -> int:
         msgs = self.inbox.drain(
@@ -449,6 +507,7 @@ class Consumer:
             self._process_guarded(msgs)  # an empty batch releases readings the reorder buffer held long enough
         self.check_stale()
         self._maybe_reload()
+        self._check_broker_dropped()
         self.metrics.outbox.set(self.link.outbox)
         self.metrics.unacked.set(self._to_ack - self._acked)  # set here only: one writer
         retained = self.inbox.retained_ignored if isinstance(self.inbox, Receiver) else self.link.retained_ignored
@@ -740,7 +799,9 @@ class Consumer:
                 m.model_drift.labels("fleet" if alert.device_id == FLEET else "device").inc()
             elif alert.rule == "baseline_shift":
                 m.baseline_shifts.labels("operator" if alert.note.startswith("operator") else alert.note).inc()
-                log.info("%s: %s", alert.device_id, alert.root_cause)
+            log.info("alert %s %s: %s %s on %s%s: %s", alert.id, alert.status, alert.severity, alert.rule,
+                     alert.device_id, " (silenced: stored, not published)" if silenced else "",
+                     alert.note or alert.root_cause)
             batch.alerts.append(
                 {
                     "alert_id": alert.id,
@@ -779,6 +840,19 @@ class Consumer:
             elif ts < seen[0]:
                 seen[0] = ts
         batch.devices = {d: (f, last) for d, (f, last) in span.items()}
+        if result.gaps:
+            batch.gaps = [{"device_id": g.device_id, "seq_before": g.seq_before, "seq_after": g.seq_after,
+                           "missing": g.missing, "ts_before": g.ts_before, "ts_after": g.ts_after}
+                          for g in result.gaps]
+            self.metrics.gaps.inc(sum(g.missing for g in result.gaps))
+            self._gap_pending.extend(f"{g.device_id} seq {g.seq_before + 1}..{g.seq_after - 1}" for g in result.gaps)
+            now = time.monotonic()
+            if now - self._gap_logged >= GAP_LOG_INTERVAL_S:  # one line per interval, however many gaps
+                shown = "; ".join(self._gap_pending[:5])
+                more = len(self._gap_pending) - 5
+                log.warning("readings never arrived (jumps in seq): %s%s", shown, f"; and {more} more" if more > 0
+                            else "")
+                self._gap_logged, self._gap_pending = now, []
         w = result.windows
         if w is not None and len(w) and result.scores is not None and result.is_anomaly is not None:
             states = w.last_states
@@ -930,9 +1004,13 @@ class Consumer:
         """``{"action": "add", ...silence}``, ``{"action": "remove", "id"}`` or ``{"action": "list"}``."""
         action = body.get("action")
         if action == "add":
-            spec = {k: v for k, v in body.items() if k not in ("action", "request_id")}
+            spec = {k: v for k, v in body.items() if k not in ("action", "request_id", "all")}
+            everything = body.get("all", False)
             try:
+                if not isinstance(everything, bool):
+                    raise ConfigError('"all" must be true or false')
                 s = silence_from_dict(spec, now=self.clock())
+                check_bounded(s, everything=everything, max_s=self.settings.silence_max, now=self.clock())
             except ConfigError as exc:
                 reply["reason"] = str(exc)
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import paho.mqtt.client as paho
 
 from itap_stream.adapters import artifacts
 from itap_stream.adapters.broker import BrokerHandle, start_broker
-from itap_stream.adapters.metrics import Metrics
+from itap_stream.adapters.metrics import Metrics, serve
 from itap_stream.adapters.mqtt import connect_client
 from itap_stream.app.offline import train_from_frame
 from itap_stream.app.render import format_alert, format_summary
@@ -48,8 +49,15 @@ def run_demo(
     broker_kind: str = "auto",
     workdir: str = "itap-demo",
     out: TextIO = sys.stdout,
+    keep_open: bool = False,
+    wait_open: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole pipeline for ``duration_s`` seconds of wall time; returns the summary."""
+    """Run the whole pipeline for ``duration_s`` seconds of wall time; returns the summary.
+
+    The dashboard and ``/metrics`` are served on ``settings.http_addr`` (another free port on
+    the same host when that one is taken; none when it is empty) from the start, their URL
+    printed; with ``keep_open`` they stay up after the summary until ``wait_open`` returns
+    (default: until Ctrl-C)."""
     if not (math.isfinite(duration_s) and duration_s > 0) or not (math.isfinite(speed) and speed > 0):
         msg = f"the demo needs a positive, finite duration and speed, got {duration_s} s at {speed}x"
         raise ConfigError(msg)
@@ -123,6 +131,7 @@ def run_demo(
         watcher = _alert_watcher(broker_url, cfg.topic("alerts", "#"), on_alert_msg, cfg.broker_auth())
         metrics = Metrics()
         consumer = build_consumer(cfg, metrics=metrics)
+        server = _serve_dashboard(cfg, metrics, consumer, out)
         ready = threading.Event()
         runner = threading.Thread(target=consumer.run, kwargs={"ready": ready}, name="itap-consumer", daemon=True)
         runner.start()
@@ -183,10 +192,45 @@ def run_demo(
         _say(out, f"[demo] database: {db_path.resolve()}")
         _say(out, f"[demo] model:    {model_path.resolve()}")
         _say(out, f"[demo] summary:  {summary_path.resolve()}")
+        if server is not None:
+            where = _url(server)
+            if keep_open:
+                _say(out, f"[demo] the dashboard stays up at {where}/ until Ctrl-C")
+                with contextlib.suppress(KeyboardInterrupt):
+                    (wait_open or _wait_for_ctrl_c)()
+            server.shutdown()
+            server.server_close()
         return summary
     finally:
         if broker is not None:
             broker.stop()
+
+
+def _url(server: Any) -> str:
+    host, port = server.server_address[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _serve_dashboard(cfg: Settings, metrics: Metrics, consumer: Any, out: TextIO) -> Any:
+    """Serve the dashboard and /metrics for the demo and print where; None when http_addr is empty."""
+    if not cfg.http_addr:
+        return None
+    hosts = tuple(h.strip() for h in cfg.http_allowed_hosts.split(",") if h.strip())
+    kwargs = {"fleet": consumer.fleet.snapshot, "health": consumer.health, "allowed_hosts": hosts}
+    try:
+        server = serve(cfg.http_addr, metrics.registry, **kwargs)
+    except ConfigError as exc:  # taken (an `itap run` on this machine): any free port on that host
+        host = cfg.http_addr.rsplit(":", 1)[0]
+        server = serve(f"{host}:0", metrics.registry, **kwargs)
+        _say(out, f"[demo] {exc}; serving on another port")
+    where = _url(server)
+    _say(out, f"[demo] dashboard: {where}/   metrics: {where}/metrics")
+    return server
+
+
+def _wait_for_ctrl_c() -> None:
+    while True:
+        time.sleep(3600)
 
 
 def _alert_watcher(url: str, topic: str, on_message: Callable[..., None], auth: Any = None) -> paho.Client:

@@ -150,9 +150,10 @@ def ingest_csv(
 
 
 def print_progress(done: int, total: int, *, out: Any = None) -> None:
+    """One progress line: rewritten in place on a terminal, a line of its own in a log."""
     out = out or sys.stderr
     pct = 100.0 * done / total if total else 100.0
-    out.write(f"\ringested {done:,} / {total:,} rows ({pct:5.1f}%)")
-    if done >= total:
-        out.write("\n")
+    text = f"ingested {done:,} / {total:,} rows ({pct:5.1f}%)"
+    tty = bool(getattr(out, "isatty", lambda: False)())
+    out.write(f"\r{text}" + ("\n" if done >= total else "") if tty else f"{text}\n")
     out.flush()

@@ -26,15 +26,15 @@ from itap_stream.core.health import SensorHealth
 from itap_stream.core.model import Artifact, confidence
 from itap_stream.core.ordering import Reorderer
 from itap_stream.core.readings import Reading
-from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow
+from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow, iso
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.core.smoothing import smooth
-from itap_stream.core.window import DROP_REASONS, FleetWindows, WindowBatch
+from itap_stream.core.window import DROP_REASONS, FleetWindows, Gap, WindowBatch
 from itap_stream.errors import SchemaMismatch
 
 __all__ = [
     "Assessment", "BatchResult", "Processor", "TableResult", "assess", "baseline_alert", "check_compatible",
-    "quiet_windows", "raw_anomalies", "score_table", "settling_windows",
+    "gap_alert", "quiet_windows", "raw_anomalies", "score_table", "settling_windows",
 ]
 
 #: Windows whose last reading is in one of these states are scored but never anomalous.
@@ -64,6 +64,7 @@ class BatchResult:
     confidence: npt.NDArray[np.float64] | None = None
     explanations: dict[int, Explanation] = field(default_factory=dict)  # window index -> explanation
     alerts: list[Alert] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)  # jumps in devices' seq: readings lost on the way
 
     @property
     def n_windows(self) -> int:
@@ -135,8 +136,11 @@ class Processor:
         reorder_tolerance_s: float = 0.0,
         max_clock_skew_s: float | None = None,
         baseline: BaselinePolicy | None = None,
+        gap_event_readings: int = 0,
     ) -> None:
         check_compatible(artifact, schema, window, hop)
+        #: a jump in a device's seq of at least this many readings is a ``data_gap`` event (0: none)
+        self.gap_event_readings = gap_event_readings
         #: when the mean-shift chart takes a settled deviation as a device's new baseline (None: never)
         self.baseline = baseline
         self.reorder = Reorderer(reorder_tolerance_s)
@@ -277,6 +281,12 @@ class Processor:
                 accepted.append(r)
             else:
                 result.dropped.append((r, DROP_REASONS[status]))
+        if self.windows.gaps:
+            result.gaps = self.windows.gaps
+            self.windows.gaps = []
+            least = self.gap_event_readings
+            if least > 0:
+                result.alerts.extend(gap_alert(g) for g in result.gaps if g.missing >= least)
         batch = self.windows.take_due()
         result.windows = batch
         if not len(batch):
@@ -424,6 +434,34 @@ def assess(
         exps = explain(X[idx], artifact.stats.mean, artifact.stats.std, names, families)
         explanations = dict(zip(idx.tolist(), exps, strict=True))
     return Assessment(scores, flags, conf, explanations, events)
+
+
+def gap_alert(gap: Gap) -> Alert:
+    """The ``data_gap`` event of a jump in a device's ``seq`` (status ``event``)."""
+    return Alert(
+        id=hashlib.sha1(f"{gap.device_id}|data_gap|{gap.seq_after}|{gap.ts_after!r}".encode(),
+                        usedforsecurity=False).hexdigest()[:16],
+        rule="data_gap",
+        severity="WARNING",
+        device_id=gap.device_id,
+        state="",
+        window_start=gap.ts_before,
+        window_end=gap.ts_after,
+        score=float(gap.missing),
+        confidence=1.0,
+        root_cause=(
+            f"{gap.missing:,} reading(s) of {gap.device_id} never arrived (seq {gap.seq_before + 1} to "
+            f"{gap.seq_after - 1}, between {iso(gap.ts_before)} and {iso(gap.ts_after)}): check the device's link "
+            "and the broker's queue for this consumer (mosquitto drops messages beyond max_queued_messages)"
+        ),
+        families={},
+        top_features=[],
+        route="operations",
+        status="event",
+        fired_at=gap.ts_after,
+        changed_at=gap.ts_after,
+        anomalies=gap.missing,
+    )
 
 
 def baseline_alert(

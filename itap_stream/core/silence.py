@@ -21,7 +21,7 @@ from typing import Any
 from itap_stream.core.rules import SEVERITIES, Alert, parse_duration
 from itap_stream.errors import ConfigError
 
-__all__ = ["Silence", "SilenceBook", "silence_from_dict"]
+__all__ = ["Silence", "SilenceBook", "check_bounded", "describe", "silence_from_dict"]
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 #: A silence's start and end lie in 1970-01-01 .. 9999-12-31 (UTC), as epoch seconds.
@@ -146,6 +146,83 @@ def silence_from_dict(raw: Mapping[str, Any], *, now: float | None = None) -> Si
     digest = hashlib.sha1(repr(sorted(fields.items())).encode(), usedforsecurity=False).hexdigest()
     sid = _text(raw, "id") or digest[:10]
     return Silence(id=sid, **fields)
+
+
+_DAY_NAMES = {"mon": "Monday", "tue": "Tuesday", "wed": "Wednesday", "thu": "Thursday", "fri": "Friday",
+              "sat": "Saturday", "sun": "Sunday"}
+
+
+def check_bounded(s: Silence, *, everything: bool, max_s: float, now: float) -> None:
+    """Refuse a silence an operator adds (command or CLI) that would hide too much:
+    `ConfigError` unless it names at least one matcher (device, rule, family, severity) or
+    ``everything`` says all alerts on purpose, and unless it ends (an end, or a weekly
+    schedule whose every occurrence ends) no more than ``max_s`` seconds after it starts.
+
+    Examples
+    --------
+    >>> check_bounded(silence_from_dict({"duration": "1h"}, now=0.0), everything=False, max_s=86400, now=0.0)
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    itap_stream.errors.ConfigError: a silence needs at least one of device, rule, family, severity (or --all ...)
+    >>> check_bounded(silence_from_dict({"device": "P-1"}), everything=False, max_s=86400, now=0.0)
+    Traceback (most recent call last):
+    ...
+    itap_stream.errors.ConfigError: a silence needs an end: --duration or --end (at most 1d), or a weekly schedule
+    """
+    if not everything and s.device == "*" and s.rule == "*" and not s.family and not s.severity:
+        msg = ("a silence needs at least one of device, rule, family, severity "
+               '(or --all / "all": true to silence every alert on purpose)')
+        raise ConfigError(msg)
+    if s.weekly:
+        return  # each occurrence lasts `hours` (at most a week); it may recur without an end
+    if s.end is None:
+        msg = f"a silence needs an end: --duration or --end (at most {_span(max_s)}), or a weekly schedule"
+        raise ConfigError(msg)
+    length = s.end - (s.start if s.start is not None else now)
+    if length > max_s:
+        msg = f"a silence may last at most {_span(max_s)} (silence_max); this one lasts {_span(length)}"
+        raise ConfigError(msg)
+
+
+def describe(d: Mapping[str, Any]) -> str:
+    """A silence (`Silence.to_dict`) for people: RFC 3339 UTC times, weekdays as words.
+
+    Examples
+    --------
+    >>> describe({"id": "a1", "device": "DEV-7", "start": 0.0, "end": 7200.0, "comment": "swap"})
+    'device=DEV-7, from 1970-01-01T00:00:00Z to 1970-01-01T02:00:00Z, comment=swap'
+    >>> describe({"id": "b2", "rule": "signal_*", "weekly": ["sat", "sun"], "at": "22:00", "hours": 8.0})
+    'rule=signal_*, every Saturday and Sunday from 22:00 UTC for 8 h'
+    """
+    parts = [f"{k}={d[k]}" for k in ("device", "rule", "family", "severity") if d.get(k) not in (None, "", "*")]
+    if not parts:
+        parts.append("all alerts")
+    start, end = d.get("start"), d.get("end")
+    if start is not None or end is not None:
+        parts.append(("from " + _iso(start) if start is not None else "until") + (
+            f" to {_iso(end)}" if start is not None and end is not None else f" {_iso(end)}" if end is not None else
+            " on"))
+    if d.get("weekly"):
+        days = [_DAY_NAMES.get(x, str(x)) for x in d["weekly"]]
+        named = days[0] if len(days) == 1 else ", ".join(days[:-1]) + " and " + days[-1]
+        parts.append(f"every {named} from {d.get('at', '00:00')} UTC for {float(d.get('hours', 0)):g} h")
+    if d.get("comment"):
+        parts.append(f"comment={d['comment']}")
+    return ", ".join(parts)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(float(ts), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _span(seconds: float) -> str:
+    """``90000`` -> ``'25h'``; ``604800`` -> ``'7d'``."""
+    if seconds >= 86400 and seconds % 86400 == 0:
+        return f"{seconds / 86400:g}d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g}h"
+    return f"{seconds / 60:g}min"
 
 
 def _show(v: Any) -> str:

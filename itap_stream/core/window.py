@@ -11,6 +11,11 @@ than every reading in the window is ``late``; any other earlier one is ``out_of_
 All three are dropped from features and counted (the stream stores late and
 out-of-order readings; a `~itap_stream.core.ordering.Reorderer` in front of the
 windows can put slightly reordered arrivals back in order first).
+
+Gaps: a device that numbers its readings (``seq``) and whose next accepted reading skips
+numbers lost readings on the way (a dropped QoS 0 message, a broker queue overflow). Each
+jump forward is a `Gap` in `FleetWindows.gaps` (the caller takes them); a ``seq`` lower
+than the last one is a device restart (its counter began again), not a gap.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import numpy.typing as npt
 from itap_stream.core.readings import Reading
 from itap_stream.core.schema import STATES
 
-__all__ = ["ACCEPTED", "DROP_REASONS", "DUE", "DUPLICATE", "LATE", "OUT_OF_ORDER", "FleetWindows", "WindowBatch"]
+__all__ = ["ACCEPTED", "DROP_REASONS", "DUE", "DUPLICATE", "LATE", "OUT_OF_ORDER", "FleetWindows", "Gap",
+           "WindowBatch"]
 
 ACCEPTED = 0
 DUE = 1
@@ -34,6 +40,22 @@ LATE = -3
 DROP_REASONS = {DUPLICATE: "duplicate", OUT_OF_ORDER: "out_of_order", LATE: "late"}
 
 _STATE_CODE = {s: i for i, s in enumerate(STATES)}
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Readings of one device that never arrived: ``seq`` jumped from ``seq_before`` to
+    ``seq_after`` between the readings at ``ts_before`` and ``ts_after``."""
+
+    device_id: str
+    seq_before: int
+    seq_after: int
+    ts_before: float
+    ts_after: float
+
+    @property
+    def missing(self) -> int:
+        return self.seq_after - self.seq_before - 1
 
 
 @dataclass
@@ -79,6 +101,10 @@ class FleetWindows:
     [[0.0, 1.0, 2.0], [2.0, 3.0, 4.0]]
     >>> [fw.push(Reading("D1", t, "RUN", (9.0,))) for t in (4, 4.5, 1)]  # duplicate, out of order, late
     [-1, -2, -3]
+    >>> [fw.push(Reading("D2", t, "RUN", (0.0,), seq)) for t, seq in ((1, 7), (2, 8), (3, 12), (4, 0))]
+    [0, 0, 1, 0]
+    >>> [(g.seq_before, g.seq_after, g.missing) for g in fw.gaps]  # 9-11 lost; 0: a restart, no gap
+    [(8, 12, 3)]
     """
 
     def __init__(self, n_signals: int, window: int = 32, hop: int = 4, *, capacity: int = 4096) -> None:
@@ -103,6 +129,9 @@ class FleetWindows:
         self._tagged: list[int] = []  # per slot, readings in the ring that carry a tag
         self._count: list[int] = []  # accepted readings per slot
         self._last_ts: list[float] = []
+        self._last_seq: list[int | None] = []  # per slot, the seq of the latest accepted reading
+        #: jumps in ``seq`` found since the caller last emptied this list
+        self.gaps: list[Gap] = []
         # chronological order of a full ring whose oldest element sits at position p
         self._order = (np.arange(window)[None, :] + np.arange(window)[:, None]) % window
         self._due_rows: list[npt.NDArray[np.float64]] = []
@@ -134,6 +163,7 @@ class FleetWindows:
         self._tagged.append(0)
         self._count.append(0)
         self._last_ts.append(-np.inf)
+        self._last_seq.append(None)
         return slot
 
     def push(self, reading: Reading) -> int:
@@ -148,8 +178,10 @@ class FleetWindows:
             return
         slot = self._slot(device_id)
         self._count[slot] = max(0, count - len(readings))
+        gaps = len(self.gaps)
         for r in readings:
             self._put(r, snapshot=False)
+        del self.gaps[gaps:]  # a stored reading's gap was found when it arrived
 
     def _classify_old(self, slot: int, ts: float) -> int:
         """Why an earlier reading cannot go in: a timestamp already in the window is a
@@ -169,6 +201,11 @@ class FleetWindows:
         if ts <= last:
             return DUPLICATE if ts == last else self._classify_old(slot, ts)
         self._last_ts[slot] = ts
+        if _seq is not None:
+            before = self._last_seq[slot]
+            if before is not None and _seq > before + 1:
+                self.gaps.append(Gap(device_id, before, _seq, last, ts))
+            self._last_seq[slot] = _seq
         n = self._count[slot]
         window = self.window
         pos = n % window

@@ -425,6 +425,23 @@ def test_silenced_alerts_are_stored_not_published_and_published_when_the_silence
         assert main(["silence", "remove", sid, *args]) == 1
         assert "no silence with id" in capsys.readouterr().err
         assert main(["silence", "add", "--severity", "LOUD", *args]) == 1
+        capsys.readouterr()
+        # issue 16, point 5: no silence of everything for ever by accident
+        assert main(["silence", "add", *args]) == 1
+        assert "needs at least one of device, rule, family, severity (or --all" in capsys.readouterr().err
+        assert main(["silence", "add", "--device", "DEV-0001", *args]) == 1
+        assert "needs an end: --duration or --end (at most 7d)" in capsys.readouterr().err
+        assert main(["silence", "add", "--all", "--duration", "30d", *args]) == 1
+        assert "at most 7d (silence_max); this one lasts 30d" in capsys.readouterr().err
+        assert main(["silence", "add", "--all", "--start", "2026-12-01T08:00:00Z", "--duration", "4h", *args]) == 0
+        assert "all alerts, from 2026-12-01T08:00:00Z to 2026-12-01T12:00:00Z" in capsys.readouterr().out
+        assert main(["silence", "add", "--rule", "signal_*", "--weekly", "sat,sun", "--at", "22:00", "--hours", "8",
+                     *args]) == 0
+        capsys.readouterr()
+        assert main(["silence", "list", *args]) == 0
+        listed = capsys.readouterr().out
+        assert "rule=signal_*, every Saturday and Sunday from 22:00 UTC for 8 h" in listed
+        assert "start=" not in listed and "weekly=" not in listed
     finally:
         consumer.stop()
         thread.join(20)
