@@ -45,7 +45,7 @@ from itap_stream.app.fleetview import FleetView
 from itap_stream.config import Settings
 from itap_stream.core.drift import FLEET, DriftMonitor
 from itap_stream.core.health import HealthSettings, SensorHealth
-from itap_stream.core.model import Artifact
+from itap_stream.core.model import Artifact, typical_score
 from itap_stream.core.pipeline import BatchResult, Processor, check_compatible
 from itap_stream.core.readings import MAX_ID_CHARS, Reading, Rejection, decode
 from itap_stream.core.rules import Alert, RuleEngine
@@ -169,7 +169,7 @@ class Consumer:
         self._stale_checked = 0.0
         self.silences = SilenceBook(settings.silences(self.clock()))
         self._held: dict[str, Alert] = {}  # alert id -> latest transition held back by a silence
-        self.fleet = FleetView(artifact.threshold)
+        self.fleet = FleetView(artifact.threshold, typical_score(artifact.stats.calibration_scores, artifact.threshold))
         self._reload_requested = threading.Event()
         self._mtimes = self._watched()
         self._watch_checked = time.monotonic()
@@ -565,6 +565,7 @@ class Consumer:
                         except ItapError as exc:
                             log.warning("model reloaded, but its per-device history could not be replayed: %s", exc)
                     self.fleet.threshold = artifact.threshold
+                    self.fleet.typical = typical_score(artifact.stats.calibration_scores, artifact.threshold)
                     if proc.drift is not None:
                         proc.drift = DriftMonitor(delta=self.settings.drift_delta)
                     self.metrics.set_model(model_info(artifact))

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from itap_stream.core.model import device_health
 from itap_stream.core.rules import Alert
 
 __all__ = ["FleetView"]
@@ -28,16 +29,18 @@ class FleetView:
 
     Examples
     --------
-    >>> v = FleetView(threshold=1.0)
-    >>> v.update(["D1", "D1", "D2"], np.array([0.2, 0.4, 1.5]), np.array([False, False, True]), ["RUN"] * 3, [])
+    >>> v = FleetView(threshold=1.0, typical=0.6)
+    >>> v.update(["D1", "D1", "D2"], np.array([0.2, 0.8, 1.2]), np.array([False, False, True]), ["RUN"] * 3, [])
     >>> s = v.snapshot(limit=1); [d["device_id"] for d in s["devices"]], s["totals"]["devices"], s["page"]
     (['D2'], 2, {'limit': 1, 'offset': 0, 'devices_returned': 1, 'alerts_returned': 0})
-    >>> d = v.snapshot(offset=1)["devices"][0]; d["device_id"], d["health"]
-    ('D1', 0.6)
+    >>> s["devices"][0]["health"], v.snapshot(offset=1)["devices"][0]["health"]  # `core.model.device_health`
+    (0.25, 0.75)
     """
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, typical: float = 0.0) -> None:
         self.threshold = threshold
+        #: the score up to which a device is 100 % healthy (`core.model.typical_score`)
+        self.typical = typical
         self._lock = threading.Lock()
         self._devices: dict[str, dict[str, Any]] = {}
         self._alerts: dict[str, dict[str, Any]] = {}
@@ -52,18 +55,20 @@ class FleetView:
         states: Sequence[str],
         alerts: Sequence[Alert],
     ) -> None:
-        rel = (np.asarray(scores, dtype=np.float64) / max(self.threshold, 1e-12)).round(4).tolist()
+        raw = np.asarray(scores, dtype=np.float64)
+        rel = (raw / max(self.threshold, 1e-12)).round(4).tolist()
+        health = device_health(raw, self.typical, self.threshold).round(4).tolist()
         flagged = np.asarray(flags, dtype=bool).tolist()
         with self._lock:
             self._windows += len(rel)
             self._anomalies += sum(flagged)
             devs = self._devices
-            for dev, r, f, st in zip(device_ids, rel, flagged, states, strict=False):
+            for dev, r, h, f, st in zip(device_ids, rel, health, flagged, states, strict=False):
                 d = devs.get(dev)
                 if d is None:
                     d = devs[dev] = {"spark": deque(maxlen=SPARK), "anomalies": 0}
                 d["spark"].append(r)
-                d["score"], d["state"], d["anomalous"] = r, st, f
+                d["score"], d["health"], d["state"], d["anomalous"] = r, h, st, f
                 d["anomalies"] += int(f)
             for a in alerts:
                 if a.status in _CLOSED:
@@ -98,7 +103,7 @@ class FleetView:
             devices = [
                 {
                     "device_id": dev, "state": d["state"], "score": d["score"],
-                    "health": round(max(0.0, 1.0 - min(d["score"], 1.0)), 4), "anomalous": d["anomalous"],
+                    "health": d["health"], "anomalous": d["anomalous"],
                     "anomalies": d["anomalies"], "spark": list(d["spark"]),
                 }
                 for dev, d in ranked[offset:offset + limit]

@@ -421,6 +421,38 @@ def confidence(scores: Array, calibration_scores: Array) -> Array:
     return np.searchsorted(cal, np.asarray(scores, dtype=np.float64), side="left") / len(cal)
 
 
+#: The share of held-out normal windows whose score counts as fully healthy (`device_health`).
+HEALTHY_QUANTILE = 0.95
+
+
+def typical_score(calibration_scores: Array, threshold: float) -> float:
+    """The score under which a window is as healthy as normal operation: the
+    `HEALTHY_QUANTILE` of the held-out normal scores (kept below the threshold)."""
+    cal = np.asarray(calibration_scores, dtype=np.float64)
+    q = float(np.quantile(cal, HEALTHY_QUANTILE)) if len(cal) else 0.0
+    return min(q, threshold * 0.999) if threshold > 0 else q
+
+
+def device_health(scores: Array, typical: float, threshold: float) -> Array:
+    """Health from 1.0 to 0.0 on the calibrated score scale.
+
+    1.0 up to ``typical`` (as healthy as 95 % of the normal windows held out in training),
+    falling linearly to 0.5 at the threshold (the line where a window counts as
+    anomalous), and on to 0.0 when the score is as far above the threshold as the
+    threshold is above ``typical``.
+
+    Examples
+    --------
+    >>> device_health(np.array([0.1, 0.6, 0.8, 1.0, 1.2, 1.4, 9.0]), typical=0.6, threshold=1.0).round(3).tolist()
+    [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    gap = max(threshold - typical, 1e-12)
+    below = 1.0 - 0.5 * (s - typical) / gap
+    above = 0.5 * (1.0 - (s - threshold) / gap)
+    return np.clip(np.where(s <= threshold, np.minimum(below, 1.0), above), 0.0, 1.0)
+
+
 @dataclass
 class Artifact:
     """Everything the consumer needs to score: written by `itap train`, read by `itap run`."""
