@@ -595,6 +595,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     step(f"reading {args.csv} ...")
     df = read_readings(args.csv, schema)
     step(f"read {len(df):,} readings; windowing, featuring and scoring ...")
+    longest = int(df.groupby("device_id").size().max())
+    if longest < settings.window:
+        from itap_stream.errors import DataError
+
+        msg = (f"CSV {args.csv}: no device has the {settings.window} readings one window needs (window: "
+               f"{settings.window}); the longest has {longest}")
+        raise DataError(msg)
     result = score_frame(
         df, schema, artifact, settings.rule_engine(),
         window=settings.window, hop=settings.hop, alarm_k=settings.alarm_k, alarm_n=settings.alarm_n,
@@ -680,7 +687,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     schema = _schema_option(args, settings)
-    report = validate_csv(args.csv, schema)
+    report = validate_csv(args.csv, schema, window=settings.window)
     print(format_report(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -718,7 +725,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from itap_stream.errors import DataError
 
     settings = _settings(args)
-    store = Store(settings.db_url, settings.schema())
+    store = Store(settings.db_url, settings.schema(), must_exist=True)
     since, until = _time_arg(args.since, "--since"), _time_arg(args.until, "--until")
     try:
         w = store.read_frame("windows", since=since, until=until)
@@ -826,7 +833,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     settings = _settings(args)
     candidate = settings.rule_engine(args.rules)  # a bad file fails here, before the store is read
     current = settings.rule_engine()
-    store = Store(settings.db_url, settings.schema())
+    store = Store(settings.db_url, settings.schema(), must_exist=True)
     since, until = _time_arg(args.since, "--since"), _time_arg(args.until, "--until")
     try:
         w = store.read_frame("windows", since=since, until=until)

@@ -18,28 +18,36 @@ from itap_stream.config import not_utf8_message
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import DataError
 
-__all__ = ["TIMESTAMP_NAMES", "read_readings", "sniff_delimiter", "write_readings"]
+__all__ = ["TIMESTAMP_NAMES", "map_columns", "open_csv", "read_readings", "sniff_delimiter", "write_readings"]
 
 #: Column names taken as the timestamp when the schema does not name one and there is no ``ts``.
 TIMESTAMP_NAMES = frozenset({"timestamp", "datetime", "time", "date_time", "date"})
 
 
-def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
-    """Read and type-check a readings CSV; raises `DataError` naming what is wrong."""
+def open_csv(path: str | Path, **read_csv: object) -> pd.DataFrame:
+    """`pandas.read_csv` of a readings file with its own separator (`sniff_delimiter`); a
+    missing, non-UTF-8 or unparsable file is one `DataError`. Every command reads CSVs here
+    (``chunksize`` gives an iterator of frames)."""
     p = Path(path)
     if not p.is_file():
         msg = f"CSV file not found: {p}"
         raise DataError(msg)
     try:
-        df = pd.read_csv(
-            p, sep=sniff_delimiter(p), dtype={"device_id": str, "state": str, "tag": str, "label": str},
-            low_memory=False,
-        )
+        return pd.read_csv(p, sep=sniff_delimiter(p), **read_csv)  # type: ignore[call-overload, no-any-return]
     except UnicodeDecodeError:
         raise DataError(not_utf8_message("CSV", p)) from None
     except (ValueError, pd.errors.ParserError) as exc:
         msg = f"cannot parse CSV {p}: {exc}"
         raise DataError(msg) from exc
+
+
+def map_columns(df: pd.DataFrame, schema: SensorSchema, path: str | Path) -> pd.DataFrame:
+    """A raw CSV frame (or chunk) under the names the core uses, as the schema says: its
+    column mapping (a signal's ``column``, ``timestamp_column``, ``device_column``), a
+    timestamp column found by name (`TIMESTAMP_NAMES`) when the schema names none, its
+    ``label_column`` as ``label``, and for a file with no device column (a recording of one
+    machine) the file's name as ``device_id``. `read_readings`, ``itap validate`` and
+    ``itap ingest`` all go through here, so they agree on what a file holds."""
     renames = schema.csv_renames()
     if renames:
         df = df.rename(columns=renames)
@@ -52,7 +60,18 @@ def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
         df["label"] = _labels_of(df.pop(schema.label_column))
     if "device_id" not in df.columns and "ts" in df.columns:
         # a recording of one machine: a timestamp column and one column per signal
-        df["device_id"] = p.stem
+        df["device_id"] = Path(path).stem
+    return df
+
+
+def read_readings(path: str | Path, schema: SensorSchema) -> pd.DataFrame:
+    """Read and type-check a readings CSV; raises `DataError` naming what is wrong."""
+    p = Path(path)
+    df = open_csv(p, dtype={"device_id": str, "state": str, "tag": str, "label": str}, low_memory=False)
+    df = map_columns(df, schema, p)
+    if df.empty:
+        msg = f"CSV {p} holds no readings (a header only)"
+        raise DataError(msg)
     required = ["device_id", "ts", *schema.names]
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -131,6 +150,10 @@ def _labels_of(col: pd.Series) -> pd.Series:
         # numpy's stubs take no None for x/y, though an object array holds it fine
         labels = np.where(num != 0, "anomaly", None)  # type: ignore[call-overload]
         return pd.Series(labels, index=col.index, dtype=object)
+    if col.dropna().map(lambda v: str(v).strip().lower() in {"0", "1", "0.0", "1.0", "true", "false"}).all():
+        # the same 0/1 column read as text (validate and ingest read every cell as text)
+        return _labels_of(col.map(lambda v: None if v is None or v != v else
+                                  float(str(v).strip().lower() in {"1", "1.0", "true"})).astype(float))
     text = col.astype(object).where(col.notna(), None)
     falsy = text.map(lambda v: v is None or str(v).strip().lower() in {"", "0", "false", "normal", "none"})
     return text.where(~falsy, None)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -123,9 +124,17 @@ class Store:
     1
     """
 
-    def __init__(self, url: str, schema: SensorSchema) -> None:
+    def __init__(self, url: str, schema: SensorSchema, *, must_exist: bool = False) -> None:
+        """``must_exist``: a read-only command's store; a SQLite file that is not there is
+        `StoreError` ("no such database: PATH") instead of a new, empty database."""
         self.url = url
         self.schema = schema
+        if must_exist:
+            path = _sqlite_file(url)
+            if path is not None and not Path(path).is_file():
+                msg = (f"no such database: {path} (check the path in {_safe_url(url)}; `itap run` or `itap ingest` "
+                       "make one)")
+                raise StoreError(msg)
         try:
             self.engine: Engine = sa.create_engine(_with_installed_driver(url), future=True)
         except (SQLAlchemyError, ValueError, ImportError) as exc:
@@ -530,6 +539,23 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def _short(exc: Any, limit: int = 300) -> str:
     text = str(exc).strip().replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The file of a ``sqlite:///PATH`` URL; None for other databases and in-memory SQLite.
+
+    Examples
+    --------
+    >>> _sqlite_file("sqlite:///data/plant.db"), _sqlite_file("sqlite://"), _sqlite_file("postgresql://h/db")
+    ('data/plant.db', None, None)
+    """
+    try:
+        u = sa.engine.make_url(url)
+    except Exception:  # noqa: BLE001 - an unusable URL is create_engine's to report
+        return None
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return u.database
 
 
 def _safe_url(url: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from itap_stream.adapters.csvio import map_columns, open_csv
 from itap_stream.adapters.store import Store, StoreBatch
 from itap_stream.app.validate import parse_ts_column
 from itap_stream.config import not_utf8_message
@@ -102,17 +103,15 @@ def ingest_csv(
 ) -> IngestReport:
     """Load ``path`` into ``store``; bad rows to ``report_path`` (default ``<file>.rejected.csv``)."""
     p = Path(path)
-    if not p.is_file():
-        msg = f"CSV file not found: {p}"
-        raise DataError(msg)
     schema = store.schema
+    reader = open_csv(p, dtype=str, chunksize=chunk_rows, keep_default_na=True)  # DataError when unreadable
     total = _count_rows(p)
     rep = IngestReport()
     bad_path = Path(report_path) if report_path else p.with_suffix(".rejected.csv")
     bad_written = False
     try:
-        reader = pd.read_csv(p, dtype=str, chunksize=chunk_rows, keep_default_na=True)
-        for chunk in reader:
+        for raw in reader:
+            chunk = map_columns(raw, schema, p)  # the schema's column mapping, as train and score read the file
             missing = [c for c in ("device_id", "ts", *schema.names) if c not in chunk.columns]
             if missing:
                 msg = f"CSV {p} lacks required column(s) {missing}; it has {list(chunk.columns)}"
@@ -145,6 +144,9 @@ def ingest_csv(
     except (ValueError, pd.errors.ParserError) as exc:
         msg = f"cannot parse CSV {p} after {rep.rows:,} rows: {exc}"
         raise DataError(msg) from exc
+    if not rep.rows:
+        msg = f"CSV {p} holds no readings (a header only)"
+        raise DataError(msg)
     rep.report_path = str(bad_path) if bad_written else None
     return rep
 

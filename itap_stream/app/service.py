@@ -111,7 +111,7 @@ def train(
         source = f"CSV {csv}"
     else:
         url = db or settings.db_url
-        store = Store(url, schema)
+        store = Store(url, schema, must_exist=True)
         try:
             df = store.read_frame("readings", since=since, until=until)
         finally:

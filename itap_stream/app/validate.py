@@ -4,8 +4,11 @@ It reads everything as text first, so one bad cell is counted instead of abortin
 file: required columns, types, per-signal missing rate and range violations against the
 sensor schema, duplicate readings, timestamp reversals and gaps per device, and the
 state distribution. The data is *unusable* (``usable: false``, with the reasons) when
-a required column is missing, there are no rows, or no row has a device and a readable
-time; everything else is reported and left to the user to judge.
+a required column is missing, there are no rows, no row has a device and a readable time,
+a signal has no numeric value at all, or no device has the readings one window needs;
+everything else is reported and left to the user to judge. The file is read as
+``train``, ``score`` and ``ingest`` read it (`adapters.csvio.map_columns`: the schema's
+column mapping, a timestamp column, no device column, the separator).
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from itap_stream.config import not_utf8_message
+from itap_stream.adapters.csvio import map_columns, open_csv
 from itap_stream.core.schema import STATES, SensorSchema
-from itap_stream.errors import DataError
 
 __all__ = ["GAP_FACTOR", "format_report", "parse_ts_column", "validate_csv"]
 
@@ -37,19 +39,11 @@ def parse_ts_column(raw: pd.Series) -> pd.Series:
     return num.astype(np.float64)
 
 
-def validate_csv(path: str | Path, schema: SensorSchema) -> dict[str, Any]:
-    """The report as a JSON-ready dict; raises `DataError` only when the file cannot be read."""
+def validate_csv(path: str | Path, schema: SensorSchema, *, window: int = 32) -> dict[str, Any]:
+    """The report as a JSON-ready dict; raises `DataError` only when the file cannot be read.
+    ``window``: readings per window (a device with fewer can never be scored)."""
     p = Path(path)
-    if not p.is_file():
-        msg = f"CSV file not found: {p}"
-        raise DataError(msg)
-    try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=True, low_memory=False)
-    except UnicodeDecodeError:
-        raise DataError(not_utf8_message("CSV", p)) from None
-    except (ValueError, pd.errors.ParserError) as exc:
-        msg = f"cannot parse CSV {p}: {exc}"
-        raise DataError(msg) from exc
+    df = map_columns(open_csv(p, dtype=str, keep_default_na=True, low_memory=False), schema, p)
     report: dict[str, Any] = {"file": str(p), "rows": len(df), "columns": list(df.columns), "usable": True}
     reasons: list[str] = []
     required = ["device_id", "ts", *schema.names]
@@ -70,7 +64,15 @@ def validate_csv(path: str | Path, schema: SensorSchema) -> dict[str, Any]:
             reasons.append("no row has both a device_id and a readable ts")
         else:
             report.update(_time_checks(dev[ok], ts[ok]))
+            longest = max((d["readings"] for d in report["per_device"].values()), default=0)
+            if longest < window:
+                reasons.append(f"no device has the {window} readings one window needs (window: {window}); the "
+                               f"longest has {longest}")
     report["signals"] = _signal_checks(df, schema)
+    for name, sig in report["signals"].items():
+        if len(df) and sig["missing"] + sig["non_numeric"] + sig["non_finite"] >= len(df):
+            reasons.append(f"signal {name} has no numeric value ({sig['missing']} empty, {sig['non_numeric']} not a "
+                           f"number, {sig['non_finite']} not finite)")
     states = df["state"].fillna("RUN") if "state" in df.columns else pd.Series(["RUN"] * len(df))
     counts = states.value_counts()
     report["states"] = {s: int(counts.get(s, 0)) for s in STATES}
