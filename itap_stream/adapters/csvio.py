@@ -10,6 +10,7 @@ may map other column names (``timestamp_column``, ``device_column``, a signal's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ __all__ = ["TIMESTAMP_NAMES", "map_columns", "open_csv", "read_readings", "sniff
 TIMESTAMP_NAMES = frozenset({"timestamp", "datetime", "time", "date_time", "date"})
 
 
-def open_csv(path: str | Path, **read_csv: object) -> pd.DataFrame:
+def open_csv(path: str | Path, **read_csv: object) -> Any:
     """`pandas.read_csv` of a readings file with its own separator (`sniff_delimiter`); a
     missing, non-UTF-8 or unparsable file is one `DataError`. Every command reads CSVs here
     (``chunksize`` gives an iterator of frames)."""
@@ -33,7 +34,7 @@ def open_csv(path: str | Path, **read_csv: object) -> pd.DataFrame:
         msg = f"CSV file not found: {p}"
         raise DataError(msg)
     try:
-        return pd.read_csv(p, sep=sniff_delimiter(p), **read_csv)  # type: ignore[call-overload, no-any-return]
+        return pd.read_csv(p, sep=sniff_delimiter(p), **read_csv)  # type: ignore[call-overload]
     except UnicodeDecodeError:
         raise DataError(not_utf8_message("CSV", p)) from None
     except (ValueError, pd.errors.ParserError) as exc:

@@ -41,7 +41,7 @@ DEVICES_FLUSH_S = 5.0
 #: Column widths of the dead-letter table (a hostile topic or device id is cut to fit).
 DEADLETTER_TOPIC_CHARS, DEADLETTER_REASON_CHARS, DEADLETTER_ID_CHARS = 256, 32, 128
 #: The parts of a `StoreBatch` that `StoreWriter` splits when the store refuses a row.
-BATCH_PARTS = ("readings", "windows", "anomalies", "alerts", "deadletters", "gaps", "devices")
+BATCH_PARTS = ("readings", "windows", "anomalies", "alerts", "deadletters", "gaps", "state", "silences", "devices")
 
 
 class StoreWriteError(StoreError):
@@ -101,12 +101,14 @@ class StoreBatch:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     deadletters: list[dict[str, Any]] = field(default_factory=list)  # dead-letter bodies
     gaps: list[dict[str, Any]] = field(default_factory=list)  # jumps in a device's seq (`core.window.Gap`)
+    state: list[tuple[str, str]] = field(default_factory=list)  # (key, value) of the service's own state
+    silences: list[tuple[str, str | None]] = field(default_factory=list)  # (id, JSON body or None: removed)
     devices: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (first, last) ts
     on_commit: list[Any] = field(default_factory=list)  # callables run after the commit
 
     def __len__(self) -> int:
         return (len(self.readings) + len(self.windows) + len(self.anomalies) + len(self.alerts)
-                + len(self.deadletters) + len(self.gaps))
+                + len(self.deadletters) + len(self.gaps) + len(self.state) + len(self.silences))
 
 
 class Store:
@@ -219,6 +221,21 @@ class Store:
             # one row per transition: reminders repeat a status, at another time
             sa.UniqueConstraint("alert_id", "status", "changed_at", name="uq_alerts_id_status_at"),
         )
+        # what the service must find again after a restart: the active model, runtime silences
+        self.state = sa.Table(
+            "state",
+            md,
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("value", sa.Text, nullable=False),
+            sa.Column("updated_at", sa.Float, nullable=False),
+        )
+        self.silences = sa.Table(
+            "silences",
+            md,
+            sa.Column("id", sa.String(128), primary_key=True),
+            sa.Column("body", sa.Text, nullable=False),  # the silence as `Silence.to_dict` gives it, JSON
+            sa.Column("added_at", sa.Float, nullable=False),
+        )
         # readings a device numbered (seq) that never arrived: one row per jump
         self.gaps = sa.Table(
             "gaps",
@@ -326,6 +343,14 @@ class Store:
                         conn.execute(self._insert_ignore(table), rows)
                 if batch.deadletters:
                     conn.execute(self.deadletters.insert(), [deadletter_row(d) for d in batch.deadletters])
+                now = time.time()
+                for key, value in batch.state:
+                    conn.execute(self.state.delete().where(self.state.c.key == key))
+                    conn.execute(self.state.insert(), {"key": key, "value": value, "updated_at": now})
+                for sid, body in batch.silences:
+                    conn.execute(self.silences.delete().where(self.silences.c.id == sid))
+                    if body is not None:
+                        conn.execute(self.silences.insert(), {"id": sid, "body": body, "added_at": now})
                 if batch.devices:
                     self._note_devices(conn, batch.devices)
         except (SQLAlchemyError, ValueError, TypeError, OverflowError, UnicodeError) as exc:
@@ -439,6 +464,84 @@ class Store:
         except SQLAlchemyError as exc:
             msg = f"cannot read baseline shifts from {_safe_url(self.url)}: {exc}"
             raise StoreError(msg) from exc
+        return out
+
+    def get_state(self, key: str) -> tuple[str, float] | None:
+        """A value of the service's own state and when it was written, or None."""
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(sa.select(self.state.c.value, self.state.c.updated_at)
+                                   .where(self.state.c.key == key)).first()
+        except SQLAlchemyError as exc:
+            msg = f"cannot read the service state from {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    def stored_silences(self) -> list[dict[str, Any]]:
+        """The silences added at runtime and not removed, oldest first."""
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(self.silences.c.body).order_by(self.silences.c.added_at)).all()
+        except SQLAlchemyError as exc:
+            msg = f"cannot read silences from {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+        out = []
+        for (body,) in rows:
+            try:
+                item = json.loads(body)
+            except ValueError:
+                continue
+            if isinstance(item, dict):
+                out.append(item)
+        return out
+
+    def latest_windows(self, limit: int, per_device: int = 60) -> dict[str, list[tuple[float, bool, str]]]:
+        """Per device (the ``limit`` heard from most recently), its latest ``per_device`` scored
+        windows oldest first as ``(score, is_anomaly, state)``: the dashboard after a restart."""
+        w = self.windows
+        out: dict[str, list[tuple[float, bool, str]]] = {}
+        try:
+            with self.engine.connect() as conn:
+                devices = conn.execute(sa.select(w.c.device_id).group_by(w.c.device_id)
+                                       .order_by(sa.func.max(w.c.window_end).desc()).limit(limit)).scalars().all()
+                for dev in devices:
+                    rows = conn.execute(sa.select(w.c.score, w.c.is_anomaly, w.c.state).where(w.c.device_id == dev)
+                                        .order_by(w.c.window_end.desc()).limit(per_device)).all()
+                    out[dev] = [(float(s), bool(f), str(st)) for s, f, st in reversed(rows)]
+        except SQLAlchemyError as exc:
+            msg = f"cannot read recent windows from {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+        return out
+
+    def open_alerts(self) -> list[Any]:
+        """Alerts open when the service stopped: per alert id its latest stored transition
+        (as an `Alert`, status ``flapping`` when it ever flapped) unless that is ``resolved``;
+        events (``model_drift``, ``baseline_shift``, ``data_gap``) are never open."""
+        from itap_stream.core.rules import Alert
+
+        a = self.alerts
+        latest = sa.select(sa.func.max(a.c.id)).where(a.c.status != "event").group_by(a.c.alert_id)
+        flapped = sa.select(a.c.alert_id).where(a.c.status == "flapping").distinct()
+        out = []
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(a.c.payload, a.c.window_start, a.c.window_end, a.c.changed_at)
+                                    .where(a.c.id.in_(latest), a.c.status != "resolved")
+                                    .order_by(a.c.changed_at)).all()
+                flapping = {r[0] for r in conn.execute(flapped)}
+        except SQLAlchemyError as exc:
+            msg = f"cannot read open alerts from {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+        for payload, start, end, changed in rows:
+            try:
+                alert = Alert.from_dict(json.loads(payload))
+            except (ValueError, KeyError, TypeError):
+                log.warning("an open alert's stored transition cannot be read back; it is not restored")
+                continue
+            alert.window_start, alert.window_end, alert.changed_at = float(start), float(end), float(changed)
+            if alert.id in flapping:
+                alert.status = "flapping"
+            out.append(alert)
         return out
 
     def missing_readings(self) -> dict[str, int]:

@@ -229,6 +229,9 @@ class Consumer:
         self._broker_dropped_seen: int | None = None  # as last exported and logged
         self._gap_logged = 0.0
         self._gap_pending: list[str] = []
+        # the service's own state for the next batch to store: (key, value), (silence id, body or None)
+        self._state_rows: list[tuple[str, str]] = []
+        self._silence_rows: list[tuple[str, str | None]] = []
         # messages handed to the store / acknowledged after its commit: each counter has one
         # writer (this loop / the store writer thread), the gauge is their difference
         self._to_ack = 0
@@ -312,6 +315,52 @@ class Consumer:
             log.info("refilled the windows of %d device(s) from the store in %.2fs", n, time.perf_counter() - t0)
         return n
 
+    def restore_state(self) -> dict[str, int]:
+        """After a restart: the alerts that were open (they resolve, remind and take acks as
+        before), the silences added at runtime, and the dashboard's devices and alerts, from
+        the store. Alerts whose rule is gone resolve now. Returns what was restored."""
+        now = self.clock()
+        try:
+            open_alerts = self.store.open_alerts()
+            silences = self.store.stored_silences()
+            recent = self.store.latest_windows(min(self.settings.max_devices, 10_000))
+        except ItapError as exc:
+            log.warning("could not restore alerts, silences and the dashboard from the store: %s", exc)
+            return {}
+        rest = self.processor.engine.restore(open_alerts)
+        if self.processor.health is not None:
+            rest = self.processor.health.restore(rest)
+        gone = [dataclasses.replace(a, status="resolved", resolved_at=a.window_end, changed_at=a.window_end,
+                                    note="resolved at restart: its rule is no longer configured") for a in rest]
+        kept = 0
+        for item in silences:
+            try:
+                s = silence_from_dict(item, now=now)
+            except ConfigError as exc:
+                log.warning("a stored silence cannot be read back (%s); dropped", exc)
+                continue
+            if s.end is not None and s.end <= now and not s.weekly:
+                self._silence_rows.append((s.id, None))  # over while the service was down
+                continue
+            self.silences.add(s)
+            kept += 1
+        for dev, rows in recent.items():
+            self.fleet.update([dev] * len(rows), np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                              [r[2] for r in rows], [])
+        self.fleet.update([], np.zeros(0), np.zeros(0, dtype=bool), [], open_alerts)
+        if gone:
+            batch = StoreBatch()
+            self._emit(gone, batch)
+            self.fleet.update([], np.zeros(0), np.zeros(0, dtype=bool), [], gone)
+            self.writer.submit(batch)
+        counts = {"alerts": len(open_alerts) - len(gone), "resolved": len(gone), "silences": kept,
+                  "devices": len(recent)}
+        if any(counts.values()):
+            log.info("restored from the store: %d open alert(s), %d silence(s), %d device(s) on the dashboard; "
+                     "%d alert(s) of rules no longer configured resolved", counts["alerts"], kept, len(recent),
+                     len(gone))
+        return counts
+
     # -- health
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``(ok, detail)`` for ``/healthz`` and the watchdog: not ok once the store writer
@@ -387,6 +436,7 @@ class Consumer:
 
     def _run(self, ready: threading.Event | None) -> None:
         self.restore_windows()
+        self.restore_state()
         self.link.start()
         if isinstance(self.inbox, Receiver):
             try:
@@ -735,6 +785,9 @@ class Consumer:
         m.active_devices.set(len(self.processor.windows))
         batch = self._rows(result, readings)
         batch.deadletters = dead
+        if self._state_rows or self._silence_rows:
+            batch.state, batch.silences = self._state_rows, self._silence_rows
+            self._state_rows, self._silence_rows = [], []
         self._emit([*transitions, *result.alerts], batch)
         if n_win and result.windows is not None and result.scores is not None and result.is_anomaly is not None:
             self.fleet.update(result.windows.device_ids, result.scores, result.is_anomaly, result.states,
@@ -935,6 +988,9 @@ class Consumer:
                 self.settings = before
                 self._mtimes = self._watched()
             reply.update(ok=bool(results) and all(v == "reloaded" for v in results.values()), results=results)
+            if model_path is not None and results.get("model") == "reloaded":
+                # `itap train --activate` outlives a restart: the next start loads this model
+                self._state_rows.append(("model_path", self.settings.model_path))
             if not reply["ok"] and "reason" not in reply:
                 reply["reason"] = "; ".join(
                     f"{k}: {v}" for k, v in results.items() if v not in ("reloaded", "unchanged")
@@ -1016,11 +1072,13 @@ class Consumer:
                 reply["reason"] = str(exc)
                 return
             self.silences.add(s)
+            self._silence_rows.append((s.id, json.dumps(s.to_dict())))  # kept across restarts
             log.info("silence %s added: %s", s.id, s.to_dict())
             reply.update(ok=True, silence=s.to_dict())
         elif action == "remove":
             sid = str(body.get("id") or "")
             if self.silences.remove(sid):
+                self._silence_rows.append((sid, None))
                 log.info("silence %s removed", sid)
                 reply.update(ok=True, id=sid)
             else:

@@ -35,6 +35,8 @@ def build_consumer(
 ) -> Consumer:
     """Load schema, rules and model, open the store: everything `itap run` needs, checked."""
     schema = settings.schema()
+    store = Store(settings.db_url, schema)
+    settings = _activated_model(settings, store)
     key = artifacts.model_key(settings.model_key_file)
     if key is None:
         log.warning("no model key configured (ITAP_MODEL_KEY or model_key_file): model artifacts are checked by "
@@ -42,9 +44,36 @@ def build_consumer(
                     settings.models_dir or os.path.dirname(os.path.abspath(settings.model_path)))
     artifact = artifacts.load(settings.model_path, key=key)
     check_compatible(artifact, schema, settings.window, settings.hop)
-    store = Store(settings.db_url, schema)
     engine = settings.rule_engine()
     return Consumer(settings, schema, artifact, engine, store, metrics, on_alert=on_alert, clock=clock)
+
+
+def _activated_model(settings: Settings, store: Store) -> Settings:
+    """The settings with the model `itap train --activate` last switched this store's consumer
+    to, when that happened after the configured model file was written (the newer decision
+    wins; replacing the configured file, or activating it, goes back to it) and the model is
+    still inside the models folder."""
+    stored = store.get_state("model_path")
+    if stored is None or stored[0] == settings.model_path:
+        return settings
+    path, at = stored
+    try:
+        resolved = artifacts.resolve_model_path(path, settings.models_dir or os.path.dirname(
+            os.path.abspath(settings.model_path)))
+    except ItapError as exc:
+        log.warning("the model activated last (%s) is not usable any more (%s); loading %s", path, exc,
+                    settings.model_path)
+        return settings
+    try:
+        configured = os.path.getmtime(settings.model_path)
+    except OSError:
+        configured = float("-inf")
+    if at <= configured:
+        log.info("%s was written after %s was activated: loading it", settings.model_path, path)
+        return settings
+    log.info("loading %s, activated by `itap train --activate` at %s (configured model_path: %s)", resolved,
+             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)), settings.model_path)
+    return settings.replace(model_path=str(resolved))
 
 
 def run_service(settings: Settings) -> None:

@@ -119,6 +119,23 @@ class SensorHealth:
                         out.append(_resolve(alert, ends[i]))
         return out
 
+    def restore(self, alerts: Iterable[Alert]) -> list[Alert]:
+        """Take over open ``signal_*`` and ``device_stale`` alerts after a restart (they resolve
+        when the signal or the device comes back); returns the others."""
+        rest = []
+        for a in alerts:
+            if a.rule.startswith(("signal_missing:", "signal_stuck:")):
+                key = (a.device_id, a.rule)
+                if key not in self._open:
+                    self._open[key] = a
+                    self._open_devices[a.device_id] = self._open_devices.get(a.device_id, 0) + 1
+            elif a.rule == "device_stale":
+                self._stale[a.device_id] = a
+                self._last_seen.setdefault(a.device_id, a.window_start)
+            else:
+                rest.append(a)
+        return rest
+
     def open_ids(self) -> set[str]:
         """Ids of the open signal and stale alerts."""
         return {a.id for a in self._open.values()} | {a.id for a in self._stale.values()}

@@ -312,6 +312,34 @@ class Alert:
             "note": self.note,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Alert:
+        """The alert `to_dict` made (a stored or published transition).
+
+        Examples
+        --------
+        >>> a = Alert("a1", "burst", "WARNING", "D1", "RUN", 0.0, 4.0, 0.7, 0.9, "x", {"Voltage": 1.0},
+        ...           [("voltage_v_std", 0.5)], "maintenance", "firing", 4.0, acknowledged=True, note="n")
+        >>> Alert.from_dict(a.to_dict()) == dataclasses.replace(a, changed_at=4.0)
+        True
+        """
+        def ts(v: Any) -> float | None:
+            return None if v is None else datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+
+        likely = d.get("likely_fault") or {}
+        return cls(
+            id=str(d["id"]), rule=str(d["rule"]), severity=str(d["severity"]), device_id=str(d["device_id"]),
+            state=str(d.get("state") or ""), window_start=ts(d["window_start"]) or 0.0,
+            window_end=ts(d["window_end"]) or 0.0, score=float(d.get("score") or 0.0),
+            confidence=float(d.get("confidence") or 0.0), root_cause=str(d.get("root_cause") or ""),
+            families={str(k): float(v) for k, v in (d.get("families") or {}).items()},
+            top_features=[(str(n), float(s)) for n, s in d.get("top_features") or []], route=str(d.get("route") or ""),
+            status=str(d["status"]), fired_at=ts(d["fired_at"]) or 0.0, resolved_at=ts(d.get("resolved_at")),
+            anomalies=int(d.get("anomalies") or 1), likely_fault=str(likely.get("class", "unknown")),
+            likely_fault_confidence=float(likely.get("confidence", 0.0)), changed_at=ts(d.get("changed_at")),
+            acknowledged=bool(d.get("acknowledged")), note=str(d.get("note") or ""),
+        )
+
 
 @dataclass
 class _DeviceState:
@@ -359,6 +387,25 @@ class RuleEngine:
 
     def open_alerts(self) -> list[Alert]:
         return [a for d in self._devices.values() for a in d.open.values()]
+
+    def restore(self, alerts: Iterable[Alert]) -> list[Alert]:
+        """Take over alerts that were open when the service stopped (their latest stored
+        transition), so they resolve, remind and take acknowledgements as if it had not
+        stopped; the condition counts as last held at their window's end. Returns those
+        whose rule is not in this engine (a sensor-health alert, or a rule since removed)."""
+        names = {r.name for r in self.rules}
+        rest = []
+        for a in alerts:
+            if a.rule not in names:
+                rest.append(a)
+                continue
+            dev = self._devices.setdefault(a.device_id, _DeviceState())
+            dev.open[a.rule] = dataclasses.replace(a, status="flapping" if a.status == "flapping" else "firing",
+                                                   note="")
+            dev.held[a.rule] = a.window_end
+            dev.sent[a.rule] = a.changed_at if a.changed_at is not None else a.window_end
+            dev.clear[a.rule] = 0
+        return rest
 
     def _holds(self, rule: Rule, w: ScoredWindow, dev: _DeviceState) -> bool:
         if rule.type == "burst":

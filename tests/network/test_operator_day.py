@@ -228,3 +228,118 @@ def test_a_stock_mosquitto_dropping_a_slowed_consumers_messages_is_seen(tmp_path
     assert processed < 2000 and processed + missing == 2001  # every lost reading is a counted gap
     assert missing == dropped  # this consumer's queue was the one that overflowed
     assert any("the broker dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_open_alerts_acks_silences_and_the_dashboard_survive_a_restart(settings, wait, capsys):
+    """Issue 16, point 4: stop the consumer while a fault's alert is open (acknowledged, a
+    silence added at runtime); a new consumer on the same store has the same open alerts,
+    acknowledgement, silence, devices and dashboard alerts, and the alert resolves normally
+    once the device is healthy again."""
+    from itap_stream.adapters.metrics import Metrics
+    from itap_stream.app.service import build_consumer
+    from simulator import Fault, simulate
+    from simulator.transport import publish
+
+    def start():
+        metrics = Metrics()
+        consumer = build_consumer(settings, metrics=metrics)
+        ready = threading.Event()
+        thread = threading.Thread(target=consumer.run, kwargs={"ready": ready}, daemon=True)
+        thread.start()
+        assert ready.wait(15)
+        return consumer, thread, metrics
+
+    def stop(consumer, thread):
+        consumer.stop()
+        thread.join(20)
+        assert not thread.is_alive()
+
+    args = ["--broker", settings.broker_url]
+    sim = simulate(2, 900, seed=31, faults=[Fault("power_instability", "DEV-0002", 300, 600)], maint=False)
+    consumer, thread, metrics = start()
+    try:
+        sent = publish(sim, settings.broker_url, speed=0, qos=1, client_id="t-restart-1")
+        assert wait(lambda: metrics.sample("itap_readings_processed_total") >= sent)
+        assert wait(lambda: consumer.processor.engine.open_alerts())
+        fired = consumer.processor.engine.open_alerts()[0]
+        assert main(["ack", fired.id, "--note", "crew on site", *args]) == 0
+        assert main(["silence", "add", "--device", "DEV-0001", "--duration", "2h", "--comment", "pump swap",
+                     *args]) == 0
+        assert wait(lambda: consumer.writer.pending == 0)
+        before = consumer.fleet.snapshot()
+        open_before = {(a.id, a.rule) for a in consumer.processor.engine.open_alerts()}
+    finally:
+        stop(consumer, thread)
+    assert fired.device_id == "DEV-0002" and open_before
+
+    consumer, thread, metrics = start()
+    try:
+        engine = consumer.processor.engine
+        assert {(a.id, a.rule) for a in engine.open_alerts()} == open_before
+        assert engine.find_open(fired.id).acknowledged
+        capsys.readouterr()
+        assert main(["silence", "list", *args]) == 0
+        assert "device=DEV-0001" in capsys.readouterr().out and "pump swap" in consumer.silences.all()[0].comment
+        after = consumer.fleet.snapshot()
+        assert [d["device_id"] for d in after["devices"]] == [d["device_id"] for d in before["devices"]]
+        assert {a["id"] for a in after["alerts"]} == {a["id"] for a in before["alerts"]}
+        # the device is healthy again: the restored alert resolves as it would have without the restart
+        healthy = simulate(2, 900, seed=32, maint=False, start_ts=float(sim.ts[-1]) + 1.0)
+        sent = publish(healthy, settings.broker_url, speed=0, qos=1, client_id="t-restart-2")
+        assert wait(lambda: metrics.sample("itap_readings_processed_total") >= sent)
+        assert wait(lambda: not engine.open_alerts())
+        assert metrics.sample("itap_alerts_total", rule=fired.rule, severity=fired.severity, status="resolved") >= 1
+    finally:
+        stop(consumer, thread)
+
+
+def test_an_activated_model_is_the_one_loaded_after_a_restart(settings, tmp_path, trained, normal_frame):
+    """`itap train --activate` (the reload command with a model_path) is stored: a restart loads
+    that model, not the configured one; writing the configured file anew goes back to it."""
+    import os
+    import shutil
+
+    from itap_stream.adapters import artifacts
+    from itap_stream.adapters.metrics import Metrics
+    from itap_stream.app.commands import send_command
+    from itap_stream.app.offline import train_from_frame
+    from itap_stream.app.service import build_consumer
+
+    models = tmp_path / "models"
+    models.mkdir()
+    current = models / "current.joblib"
+    shutil.copy(settings.model_path, current)
+    shutil.copy(settings.model_path + ".json", str(current) + ".json")
+    other, _ = train_from_frame(normal_frame, settings.schema(), window=32, hop=4, quantile=0.99, seed=1)
+    assert other.threshold != trained.threshold
+    newer = models / "2026-12.joblib"
+    artifacts.save(other, newer)
+    st = settings.replace(model_path=str(current))
+
+    def run_until_ready():
+        consumer = build_consumer(st, metrics=Metrics())
+        ready = threading.Event()
+        thread = threading.Thread(target=consumer.run, kwargs={"ready": ready}, daemon=True)
+        thread.start()
+        assert ready.wait(15)
+        return consumer, thread
+
+    consumer, thread = run_until_ready()
+    try:
+        assert consumer.processor.artifact.threshold == trained.threshold
+        answer = send_command(st, "reload", {"parts": ["model"], "model_path": str(newer)})
+        assert answer["ok"], answer
+        deadline = time.monotonic() + 10
+        while consumer.store.get_state("model_path") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        consumer.stop()
+        thread.join(20)
+    consumer = build_consumer(st, metrics=Metrics())
+    assert consumer.processor.artifact.threshold == other.threshold  # the activated one
+    consumer.store.dispose()
+    later = time.time() + 5
+    os.utime(current, (later, later))  # the configured file written anew: it wins again
+    consumer = build_consumer(st, metrics=Metrics())
+    assert consumer.processor.artifact.threshold == trained.threshold
+    consumer.store.dispose()
