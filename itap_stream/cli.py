@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOGS["ack"], formatter_class=fmt,
     )
     _common(p)
-    p.add_argument("alert_id", help="the alert's id (the `id` field of the published alert)")
+    p.add_argument("alert_id", help="the alert's id, or its first 8 characters (`itap alerts`, the dashboard)")
     p.add_argument("--note", default="", help="why / what is being done, stored and published with the acknowledgement")
     p.add_argument("--by", default=os.environ.get("USER", ""), help="who acknowledges (default: $USER)")
     p.add_argument("--rebaseline", action="store_true",

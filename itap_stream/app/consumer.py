@@ -1014,7 +1014,9 @@ class Consumer:
         note, by = clean_text(body.get("note") or "", 500), clean_text(body.get("by") or "", 64)
         reply["alert_id"] = alert_id
         engine = self.processor.engine
-        alert = engine.find_open(alert_id)
+        alert = engine.find_open(alert_id)  # the full id or the short one people see
+        if alert is not None:
+            alert_id = reply["alert_id"] = alert.id
         if alert is None or (alert.acknowledged and not rebase):
             reply["reason"] = (
                 f"no open, unacknowledged alert with id {alert_id} (unknown, resolved or already acknowledged)"

@@ -175,6 +175,9 @@ def run_demo(
             anom["dominant_family"].tolist(),
         )
         summary["alerts"] = len(alerts)
+        fired = [a for a in alerts if a.get("status") in ("firing", "flapping")]
+        summary["alerts_fired"] = len(fired)
+        summary["incidents"] = len({a.get("incident") or a["id"] for a in fired})
         summary["readings_published"] = sent
         summary["readings_stored"] = store.count("readings")
         summary["seconds"] = round(elapsed, 1)
@@ -187,7 +190,8 @@ def run_demo(
         _say(
             out,
             f"[demo] {sent:,} readings published, {summary['readings_stored']:,} stored, {len(alerts)} alert "
-            f"transition(s) in {elapsed:.1f}s",
+            f"transition(s) in {elapsed:.1f}s: {summary['alerts_fired']} alert(s) fired in {summary['incidents']} "
+            f"incident(s) for {len(faults)} injected fault(s)",
         )
         _say(out, f"[demo] database: {db_path.resolve()}")
         _say(out, f"[demo] model:    {model_path.resolve()}")

@@ -32,7 +32,7 @@ class FleetView:
     >>> v = FleetView(threshold=1.0, typical=0.6)
     >>> v.update(["D1", "D1", "D2"], np.array([0.2, 0.8, 1.2]), np.array([False, False, True]), ["RUN"] * 3, [])
     >>> s = v.snapshot(limit=1); [d["device_id"] for d in s["devices"]], s["totals"]["devices"], s["page"]
-    (['D2'], 2, {'limit': 1, 'offset': 0, 'devices_returned': 1, 'alerts_returned': 0})
+    (['D2'], 2, {'limit': 1, 'offset': 0, 'devices_returned': 1, 'alerts_returned': 0, 'incidents_returned': 0})
     >>> s["devices"][0]["health"], v.snapshot(offset=1)["devices"][0]["health"]  # `core.model.device_health`
     (0.25, 0.75)
     """
@@ -74,10 +74,13 @@ class FleetView:
                 if a.status in _CLOSED:
                     self._alerts.pop(a.id, None)
                 elif a.status != "event":
+                    was = self._alerts.get(a.id, {})
                     self._alerts[a.id] = {
                         "id": a.id, "device_id": a.device_id, "rule": a.rule, "severity": a.severity,
                         "status": a.status, "families": a.families, "likely_fault": a.likely_fault,
-                        "note": a.note, "fired_at": a.fired_at,
+                        "note": a.note or was.get("note", ""), "fired_at": a.fired_at, "route": a.route,
+                        "acknowledged": a.acknowledged or a.status == "acknowledged",
+                        "incident": a.incident or a.id, "changed_at": a.changed_at,
                     }
 
     def snapshot(self, limit: int = DEFAULT_LIMIT, offset: int = 0) -> dict[str, Any]:
@@ -112,8 +115,33 @@ class FleetView:
             totals = {"devices": len(ranked), "windows": self._windows, "anomalies": self._anomalies,
                       "open_alerts": len(alerts), "unhealthy": sum(1 for _dev, d in ranked if d["anomalous"])}
         page_alerts = [dict(a) for a in alerts[offset:offset + limit]]
-        page = {"limit": limit, "offset": offset, "devices_returned": len(devices), "alerts_returned": len(page_alerts)}
-        return {"devices": devices, "alerts": page_alerts, "totals": totals, "page": page}
+        incidents = _incidents(alerts)
+        totals["incidents"] = len(incidents)
+        page_incidents = incidents[offset:offset + limit]
+        page = {"limit": limit, "offset": offset, "devices_returned": len(devices), "alerts_returned": len(page_alerts),
+                "incidents_returned": len(page_incidents)}
+        return {"devices": devices, "alerts": page_alerts, "incidents": page_incidents, "totals": totals, "page": page}
+
+
+def _incidents(alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Open alerts grouped by incident (one device, one likely fault; `core.rules`): one entry
+    each with its members, the highest member's severity and why, most severe first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for a in alerts:
+        groups.setdefault(str(a.get("incident") or a["id"]), []).append(a)
+    out = []
+    for inc, members in groups.items():
+        members = sorted(members, key=lambda a: float(a.get("fired_at") or 0.0))
+        top = min(members, key=lambda a: _SEVERITY_RANK.get(str(a["severity"]).upper(), len(_SEVERITY_RANK)))
+        out.append({
+            "id": inc, "device_id": members[0]["device_id"], "severity": top["severity"],
+            "severity_reason": f"{top['severity']} from {top['rule']}" + (
+                f" ({len(members)} alerts)" if len(members) > 1 else ""),
+            "likely_fault": top["likely_fault"], "families": top["families"], "route": top.get("route", ""),
+            "fired_at": members[0]["fired_at"], "status": top["status"],
+            "acknowledged": all(m.get("acknowledged") for m in members), "members": [dict(m) for m in members],
+        })
+    return sorted(out, key=_most_severe_first)
 
 
 def _worst_first(item: tuple[str, dict[str, Any]]) -> tuple[bool, float, str]:

@@ -201,7 +201,9 @@ class Lifecycle:
     ``repeat_interval_s``: while a condition holds and nobody acknowledged it, a
     ``reminder`` is sent this often (0: never). ``flap_count`` / ``flap_period_s``: a
     condition that fired that many times within the period is held as one ``flapping``
-    alert, which resolves only after a whole quiet period.
+    alert, which resolves only after a whole quiet period. ``group_interval_s``: alerts of
+    one device with the same likely fault that fire within this long of the first one form
+    one incident (Alertmanager's ``group_by: [device, likely_fault]``); 0: no grouping.
     """
 
     resolve_after_s: float = 300.0
@@ -209,6 +211,7 @@ class Lifecycle:
     repeat_interval_s: float = 3600.0
     flap_count: int = 4
     flap_period_s: float = 1800.0
+    group_interval_s: float = 300.0
 
 
 def lifecycle_from_dict(data: Mapping[str, Any]) -> Lifecycle:
@@ -218,7 +221,7 @@ def lifecycle_from_dict(data: Mapping[str, Any]) -> Lifecycle:
     --------
     >>> lifecycle_from_dict({"resolve_after": "2m", "repeat_interval": "30m", "flap_count": 3})
     Lifecycle(resolve_after_s=120.0, resolve_after_windows=0, repeat_interval_s=1800.0, flap_count=3,
-              flap_period_s=1800.0)
+              flap_period_s=1800.0, group_interval_s=300.0)
     """
     try:
         lc = Lifecycle(
@@ -227,6 +230,7 @@ def lifecycle_from_dict(data: Mapping[str, Any]) -> Lifecycle:
             repeat_interval_s=parse_duration(data.get("repeat_interval", "1h")),
             flap_count=int(data.get("flap_count", 4)),
             flap_period_s=parse_duration(data.get("flap_period", "30m")),
+            group_interval_s=parse_duration(data.get("group_interval", "5m")),
         )
     except (TypeError, ValueError) as exc:
         msg = f"alert rules lifecycle settings: {exc}"
@@ -286,6 +290,7 @@ class Alert:
     changed_at: float | None = None  # when this transition happened (event time)
     acknowledged: bool = False
     note: str = ""
+    incident: str = ""  # the id of the incident (group of one device's alerts of one fault) it belongs to
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -310,6 +315,7 @@ class Alert:
             "changed_at": iso(self.changed_at if self.changed_at is not None else self.fired_at),
             "acknowledged": self.acknowledged,
             "note": self.note,
+            "incident": self.incident or self.id,
         }
 
     @classmethod
@@ -320,7 +326,7 @@ class Alert:
         --------
         >>> a = Alert("a1", "burst", "WARNING", "D1", "RUN", 0.0, 4.0, 0.7, 0.9, "x", {"Voltage": 1.0},
         ...           [("voltage_v_std", 0.5)], "maintenance", "firing", 4.0, acknowledged=True, note="n")
-        >>> Alert.from_dict(a.to_dict()) == dataclasses.replace(a, changed_at=4.0)
+        >>> Alert.from_dict(a.to_dict()) == dataclasses.replace(a, changed_at=4.0, incident="a1")
         True
         """
         def ts(v: Any) -> float | None:
@@ -338,6 +344,7 @@ class Alert:
             anomalies=int(d.get("anomalies") or 1), likely_fault=str(likely.get("class", "unknown")),
             likely_fault_confidence=float(likely.get("confidence", 0.0)), changed_at=ts(d.get("changed_at")),
             acknowledged=bool(d.get("acknowledged")), note=str(d.get("note") or ""),
+            incident=str(d.get("incident") or ""),
         )
 
 
@@ -351,6 +358,7 @@ class _DeviceState:
     clear: dict[str, int] = field(default_factory=dict)  # rule -> windows in a row it has not held
     fires: dict[str, deque[float]] = field(default_factory=dict)  # rule -> recent firing times (flapping)
     sent: dict[str, float] = field(default_factory=dict)  # rule -> last time the open alert was sent
+    incident_start: dict[str, float] = field(default_factory=dict)  # incident id -> when its first alert fired
 
 
 class RuleEngine:
@@ -405,6 +413,8 @@ class RuleEngine:
             dev.held[a.rule] = a.window_end
             dev.sent[a.rule] = a.changed_at if a.changed_at is not None else a.window_end
             dev.clear[a.rule] = 0
+            inc = a.incident or a.id
+            dev.incident_start[inc] = min(dev.incident_start.get(inc, a.fired_at), a.fired_at)
         return rest
 
     def _holds(self, rule: Rule, w: ScoredWindow, dev: _DeviceState) -> bool:
@@ -454,10 +464,13 @@ class RuleEngine:
             dev.held[name] = t
             dev.clear[name] = 0
             if open_alert is None:
+                alert = self._fire(rule, w, dev)
+                if rule.type == "burst" and self._reported(alert, dev):
+                    return  # the fault is already reported by a specific rule: no second alert for it
                 fires = dev.fires.setdefault(name, deque())
                 while fires and fires[0] < t - lc.flap_period_s:
                     fires.popleft()
-                alert = self._fire(rule, w, dev)
+                alert.incident = self._incident(alert, dev)
                 if len(fires) >= lc.flap_count - 1:
                     # fired and resolved again and again: hold it as one flapping alert
                     alert.status = "flapping"
@@ -508,8 +521,29 @@ class RuleEngine:
             # its own condition has not held for the hold time (a tag alert on a device
             # without anomalies stays open while the tag keeps coming)
             del dev.open[name]
+            incident = open_alert.incident or open_alert.id
+            if not any((o.incident or o.id) == incident for o in dev.open.values()):
+                dev.incident_start.pop(incident, None)
             resolved = dataclasses.replace(open_alert, status="resolved", resolved_at=t, changed_at=t, note="")
             changes.append(resolved)
+
+    def _reported(self, alert: Alert, dev: _DeviceState) -> bool:
+        """Whether a specific (not burst) rule's alert is open on the device: its anomalies are
+        being reported already, and a burst of them would tell the same fault twice."""
+        bursts = {r.name for r in self.rules if r.type == "burst"}
+        return any(o.rule not in bursts for o in dev.open.values())
+
+    def _incident(self, alert: Alert, dev: _DeviceState) -> str:
+        """The incident a new alert joins: that of an open alert of the device with the same
+        likely fault whose incident began within ``group_interval_s``; else its own."""
+        gi = self.lifecycle.group_interval_s
+        if gi > 0:
+            for o in dev.open.values():
+                if o.likely_fault == alert.likely_fault and alert.fired_at - dev.incident_start.get(
+                        o.incident or o.id, o.fired_at) <= gi:
+                    return o.incident or o.id
+        dev.incident_start[alert.id] = alert.fired_at
+        return alert.id
 
     @staticmethod
     def _snapshot(alert: Alert, status: str, t: float, w: ScoredWindow, note: str) -> Alert:
@@ -517,12 +551,12 @@ class RuleEngine:
                                    score=w.score, note=note)
 
     def find_open(self, alert_id: str) -> Alert | None:
-        """The open alert with this id, or None."""
-        for dev in self._devices.values():
-            for alert in dev.open.values():
-                if alert.id == alert_id:
-                    return alert
-        return None
+        """The open alert with this id, or with this unique prefix of at least 6 characters
+        (the short id people see); None when there is none or the prefix is ambiguous."""
+        found = [a for dev in self._devices.values() for a in dev.open.values()
+                 if a.id == alert_id or (len(alert_id) >= 6 and a.id.startswith(alert_id))]
+        exact = [a for a in found if a.id == alert_id]
+        return exact[0] if exact else found[0] if len(found) == 1 else None
 
     def acknowledge(self, alert_id: str, at: float, note: str = "") -> Alert | None:
         """Acknowledge an open alert: no reminders until it resolves. Returns the
