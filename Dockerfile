@@ -12,7 +12,8 @@ COPY pyproject.toml README.md ./
 COPY itap_stream ./itap_stream
 COPY simulator ./simulator
 COPY configs ./configs
-RUN pip install --no-cache-dir . \
+# the postgres extra: the PostgreSQL driver, for ITAP_DB_URL=postgresql://...
+RUN pip install --no-cache-dir ".[postgres]" \
     && useradd --system --uid 10001 --home /app itap \
     && mkdir -p /data /models && chown itap /data /models
 

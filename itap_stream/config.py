@@ -98,6 +98,10 @@ class Settings:
     stall_timeout: float = 120.0  # seconds a thread may make no progress while work waits; then the process exits
     http_allowed_hosts: str = ""  # Host header values the HTTP server answers besides its own address and localhost
     http_threads: int = 8  # connections served at once; more wait in the listen queue
+    # dashboard actions (ack, silence from the page): off unless a user and a password are set
+    http_username: str = ""
+    http_password: str = ""  # only from ITAP_HTTP_PASSWORD, never in a config file
+    http_password_file: str = ""
     models_dir: str = ""  # reload takes a model_path only inside this folder (default: model_path's folder)
     model_key_file: str = ""  # HMAC key for model signatures (or ITAP_MODEL_KEY); artifacts must be signed with it
     broker_out_username: str = ""  # account of the publishing connection (default: broker_username + "-out")
@@ -180,6 +184,27 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def http_credentials(self) -> tuple[str, str] | None:
+        """``(user, password)`` for the dashboard's actions, or None (actions off): the user
+        from ``http_username``, the password from ``http_password`` (env) or the first line of
+        ``http_password_file``."""
+        if not self.http_username:
+            return None
+        password = self.http_password
+        if self.http_password_file:
+            try:
+                lines = Path(self.http_password_file).read_text(encoding="utf-8").splitlines()
+            except (OSError, ValueError) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                msg = f"cannot read http_password_file {self.http_password_file}: {why}"
+                raise ConfigError(msg) from exc
+            password = lines[0].strip() if lines else ""
+        if len(password) < 8:
+            msg = ("http_username is set but the dashboard password (ITAP_HTTP_PASSWORD or http_password_file) is "
+                   "missing or shorter than 8 characters")
+            raise ConfigError(msg)
+        return self.http_username, password
 
     def broker_auth(self, *, out: bool = False) -> Any:
         """Credentials and TLS files for broker connections (`BrokerAuth`); the password
@@ -365,6 +390,10 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         msg = f"configuration file {cfg_path}: unknown setting(s) {unknown}; known: {sorted(types)}"
         raise ConfigError(msg)
     # a config file is committed and shared: secrets belong in the environment or in files outside the repo
+    if data.get("http_password"):
+        msg = (f"configuration file {cfg_path} holds http_password; set ITAP_HTTP_PASSWORD or http_password_file "
+               "(a file outside the repository) instead")
+        raise ConfigError(msg)
     if data.get("broker_password") or (
         isinstance(data.get("broker_url"), str) and urlsplit(data["broker_url"]).password
     ):
@@ -381,6 +410,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
             raw = ",".join(str(x) for x in raw)
         values[name] = _coerce(name, raw, types[name])
         if name in ("sensors_file", "rules_file", "devices_file", "silences_file", "broker_password_file",
+                    "http_password_file",
                     "model_key_file", "tls_ca", "tls_cert", "tls_key") and values[name]:
             values[name] = str((cfg_path.parent / values[name]).resolve())
     for name, kind in types.items():

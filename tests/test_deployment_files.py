@@ -230,3 +230,26 @@ def test_docker_compose_validates_the_file():
     proc = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],  # noqa: S603,S607
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_compose_mounts_configs_publishes_the_broker_on_loopback_and_the_image_reaches_postgresql():
+    """Issue 16, point 10: rules hot-reload from the checkout (configs/ mounted), the plain
+    MQTT port is not exposed beyond this host, the build context leaves secrets and data out,
+    and the image carries the PostgreSQL driver."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "./configs:/app/configs:ro" in services["consumer"]["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ITAP_CONFIG=/app/configs/itap.yaml" in dockerfile
+    assert 'pip install --no-cache-dir ".[postgres]"' in dockerfile
+    assert all(str(p).startswith("127.0.0.1:") for p in services["mosquitto"]["ports"])
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".env", "*.db", "tests", "mosquitto"):
+        assert entry in ignored
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("psycopg2") for dep in extras["postgres"])
+    readme = (ROOT / "README.md").read_text()
+    containers = readme.split("\n## Containers", 1)[1].split("\n## ", 1)[0]
+    assert "chown 1883:1883 mosquitto/passwd" in containers and "docker compose up" in containers

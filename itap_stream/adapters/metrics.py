@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -137,6 +139,8 @@ def serve(
     allowed_hosts: Iterable[str] | str = (),
     threads: int = 8,
     request_timeout: float = 10.0,
+    actions: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+    credentials: tuple[str, str] | None = None,
 ) -> Any:
     """Serve ``/metrics`` and ``/healthz`` on ``host:port`` and, with ``fleet``, the dashboard (``/``)
     and its data (``/api/fleet?limit=&offset=``); returns the server (``.shutdown()`` to stop).
@@ -155,6 +159,11 @@ def serve(
         Connections served at once; the others wait in a queue (at most ``_MAX_PENDING``).
     request_timeout
         Seconds a connection gets, from its accept, to send its request (and per write of the answer).
+    actions
+        With ``fleet``: ``POST /api/ack`` and ``POST /api/silence`` (a JSON object) call
+        ``actions(name, body)`` (the consumer's command path: the same as ``itap ack`` and
+        ``itap silence add``) and answer its reply. Refused (403) unless ``credentials``
+        ``(user, password)`` are set; each request then needs them as HTTP Basic auth (401 otherwise).
     """
     host, _, port = addr.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
@@ -194,9 +203,54 @@ def serve(
                 except ValueError as exc:
                     self._send(400, f"400 Bad Request: {exc}\n".encode(), "text/plain; charset=utf-8")
                     return
-                self._send(200, json.dumps(fleet(limit=limit, offset=offset)).encode(), "application/json")
+                data = fleet(limit=limit, offset=offset)
+                data["actions"] = {"enabled": actions is not None and credentials is not None}
+                self._send(200, json.dumps(data, default=str).encode(), "application/json")
             else:
                 self.send_error(404)
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.connection.settimeout(request_timeout)
+            if not accepts(self.headers.get("Host")):
+                self._send(421, b"421 Misdirected Request: this Host is not served here\n", "text/plain; charset=utf-8")
+                return
+            path = self.path.partition("?")[0]
+            name = {"/api/ack": "ack", "/api/silence": "silence"}.get(path)
+            if fleet is None or actions is None or name is None:
+                self.send_error(404)
+                return
+            if credentials is None:
+                self._json(403, {"ok": False, "reason": "actions from the dashboard are off: set http_username and "
+                                                        "ITAP_HTTP_PASSWORD (or http_password_file) to turn them on"})
+                return
+            if not _authorised(self.headers.get("Authorization"), credentials):
+                self._json(401, {"ok": False, "reason": "wrong or missing user name and password"})
+                return
+            try:
+                size = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                size = -1
+            if not 0 < size <= _MAX_ACTION_BYTES or "json" not in (self.headers.get("Content-Type") or ""):
+                self._json(400, {"ok": False, "reason": f"send a JSON object of at most {_MAX_ACTION_BYTES} bytes"})
+                return
+            try:
+                body = json.loads(self.rfile.read(size))
+                if not isinstance(body, dict):
+                    raise ValueError("not an object")
+            except (ValueError, RecursionError):
+                self._json(400, {"ok": False, "reason": "the body is not a JSON object"})
+                return
+            user = credentials[0]
+            body = {k: v for k, v in body.items() if k != "request_id"} | {"by": f"{user} (dashboard)"}
+            try:
+                reply = actions(name, body)
+            except Exception as exc:  # noqa: BLE001 - an action that fails is an answer, never a dead thread
+                log.exception("dashboard action %s failed", name)
+                reply = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
+            self._json(200 if reply.get("ok") else 409, reply)
+
+        def _json(self, code: int, body: dict[str, Any]) -> None:
+            self._send(code, json.dumps(body, default=str).encode(), "application/json")
 
         def _healthz(self) -> None:
             ok = True
@@ -234,6 +288,31 @@ def serve(
         where, where, f", dashboard on http://{where}/" if fleet is not None else "", threads,
     )
     return server
+
+
+#: The largest dashboard action (POST) body.
+_MAX_ACTION_BYTES = 16_384
+
+
+def _authorised(header: str | None, credentials: tuple[str, str]) -> bool:
+    """HTTP Basic credentials in ``header`` equal ``credentials`` (compared in constant time).
+
+    Examples
+    --------
+    >>> import base64
+    >>> _authorised("Basic " + base64.b64encode(b"op:s3cret").decode(), ("op", "s3cret"))
+    True
+    >>> _authorised("Basic " + base64.b64encode(b"op:guess").decode(), ("op", "s3cret")), _authorised(None, ("a", "b"))
+    (False, False)
+    """
+    if not header or not header.startswith("Basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    ok_user = hmac.compare_digest(user.encode(), credentials[0].encode())
+    return hmac.compare_digest(password.encode(), credentials[1].encode()) and ok_user
 
 
 #: Accepted connections waiting for a worker at most; more are closed at once (file descriptors are finite).

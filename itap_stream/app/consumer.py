@@ -15,13 +15,16 @@ commits it, publishes ``offline`` on the status topic and disconnects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -232,6 +235,10 @@ class Consumer:
         # the service's own state for the next batch to store: (key, value), (silence id, body or None)
         self._state_rows: list[tuple[str, str]] = []
         self._silence_rows: list[tuple[str, str | None]] = []
+        # dashboard actions: commands from the HTTP threads, run by the loop like MQTT ones
+        self._http_cmds: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._http_waiting: dict[str, tuple[threading.Event, dict[str, Any]]] = {}
+        self._http_lock = threading.Lock()
         # messages handed to the store / acknowledged after its commit: each counter has one
         # writer (this loop / the store writer thread), the gauge is their difference
         self._to_ack = 0
@@ -549,10 +556,34 @@ class Consumer:
         return line
 
     # -- the loop
+    def http_action(self, name: str, body: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+        """A command from the dashboard (an HTTP thread): handed to the processing loop, which runs
+        it exactly as one from ``{prefix}/commands/{name}`` (`_command`); returns its reply."""
+        request_id = f"http-{uuid.uuid4().hex}"
+        done = threading.Event()
+        reply: dict[str, Any] = {}
+        with self._http_lock:
+            self._http_waiting[request_id] = (done, reply)
+        payload = json.dumps(body | {"request_id": request_id}).encode()
+        self._http_cmds.put((self._cmd_prefix + name, payload, time.time(), 0, 0, 0))
+        try:
+            if not done.wait(timeout_s):
+                return {"ok": False, "reason": f"the consumer did not answer within {timeout_s:g} s"}
+        finally:
+            with self._http_lock:
+                self._http_waiting.pop(request_id, None)
+        return reply
+
     def _step(self, timeout_s: float) -> int:
         msgs = self.inbox.drain(
             self.settings.batch_max, timeout_s, self.settings.batch_wait_ms / 1000.0, max_bytes=BATCH_MAX_BYTES
         )
+        if not self._http_cmds.empty():
+            http: list[Message] = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    http.append(self._http_cmds.get_nowait())
+            msgs = http + msgs
         if msgs or (self.processor.held and not self._stop.is_set()):
             self._process_guarded(msgs)  # an empty batch releases readings the reorder buffer held long enough
         self.check_stale()
@@ -951,6 +982,10 @@ class Consumer:
         if not reply["ok"]:
             log.warning("command %s refused: %s", reply["command"], reply["reason"])
         self._publish(self.settings.topic("status", "commands"), json.dumps(reply))
+        waiting = self._http_waiting.get(str(reply.get("request_id")))
+        if waiting is not None:  # a dashboard action: its HTTP thread waits for this reply
+            waiting[1].update(reply)
+            waiting[0].set()
         return out
 
     def _run_command(self, name: str, body: dict[str, Any], reply: dict[str, Any]) -> list[Alert]:
@@ -1063,7 +1098,9 @@ class Consumer:
         """``{"action": "add", ...silence}``, ``{"action": "remove", "id"}`` or ``{"action": "list"}``."""
         action = body.get("action")
         if action == "add":
-            spec = {k: v for k, v in body.items() if k not in ("action", "request_id", "all")}
+            spec = {k: v for k, v in body.items() if k not in ("action", "request_id", "all", "by")}
+            if body.get("by"):  # who added it (the dashboard's user), kept with the comment
+                spec["comment"] = f"{spec.get('comment') or ''} (by {clean_text(body['by'], 64)})".strip()
             everything = body.get("all", False)
             try:
                 if not isinstance(everything, bool):

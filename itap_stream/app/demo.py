@@ -220,7 +220,8 @@ def _serve_dashboard(cfg: Settings, metrics: Metrics, consumer: Any, out: TextIO
     if not cfg.http_addr:
         return None
     hosts = tuple(h.strip() for h in cfg.http_allowed_hosts.split(",") if h.strip())
-    kwargs = {"fleet": consumer.fleet.snapshot, "health": consumer.health, "allowed_hosts": hosts}
+    kwargs = {"fleet": consumer.fleet.snapshot, "health": consumer.health, "allowed_hosts": hosts,
+              "actions": consumer.http_action, "credentials": cfg.http_credentials()}
     try:
         server = serve(cfg.http_addr, metrics.registry, **kwargs)
     except ConfigError as exc:  # taken (an `itap run` on this machine): any free port on that host

@@ -84,7 +84,8 @@ def run_service(settings: Settings) -> None:
     if settings.http_addr:
         hosts = tuple(h.strip() for h in settings.http_allowed_hosts.split(",") if h.strip())
         server = serve(settings.http_addr, metrics.registry, fleet=consumer.fleet.snapshot, health=consumer.health,
-                       allowed_hosts=hosts, threads=settings.http_threads)
+                       allowed_hosts=hosts, threads=settings.http_threads, actions=consumer.http_action,
+                       credentials=settings.http_credentials())
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("received %s: draining and stopping", signal.Signals(signum).name)

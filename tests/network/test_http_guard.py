@@ -204,7 +204,8 @@ def test_api_fleet_pages_devices_worst_first_and_alerts_most_severe_first(served
     assert len(first["devices"]) == 200 and len(first["alerts"]) == 90  # the default page: 200
     assert first["totals"]["devices"] == 500 and first["totals"]["open_alerts"] == 90
     assert first["totals"]["unhealthy"] == sum(1 for i in range(500) if i % 7 == 0)
-    assert first["page"] == {"limit": 200, "offset": 0, "devices_returned": 200, "alerts_returned": 90}
+    assert first["page"] == {"limit": 200, "offset": 0, "devices_returned": 200, "alerts_returned": 90,
+                             "incidents_returned": 90}
 
     pages = [fleet(f"?limit=200&offset={off}")["devices"] for off in (0, 200, 400)]
     devices = [d for p in pages for d in p]
@@ -221,7 +222,8 @@ def test_api_fleet_pages_devices_worst_first_and_alerts_most_severe_first(served
 
     tail = fleet("?limit=50&offset=480")
     assert [d["device_id"] for d in tail["devices"]] == [d["device_id"] for d in devices[480:]]
-    assert tail["page"] == {"limit": 50, "offset": 480, "devices_returned": 20, "alerts_returned": 0}
+    assert tail["page"] == {"limit": 50, "offset": 480, "devices_returned": 20, "alerts_returned": 0,
+                            "incidents_returned": 0}
     assert tail["totals"]["devices"] == 500 and tail["totals"]["open_alerts"] == 90
     assert len(fleet("?limit=1000")["devices"]) == 500
     assert fleet("?limit=0")["devices"] == []

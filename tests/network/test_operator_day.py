@@ -343,3 +343,23 @@ def test_an_activated_model_is_the_one_loaded_after_a_restart(settings, tmp_path
     consumer = build_consumer(st, metrics=Metrics())
     assert consumer.processor.artifact.threshold == trained.threshold
     consumer.store.dispose()
+
+
+def test_dashboard_credentials_come_from_the_environment_or_a_file_never_the_config(tmp_path):
+    from itap_stream.config import PACKAGE_CONFIGS, load
+    from itap_stream.errors import ConfigError
+
+    base = PACKAGE_CONFIGS / "itap.yaml"
+    assert load(base, environ={}).http_credentials() is None  # off by default
+    env = {"ITAP_HTTP_USERNAME": "operator", "ITAP_HTTP_PASSWORD": "long enough pw"}
+    assert load(base, environ=env).http_credentials() == ("operator", "long enough pw")
+    with pytest.raises(ConfigError, match="shorter than 8 characters"):
+        load(base, environ={"ITAP_HTTP_USERNAME": "operator", "ITAP_HTTP_PASSWORD": "short"}).http_credentials()
+    secret = tmp_path / "pw"
+    secret.write_text("from a file 123\n")
+    cfg = tmp_path / "itap.yaml"
+    cfg.write_text(base.read_text() + "\nhttp_username: operator\nhttp_password_file: pw\n")
+    assert load(cfg, environ={}).http_credentials() == ("operator", "from a file 123")
+    cfg.write_text(base.read_text() + "\nhttp_username: operator\nhttp_password: in-the-repo\n")
+    with pytest.raises(ConfigError, match="holds http_password"):
+        load(cfg, environ={})
