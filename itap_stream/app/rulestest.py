@@ -87,8 +87,8 @@ def dry_run(
             episodes[(w.device_id, w.end_ts)] = ep
     res.faults = n_ep
     for which, engine in (("current", current), ("candidate", candidate)):
-        for rule in engine.rules:  # every rule of either file gets a row, zeros included
-            counts = res.by_rule.setdefault(rule.name, Counter())
+        for r in engine.rules:  # every rule of either file gets a row, zeros included
+            counts = res.by_rule.setdefault(r.name, Counter())
             counts[which] += 0
             counts[f"{which}_true"] += 0
         alerts = _firing(engine, windows)
