@@ -18,7 +18,6 @@ path in event-time order; per device both are time order, so device events agree
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from itap_stream.core.rules import Alert
+from itap_stream.core.rules import Alert, event_alert
 
 __all__ = ["FLEET", "DriftEvent", "DriftMonitor", "drift_alert"]
 
@@ -155,23 +154,11 @@ class DriftMonitor:
 def drift_alert(event: DriftEvent) -> Alert:
     """The ``model_drift`` event as an alert record (status ``event``: it neither fires nor resolves)."""
     what = "the fleet's" if event.scope == "fleet" else f"{event.device_id}'s"
-    return Alert(
-        id=hashlib.sha1(f"{event.device_id}|model_drift|{event.ts!r}".encode()).hexdigest()[:16],  # noqa: S324 - an id, not security
-        rule="model_drift",
-        severity="INFO",
-        device_id=event.device_id,
-        state="",
-        window_start=event.ts,
-        window_end=event.ts,
-        score=event.mean_after,
-        confidence=0.0,
+    return event_alert(
+        f"{event.device_id}|model_drift|{event.ts!r}", "model_drift", "INFO", event.device_id, event.ts, event.ts,
+        score=event.mean_after, route="engineering",
         root_cause=(
             f"model drift: {what} normal windows now score {event.mean_after:.2f} of the threshold "
             f"(was {event.mean_before:.2f}); the plant has moved away from the training data, retrain with `itap train`"
         ),
-        families={},
-        top_features=[],
-        route="engineering",
-        status="event",
-        fired_at=event.ts,
     )

@@ -8,7 +8,6 @@ no I/O; the caller stores and publishes.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from itap_stream.core.health import SensorHealth
 from itap_stream.core.model import Artifact, confidence
 from itap_stream.core.ordering import Reorderer
 from itap_stream.core.readings import Reading
-from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow, iso
+from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow, event_alert, iso
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.core.smoothing import smooth
 from itap_stream.core.window import DROP_REASONS, FleetWindows, Gap, WindowBatch
@@ -438,29 +437,15 @@ def assess(
 
 def gap_alert(gap: Gap) -> Alert:
     """The ``data_gap`` event of a jump in a device's ``seq`` (status ``event``)."""
-    return Alert(
-        id=hashlib.sha1(f"{gap.device_id}|data_gap|{gap.seq_after}|{gap.ts_after!r}".encode(),
-                        usedforsecurity=False).hexdigest()[:16],
-        rule="data_gap",
-        severity="WARNING",
-        device_id=gap.device_id,
-        state="",
-        window_start=gap.ts_before,
-        window_end=gap.ts_after,
-        score=float(gap.missing),
-        confidence=1.0,
+    return event_alert(
+        f"{gap.device_id}|data_gap|{gap.seq_after}|{gap.ts_after!r}", "data_gap", "WARNING", gap.device_id,
+        gap.ts_before, gap.ts_after, score=float(gap.missing), confidence=1.0, route="operations",
+        anomalies=gap.missing,
         root_cause=(
             f"{gap.missing:,} reading(s) of {gap.device_id} never arrived (seq {gap.seq_before + 1} to "
             f"{gap.seq_after - 1}, between {iso(gap.ts_before)} and {iso(gap.ts_after)}): check the device's link "
             "and the broker's queue for this consumer (mosquitto drops messages beyond max_queued_messages)"
         ),
-        families={},
-        top_features=[],
-        route="operations",
-        status="event",
-        fired_at=gap.ts_after,
-        changed_at=gap.ts_after,
-        anomalies=gap.missing,
     )
 
 
@@ -496,25 +481,12 @@ def baseline_alert(
     families: dict[str, float] = {}
     for sig, w in weights.items():
         families[family[sig]] = families.get(family[sig], 0.0) + (w / total if total else 0.0)
-    return Alert(
-        id=hashlib.sha1(f"{ev.device_id}|baseline_shift|{end!r}|{ev.how}".encode(),
-                        usedforsecurity=False).hexdigest()[:16],
-        rule="baseline_shift",
-        severity="INFO",
-        device_id=ev.device_id,
-        state=state,
-        window_start=start,
-        window_end=end,
-        score=score,
-        confidence=0.0,
+    return event_alert(
+        f"{ev.device_id}|baseline_shift|{end!r}|{ev.how}", "baseline_shift", "INFO", ev.device_id, start, end,
+        state=state, score=score, route="engineering", note=ev.how,
         root_cause=f"baseline shift ({ev.how}): {why}; {shown}. Retrain with `itap train` if this is not normal",
         families={k: round(v, 4) for k, v in families.items()},
         top_features=[(f"{sig}_mean", round(float(z), 3)) for sig, _b, _a, z in moved if np.isfinite(z)][:5],
-        route="engineering",
-        status="event",
-        fired_at=end,
-        changed_at=end,
-        note=ev.how,
     )
 
 

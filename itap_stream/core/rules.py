@@ -348,6 +348,41 @@ class Alert:
         )
 
 
+def event_alert(
+    key: str,
+    rule: str,
+    severity: str,
+    device_id: str,
+    start: float,
+    end: float,
+    *,
+    score: float,
+    root_cause: str,
+    route: str,
+    state: str = "",
+    confidence: float = 0.0,
+    families: dict[str, float] | None = None,
+    top_features: list[tuple[str, float]] | None = None,
+    anomalies: int = 1,
+    note: str = "",
+) -> Alert:
+    """An event as an alert record (``model_drift``, ``baseline_shift``, ``data_gap``): status
+    ``event``, so it neither fires nor resolves; its id is derived from ``key``.
+
+    Examples
+    --------
+    >>> a = event_alert("D1|x|1.0", "x", "INFO", "D1", 0.0, 1.0, score=0.5, root_cause="why", route="ops")
+    >>> a.status, a.fired_at, a.changed_at, len(a.id)
+    ('event', 1.0, 1.0, 16)
+    """
+    return Alert(
+        id=hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16], rule=rule, severity=severity,
+        device_id=device_id, state=state, window_start=start, window_end=end, score=score, confidence=confidence,
+        root_cause=root_cause, families=families or {}, top_features=top_features or [], route=route,
+        status="event", fired_at=end, changed_at=end, anomalies=anomalies, note=note,
+    )
+
+
 @dataclass
 class _DeviceState:
     anomaly_ts: deque[float] = field(default_factory=deque)
