@@ -763,6 +763,10 @@ def run_benchmark(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
         log(f"results written to {out}")
+        from bench import readme
+
+        if out.resolve() == readme.RESULTS.resolve() and readme.update():
+            log("README.md performance paragraph rewritten from these results")
     report["table"] = text
     if "realnormal" in sections and scale is not QUICK:
         # detection on a real recording of normal operation: its own table and bench/realnormal.json

@@ -84,13 +84,16 @@ class DriftMonitor:
         self._seen: dict[str, int] = {}
         self._last_event: dict[str, int] = {}
         self.events = 0
+        # imported here, when the service starts, not when the first window is fed: river's
+        # import takes about half a second, which would stall the first scored batch
+        from river.drift import ADWIN
+
+        self._make_adwin = ADWIN
 
     def _feed(self, key: str, x: float, ts: float) -> DriftEvent | None:
         adwin = self._adwin.get(key)
         if adwin is None:
-            from river.drift import ADWIN
-
-            adwin = self._adwin[key] = ADWIN(delta=self.delta)
+            adwin = self._adwin[key] = self._make_adwin(delta=self.delta)
         seen = self._seen[key] = self._seen.get(key, 0) + 1
         pending = self._pending.get(key)
         if pending is not None:
