@@ -37,12 +37,16 @@ def render(report: dict[str, Any]) -> str:
         ok = s[key] >= value if op == ">=" else s[key] <= value
         return "met" if ok else "not met"
 
+    v5 = ""
+    if "ceiling_v5_qos0" in r and "ceiling_v5_qos1" in r:
+        v5_0, v5_1 = _median(r, "ceiling_v5_qos0", "msgs_per_s"), _median(r, "ceiling_v5_qos1", "msgs_per_s")
+        v5 = f"; over MQTT 5, which the consumer's intake speaks by default, {v5_0:,.0f} and {v5_1:,.0f}"
     return (
         f"Latest run ({report['finished_at']}, {m['cpu']}, {m['cores']} cores, {m['mosquitto']}, "
         f"paho-mqtt {m['paho_mqtt']}; medians of {report['scale']['runs']} runs): a bare paho subscriber "
         f"receives {_median(r, 'ceiling_qos0', 'msgs_per_s'):,.0f} msgs/s at QoS 0 and "
-        f"{_median(r, 'ceiling_qos1', 'msgs_per_s'):,.0f} at QoS 1 (the ceiling); `itap run` sustains "
-        f"{_median(r, 'pipeline_qos0', 'msgs_per_s'):,.0f} readings/s at QoS 0 "
+        f"{_median(r, 'ceiling_qos1', 'msgs_per_s'):,.0f} at QoS 1 over MQTT 3.1.1 (the ceiling{v5}); `itap run` "
+        f"sustains {_median(r, 'pipeline_qos0', 'msgs_per_s'):,.0f} readings/s at QoS 0 "
         f"({s['pipeline_qos0_ratio']:.2f} of the ceiling, target {t['pipeline_qos0_ratio']['value']:g}: "
         f"{verdict('pipeline_qos0_ratio')}) and {_median(r, 'pipeline_qos1', 'msgs_per_s'):,.0f} at QoS 1 "
         f"({s['pipeline_qos1_ratio']:.2f}, target {t['pipeline_qos1_ratio']['value']:g}: "

@@ -264,7 +264,9 @@ class Bench:
         return median
 
     # 1. ceiling
-    def ceiling(self, traffic: Traffic, qos: int) -> dict[str, Any]:
+    def ceiling(self, traffic: Traffic, qos: int, protocol: int = 4) -> dict[str, Any]:
+        """A bare paho subscriber's receive rate: MQTT 3.1.1 (``protocol`` 4, the ceiling the
+        ratios use) or MQTT 5 (what the consumer's intake speaks by default)."""
         data = traffic.joined()
         n = len(traffic.packets)
 
@@ -272,7 +274,7 @@ class Bench:
             sink = subprocess.Popen(  # noqa: S603
                 [
                     sys.executable, "-m", "bench.sink", self.broker.host, str(self.broker.port),
-                    "itap/telemetry/+", str(qos), str(n),
+                    "itap/telemetry/+", str(qos), str(n), str(protocol),
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -290,7 +292,7 @@ class Bench:
                 log(f"ceiling qos{qos}: only {out['n']:,} of {n:,} messages arrived")
             return {"msgs_per_s": out["n"] / (out["last"] - t0), "received": out["n"]}
 
-        return self.repeat(f"ceiling_qos{qos}", once)
+        return self.repeat(f"ceiling_qos{qos}" if protocol == 4 else f"ceiling_v5_qos{qos}", once)
 
     # 2. pipeline (and 3. batched: the same with array payloads)
     def pipeline(self, name: str, traffic: Traffic, qos: int) -> dict[str, Any]:
@@ -631,6 +633,9 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
     for q in (0, 1):
         if f"ceiling_qos{q}" in med:
             add(f"ceiling, bare paho subscriber, QoS {q} (msgs/s)", f"{med[f'ceiling_qos{q}']['msgs_per_s']:,.0f}")
+        if f"ceiling_v5_qos{q}" in med:
+            add(f"ceiling, bare paho subscriber, MQTT 5, QoS {q} (msgs/s)",
+                f"{med[f'ceiling_v5_qos{q}']['msgs_per_s']:,.0f}")
         if f"pipeline_qos{q}" in med:
             add(
                 f"pipeline `itap run`, 1 reading/msg, QoS {q} (msgs/s)", f"{med[f'pipeline_qos{q}']['msgs_per_s']:,.0f}"
@@ -723,6 +728,7 @@ def run_benchmark(
                 for q in (0, 1):
                     if "ceiling" in sections:
                         b.ceiling(traffic[q], q)
+                        b.ceiling(traffic[q], q, protocol=5)
                     if "pipeline" in sections:
                         b.pipeline(f"pipeline_qos{q}", traffic[q], q)
                 del traffic

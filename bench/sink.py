@@ -1,6 +1,7 @@
 """The ceiling: a bare paho-mqtt subscriber that only counts messages.
 
-Run as ``python -m bench.sink HOST PORT TOPIC QOS N``; prints ``ready`` once
+Run as ``python -m bench.sink HOST PORT TOPIC QOS N [PROTOCOL]`` (PROTOCOL 4, MQTT 3.1.1, the
+default, or 5); prints ``ready`` once
 subscribed, then one JSON line ``{"n", "first", "last"}`` (wall-clock times of the
 first and last message) when N messages arrived or nothing came for 10 s.
 """
@@ -17,6 +18,7 @@ import paho.mqtt.client as paho
 
 def main(argv: list[str]) -> None:
     host, port, topic, qos, n = argv[0], int(argv[1]), argv[2], int(argv[3]), int(argv[4])
+    protocol = paho.MQTTv5 if len(argv) > 5 and argv[5] == "5" else paho.MQTTv311
     box = {"n": 0, "first": 0.0, "last": 0.0}
     done = threading.Event()
     subscribed = threading.Event()
@@ -31,7 +33,7 @@ def main(argv: list[str]) -> None:
             done.set()
 
     c = paho.Client(
-        paho.CallbackAPIVersion.VERSION2, client_id=f"itap-bench-sink-{time.time_ns()}", protocol=paho.MQTTv311
+        paho.CallbackAPIVersion.VERSION2, client_id=f"itap-bench-sink-{time.time_ns()}", protocol=protocol
     )
     c.on_message = on_message
     c.on_subscribe = lambda *_a: subscribed.set()
