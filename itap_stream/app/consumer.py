@@ -231,7 +231,8 @@ class Consumer:
         self._broker_dropped: int | None = None  # the broker's count, written by paho's thread
         self._broker_dropped_seen: int | None = None  # as last exported and logged
         self._gap_logged = 0.0
-        self._gap_pending: list[str] = []
+        self._gap_pending: list[str] = []  # the first few gaps not logged yet
+        self._gap_more = 0  # and how many more
         # the service's own state for the next batch to store: (key, value), (silence id, body or None)
         self._state_rows: list[tuple[str, str]] = []
         self._silence_rows: list[tuple[str, str | None]] = []
@@ -512,6 +513,19 @@ class Consumer:
             self.writer.close(timeout_s=STOP_FLUSH_S if flushed and not self.fatal else 1.0)
             log.info("consumer stopped after %d micro-batches", self.batches)
 
+    def _log_gaps(self) -> None:
+        """One warning line per `GAP_LOG_INTERVAL_S` for the seq gaps found since the last one
+        (every gap is counted and stored regardless); called per batch and per loop step, so
+        the last gaps of a burst are logged too."""
+        if not self._gap_pending:
+            return
+        now = time.monotonic()
+        if now - self._gap_logged < GAP_LOG_INTERVAL_S:
+            return
+        more = f"; and {self._gap_more} more" if self._gap_more else ""
+        log.warning("readings never arrived (jumps in seq): %s%s", "; ".join(self._gap_pending), more)
+        self._gap_logged, self._gap_pending, self._gap_more = now, [], 0
+
     def _on_broker_dropped(self, payload: bytes) -> None:
         """``$SYS/broker/publish/messages/dropped`` (paho's thread): keep the count."""
         try:
@@ -589,6 +603,7 @@ class Consumer:
         self.check_stale()
         self._maybe_reload()
         self._check_broker_dropped()
+        self._log_gaps()
         self.metrics.outbox.set(self.link.outbox)
         self.metrics.unacked.set(self._to_ack - self._acked)  # set here only: one writer
         retained = self.inbox.retained_ignored if isinstance(self.inbox, Receiver) else self.link.retained_ignored
@@ -930,14 +945,11 @@ class Consumer:
                            "missing": g.missing, "ts_before": g.ts_before, "ts_after": g.ts_after}
                           for g in result.gaps]
             self.metrics.gaps.inc(sum(g.missing for g in result.gaps))
-            self._gap_pending.extend(f"{g.device_id} seq {g.seq_before + 1}..{g.seq_after - 1}" for g in result.gaps)
-            now = time.monotonic()
-            if now - self._gap_logged >= GAP_LOG_INTERVAL_S:  # one line per interval, however many gaps
-                shown = "; ".join(self._gap_pending[:5])
-                more = len(self._gap_pending) - 5
-                log.warning("readings never arrived (jumps in seq): %s%s", shown, f"; and {more} more" if more > 0
-                            else "")
-                self._gap_logged, self._gap_pending = now, []
+            room = max(0, 5 - len(self._gap_pending))
+            self._gap_pending.extend(f"{g.device_id} seq {g.seq_before + 1}..{g.seq_after - 1}"
+                                     for g in result.gaps[:room])
+            self._gap_more += len(result.gaps) - min(room, len(result.gaps))
+            self._log_gaps()
         w = result.windows
         if w is not None and len(w) and result.scores is not None and result.is_anomaly is not None:
             states = w.last_states
