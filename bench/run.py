@@ -702,7 +702,7 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
     return "\n".join(lines)
 
 
-SECTIONS = ("ceiling", "pipeline", "batched", "latency", "growth", "score", "stages", "realnormal")
+SECTIONS = ("ceiling", "pipeline", "batched", "latency", "growth", "score", "stages", "realnormal", "cluster")
 
 
 def run_benchmark(
@@ -779,6 +779,15 @@ def run_benchmark(
         from bench.realnormal import main as realnormal
 
         realnormal([])
+    if "cluster" in sections and scale is not QUICK:
+        # scale-out on a 3-node NATS cluster: its own table and bench/cluster.json
+        from bench.cluster import main as cluster
+        from bench.cluster import nats_server, postgres_reachable
+
+        if nats_server() is None or not postgres_reachable():
+            log("cluster: skipped (needs nats-server and PostgreSQL at ITAP_TEST_PG)")
+        else:
+            cluster([])
     return report
 
 

@@ -118,6 +118,10 @@ def _service_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-id", help="MQTT client id (env ITAP_CLIENT_ID)")
     p.add_argument("--topic-prefix", help="topic prefix (env ITAP_TOPIC_PREFIX)")
     p.add_argument("--http", help="metrics address host:port, '' to disable (env ITAP_HTTP_ADDR)")
+    p.add_argument("--source", choices=("mqtt", "nats"),
+                   help="mqtt: one broker; nats: a NATS JetStream cluster, partitions shared among consumers "
+                        "(env ITAP_SOURCE; README: Scaling out)")
+    p.add_argument("--nats", help="NATS server URLs, comma-separated (env ITAP_NATS_URL)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +361,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
         "client_id": getattr(args, "client_id", None),
         "topic_prefix": getattr(args, "topic_prefix", None),
         "http_addr": getattr(args, "http", None),
+        "source": getattr(args, "source", None),
+        "nats_url": getattr(args, "nats", None),
         "log_level": getattr(args, "log_level", None),
         "detector": getattr(args, "detector", None),
         "threshold_quantile": getattr(args, "quantile", None),

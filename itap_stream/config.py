@@ -105,6 +105,16 @@ class Settings:
     models_dir: str = ""  # reload takes a model_path only inside this folder (default: model_path's folder)
     model_key_file: str = ""  # HMAC key for model signatures (or ITAP_MODEL_KEY); artifacts must be signed with it
     broker_out_username: str = ""  # account of the publishing connection (default: broker_username + "-out")
+    # where telemetry comes from: "mqtt" (the broker above) or "nats" (a NATS JetStream cluster, README "Scaling out")
+    source: str = "mqtt"
+    nats_url: str = "nats://127.0.0.1:4222"  # comma-separated: every server of the cluster the consumer may use
+    nats_stream: str = "ITAP"  # the JetStream stream over {topic_prefix}.part.> (made by the first consumer)
+    nats_replicas: int = 1  # copies of the stream and the lease bucket: 3 on a 3-node cluster
+    partitions: int = 8  # P of the servers' subject mapping {{partition(P,1)}}: must be the same number
+    takeover_after: float = 10.0  # seconds without a lease renewal before others take a consumer's partitions
+    nats_username: str = ""
+    nats_password: str = ""  # only from ITAP_NATS_PASSWORD or nats_password_file, never in a config file
+    nats_password_file: str = ""
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1):
@@ -171,6 +181,16 @@ class Settings:
             raise ConfigError(msg)
         if self.stall_timeout <= 0:
             msg = f"stall_timeout must be positive seconds, got {self.stall_timeout}"
+            raise ConfigError(msg)
+        if self.source not in ("mqtt", "nats"):
+            msg = f"source must be 'mqtt' (one broker) or 'nats' (a NATS JetStream cluster), got {self.source!r}"
+            raise ConfigError(msg)
+        if not 1 <= self.partitions <= 1024 or not 1 <= self.nats_replicas <= 5 or not 2 <= self.takeover_after <= 600:
+            msg = ("partitions must be in 1..1024, nats_replicas in 1..5 and takeover_after in 2..600 seconds, got "
+                   f"{self.partitions}, {self.nats_replicas}, {self.takeover_after}")
+            raise ConfigError(msg)
+        if not self.nats_stream or any(c in self.nats_stream for c in " .*>/\\"):
+            msg = f"nats_stream {self.nats_stream!r} must be a name without spaces, dots, wildcards or slashes"
             raise ConfigError(msg)
         if self.intake not in ("process", "thread"):
             msg = f"intake must be 'process' (MQTT intake in a child process) or 'thread', got {self.intake!r}"
@@ -240,6 +260,24 @@ class Settings:
             tls_cert=self.tls_cert or None,
             tls_key=self.tls_key or None,
         )
+
+    def nats_servers(self) -> list[str]:
+        """``nats_url`` as a list of server URLs."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+    def nats_credentials(self) -> tuple[str | None, str | None]:
+        """``(user, password)`` for the NATS connection: the password from ``nats_password``
+        (env) or the first line of ``nats_password_file``."""
+        password = self.nats_password or None
+        if self.nats_password_file:
+            try:
+                lines = Path(self.nats_password_file).read_text(encoding="utf-8").splitlines()
+            except (OSError, ValueError) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                msg = f"cannot read nats_password_file {self.nats_password_file}: {why}"
+                raise ConfigError(msg) from exc
+            password = lines[0].strip() if lines else ""
+        return self.nats_username or None, password
 
     def drifting_family_list(self) -> list[str]:
         """``drifting_families`` as a list (the setting is a comma-separated string)."""
@@ -394,6 +432,10 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         msg = (f"configuration file {cfg_path} holds http_password; set ITAP_HTTP_PASSWORD or http_password_file "
                "(a file outside the repository) instead")
         raise ConfigError(msg)
+    if data.get("nats_password"):
+        msg = (f"configuration file {cfg_path} holds nats_password; set ITAP_NATS_PASSWORD or nats_password_file "
+               "(a file outside the repository) instead")
+        raise ConfigError(msg)
     if data.get("broker_password") or (
         isinstance(data.get("broker_url"), str) and urlsplit(data["broker_url"]).password
     ):
@@ -410,7 +452,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
             raw = ",".join(str(x) for x in raw)
         values[name] = _coerce(name, raw, types[name])
         if name in ("sensors_file", "rules_file", "devices_file", "silences_file", "broker_password_file",
-                    "http_password_file",
+                    "http_password_file", "nats_password_file",
                     "model_key_file", "tls_ca", "tls_cert", "tls_key") and values[name]:
             values[name] = str((cfg_path.parent / values[name]).resolve())
     for name, kind in types.items():

@@ -96,6 +96,8 @@ class Metrics:
             "itap_store_write_seconds", "Duration of one store transaction", registry=r
         )
         self.connected = Gauge("itap_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.partitions = Gauge("itap_partitions_owned", "Partitions of the NATS stream this consumer reads "
+                                "(source: nats)", registry=r)
         self.reconnects = Counter("itap_mqtt_reconnects", "Reconnections to the broker", registry=r)
         self.unacked = Gauge(
             "itap_mqtt_unacked_messages",

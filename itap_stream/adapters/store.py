@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from itap_stream.core.readings import Reading
 from itap_stream.core.schema import SensorSchema
@@ -273,7 +273,12 @@ class Store:
 
     def _create(self) -> None:
         try:
-            self.metadata.create_all(self.engine)
+            try:
+                self.metadata.create_all(self.engine)
+            except IntegrityError:
+                # PostgreSQL: another consumer of a cluster made the same tables at this moment
+                time.sleep(0.5)
+                self.metadata.create_all(self.engine)
             insp = sa.inspect(self.engine)
             cols = {c["name"] for c in insp.get_columns("readings")}
             alert_keys = [tuple(u["column_names"]) for u in insp.get_unique_constraints("alerts")]
@@ -420,10 +425,13 @@ class Store:
             msg = f"store write failed ({_safe_url(self.url)}): {exc}"
             raise StoreError(msg) from exc
 
-    def recent_readings(self, window: int, max_devices: int | None = None) -> dict[str, tuple[list[Reading], int]]:
+    def recent_readings(
+        self, window: int, max_devices: int | None = None, keep: Callable[[str], bool] | None = None
+    ) -> dict[str, tuple[list[Reading], int]]:
         """Per device: its last ``window`` stored readings (oldest first) and how many it has
         stored in all, to refill the ring buffers after a restart; with ``max_devices``, only
-        that many devices, those heard from most recently."""
+        that many devices, those heard from most recently; with ``keep``, only the devices
+        it accepts (a cluster consumer's partitions)."""
         r = self.readings
         out: dict[str, tuple[list[Reading], int]] = {}
         try:
@@ -434,6 +442,8 @@ class Store:
                 counts = conn.execute(q).all()
                 cols = [r.c.ts, r.c.state, r.c.seq, r.c.tag, r.c.label, *[r.c[n] for n in self.schema.names]]
                 for device_id, n in counts:
+                    if keep is not None and not keep(device_id):
+                        continue
                     rows = conn.execute(
                         sa.select(*cols).where(r.c.device_id == device_id).order_by(r.c.ts.desc()).limit(window)
                     ).all()
@@ -512,6 +522,23 @@ class Store:
             msg = f"cannot read recent windows from {_safe_url(self.url)}: {exc}"
             raise StoreError(msg) from exc
         return out
+
+    def alert_device(self, alert_id: str) -> str | None:
+        """The device of the stored alert with this id, or with this unique prefix of at
+        least 6 characters; None when there is none or the prefix is ambiguous."""
+        a = self.alerts
+        exact_only = len(alert_id) < 6
+        cond = a.c.alert_id == alert_id if exact_only else a.c.alert_id.startswith(alert_id, autoescape=True)
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(a.c.alert_id, a.c.device_id).where(cond).distinct().limit(3)).all()
+        except SQLAlchemyError as exc:
+            msg = f"cannot look up alert {alert_id!r} in {_safe_url(self.url)}: {exc}"
+            raise StoreError(msg) from exc
+        exact = [r[1] for r in rows if r[0] == alert_id]
+        if exact:
+            return str(exact[0])
+        return str(rows[0][1]) if len({r[0] for r in rows}) == 1 else None
 
     def open_alerts(self) -> list[Any]:
         """Alerts open when the service stopped: per alert id its latest stored transition

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from itap_stream.adapters import artifacts
+from itap_stream.adapters.jetstream import NatsSource, partition_of
 from itap_stream.adapters.metrics import Metrics
 from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
 from itap_stream.adapters.receiver import Receiver
@@ -200,9 +201,22 @@ class Consumer:
         # commands (acknowledgements) come through the intake too, in order with the data
         subscriptions = [(settings.topic("telemetry", "+"), settings.qos), (settings.topic("commands", "#"), 1)]
         self._cmd_prefix = settings.topic("commands") + "/"
-        self.inbox: Inbox | Receiver
+        self.inbox: Inbox | Receiver | NatsSource
+        self.link: MqttLink | NatsSource
         self.auth = settings.broker_auth()
-        if settings.intake == "process":
+        #: with ``source: nats``: the cluster's partitions, leases, commands and publishing
+        self.cluster: NatsSource | None = None
+        if settings.source == "nats":
+            user, password = settings.nats_credentials()
+            self.cluster = NatsSource(
+                settings.nats_servers(), prefix=settings.topic_prefix, stream=settings.nats_stream,
+                partitions=settings.partitions, client_id=settings.client_id, takeover_after=settings.takeover_after,
+                replicas=settings.nats_replicas, user=user, password=password, queue_max=settings.queue_max,
+                outbox_max=settings.outbox_max, birth=Will(status, b"online", qos=1, retain=False),
+                on_connection=self._on_connection,
+            )
+            self.inbox = self.link = self.cluster
+        elif settings.intake == "process":
             # the child holds the subscription (and the persistent session under client_id);
             # this process publishes alerts, dead letters and status on its own connection
             self.inbox = self._new_receiver()
@@ -210,24 +224,8 @@ class Consumer:
         else:
             self.inbox = Inbox(maxsize=settings.queue_max)
             link_id, link_subs, link_inbox, on_link = settings.client_id, subscriptions, self.inbox, self._on_connection
-        self.link = MqttLink(
-            settings.broker_url,
-            link_id,
-            subscriptions=link_subs,
-            inbox=link_inbox,
-            will=self._offline,
-            birth=Will(status, b"online", qos=1, retain=True),
-            persistent=link_inbox is not None,
-            on_connection=on_link,
-            announce=link_inbox is not None,  # "online" only once the intake process is subscribed
-            # with a child intake this is a second connection: its own account (use_username_as_clientid)
-            auth=settings.broker_auth(out=True) if settings.intake == "process" else self.auth,
-            protocol=settings.mqtt_version,
-            session_expiry_s=settings.session_expiry,
-            receive_max=settings.receive_max,
-            outbox_max=settings.outbox_max,
-            watch={BROKER_DROPPED_TOPIC: self._on_broker_dropped},
-        )
+        if self.cluster is None:
+            self.link = self._mqtt_link(status, link_id, link_subs, link_inbox, on_link)
         self._broker_dropped: int | None = None  # the broker's count, written by paho's thread
         self._broker_dropped_seen: int | None = None  # as last exported and logged
         self._gap_logged = 0.0
@@ -252,6 +250,30 @@ class Consumer:
         self._retained_seen = 0  # the intake's count of ignored retained messages, as last exported
         self.batches = 0
         self.intake_restarts = 0
+
+    def _mqtt_link(self, status: str, link_id: str, link_subs: list[tuple[str, int]], link_inbox: Inbox | None,
+                   on_link: Callable[[bool], None] | None) -> MqttLink:
+        """The MQTT connection that publishes alerts, dead letters and status (and with
+        ``intake: thread`` also receives the telemetry)."""
+        settings = self.settings
+        return MqttLink(
+            settings.broker_url,
+            link_id,
+            subscriptions=link_subs,
+            inbox=link_inbox,
+            will=self._offline,
+            birth=Will(status, b"online", qos=1, retain=True),
+            persistent=link_inbox is not None,
+            on_connection=on_link,
+            announce=link_inbox is not None,  # "online" only once the intake process is subscribed
+            # with a child intake this is a second connection: its own account (use_username_as_clientid)
+            auth=settings.broker_auth(out=True) if settings.intake == "process" else self.auth,
+            protocol=settings.mqtt_version,
+            session_expiry_s=settings.session_expiry,
+            receive_max=settings.receive_max,
+            outbox_max=settings.outbox_max,
+            watch={BROKER_DROPPED_TOPIC: self._on_broker_dropped},
+        )
 
     def _new_receiver(self) -> Receiver:
         st = self.settings
@@ -307,14 +329,26 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def restore_windows(self) -> int:
+    def _devices_of(self, partitions: set[int]) -> Callable[[str], bool]:
+        """Whether a device falls in one of ``partitions`` (``source: nats``)."""
+        n = self.settings.partitions
+        return lambda device: partition_of(device, n) in partitions
+
+    def restore_windows(self, partitions: set[int] | None = None) -> int:
         """Refill every device's window from the store (a restart loses no context and
-        recognises readings the broker delivers again); returns the devices restored."""
+        recognises readings the broker delivers again); returns the devices restored.
+        With ``source: nats`` only the devices of ``partitions``, taken over just now
+        (none at start: the consumer owns no partition yet)."""
+        if self.cluster is not None and partitions is None:
+            return 0
+        keep = self._devices_of(partitions) if partitions is not None else None
         t0 = time.perf_counter()
         try:
+            rebaselines = self.store.operator_rebaselines()
             n = self.processor.restore(
-                self.store.recent_readings(self.processor.restore_depth(), max_devices=self.settings.max_devices),
-                self.store.operator_rebaselines(),
+                self.store.recent_readings(self.processor.restore_depth(), max_devices=self.settings.max_devices,
+                                           keep=keep),
+                {d: r for d, r in rebaselines.items() if keep is None or keep(d)},
             )
         except ItapError as exc:
             log.warning("could not refill device windows from the store, starting empty: %s", exc)
@@ -323,18 +357,26 @@ class Consumer:
             log.info("refilled the windows of %d device(s) from the store in %.2fs", n, time.perf_counter() - t0)
         return n
 
-    def restore_state(self) -> dict[str, int]:
+    def restore_state(self, partitions: set[int] | None = None) -> dict[str, int]:
         """After a restart: the alerts that were open (they resolve, remind and take acks as
         before), the silences added at runtime, and the dashboard's devices and alerts, from
-        the store. Alerts whose rule is gone resolve now. Returns what was restored."""
+        the store. Alerts whose rule is gone resolve now. Returns what was restored.
+        With ``source: nats``: the silences at start, the alerts and dashboard of the devices
+        of ``partitions`` when they are taken over."""
         now = self.clock()
+        cluster = self.cluster is not None
+        keep = self._devices_of(partitions) if partitions is not None else None
         try:
-            open_alerts = self.store.open_alerts()
-            silences = self.store.stored_silences()
-            recent = self.store.latest_windows(min(self.settings.max_devices, 10_000))
+            open_alerts = self.store.open_alerts() if not cluster or keep is not None else []
+            silences = self.store.stored_silences() if keep is None else []
+            recent = self.store.latest_windows(min(self.settings.max_devices, 10_000)) \
+                if not cluster or keep is not None else {}
         except ItapError as exc:
             log.warning("could not restore alerts, silences and the dashboard from the store: %s", exc)
             return {}
+        if keep is not None:
+            open_alerts = [a for a in open_alerts if keep(a.device_id)]
+            recent = {d: rows for d, rows in recent.items() if keep(d)}
         rest = self.processor.engine.restore(open_alerts)
         if self.processor.health is not None:
             rest = self.processor.health.restore(rest)
@@ -401,6 +443,9 @@ class Consumer:
             "devices": len(self.processor.windows),
             "intake_restarts": self.intake_restarts,
         }
+        if self.cluster is not None:
+            detail["partitions"] = sorted(self.cluster.owned())
+            detail["cluster_members"] = list(self.cluster.members)
         return not problems, detail
 
     def _watchdog(self) -> None:
@@ -454,13 +499,11 @@ class Consumer:
                 self.writer.close()
                 raise
             self.link.announce()
-        log.info(
-            "consumer %s subscribed to %s on %s:%s",
-            self.settings.client_id,
-            self.settings.topic("telemetry", "+"),
-            self.link.address.host,
-            self.link.address.port,
-        )
+        what = self.settings.topic("telemetry", "+") if self.cluster is None else \
+            f"{self.settings.topic_prefix}.part.> (stream {self.settings.nats_stream}, {self.settings.partitions} " \
+            "partitions shared with the other consumers)"
+        log.info("consumer %s subscribed to %s on %s:%s", self.settings.client_id, what, self.link.address.host,
+                 self.link.address.port)
         if ready is not None:
             ready.set()
         flushed = False
@@ -588,7 +631,32 @@ class Consumer:
                 self._http_waiting.pop(request_id, None)
         return reply
 
+    def _rebalance(self) -> None:
+        """``source: nats``: forget the devices of partitions given up, restore those of
+        partitions taken (before any of their readings is processed), tell the source."""
+        assert self.cluster is not None
+        gained, lost = self.cluster.changes()
+        if lost:
+            gone = self._devices_of(set(lost))
+            devices = {d for d in self.processor.known_devices() if gone(d)}
+            self.processor.forget(devices)
+            self.fleet.forget(devices)
+            for alert_id in [k for k, a in self._held.items() if a.device_id in devices]:
+                del self._held[alert_id]
+            log.info("gave up partition(s) %s: %d device(s) now with another consumer", sorted(lost), len(devices))
+        if gained:
+            t0 = time.perf_counter()
+            n = self.restore_windows(set(gained))
+            self.restore_state(set(gained))
+            log.info("took partition(s) %s: %d device(s) restored from the store in %.2fs", sorted(gained), n,
+                     time.perf_counter() - t0)
+        if gained or lost:
+            self.cluster.done(gained, lost)
+            self.metrics.partitions.set(len(self.cluster.owned()))
+
     def _step(self, timeout_s: float) -> int:
+        if self.cluster is not None:
+            self._rebalance()
         msgs = self.inbox.drain(
             self.settings.batch_max, timeout_s, self.settings.batch_wait_ms / 1000.0, max_bytes=BATCH_MAX_BYTES
         )
@@ -656,8 +724,10 @@ class Consumer:
                     if proc.restore_depth() > self.settings.window:
                         # a detector with a per-device history: replay it from the store
                         try:
-                            proc.restore(self.store.recent_readings(proc.restore_depth(),
-                                                                   max_devices=self.settings.max_devices))
+                            owned = self.cluster.owned() if self.cluster is not None else None
+                            proc.restore(self.store.recent_readings(
+                                proc.restore_depth(), max_devices=self.settings.max_devices,
+                                keep=self._devices_of(owned) if owned is not None else None))
                         except ItapError as exc:
                             log.warning("model reloaded, but its per-device history could not be replayed: %s", exc)
                     self.fleet.threshold = artifact.threshold
@@ -982,6 +1052,11 @@ class Consumer:
         request_id = body.get("request_id")
         reply["request_id"] = request_id if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) \
             and len(str(request_id)) <= 128 else None
+        answer = True
+        if self.cluster is not None and not str(reply["request_id"]).startswith("http-"):
+            act, answer = self._cluster_role(name, body)
+            if not act:
+                return []  # the consumer that owns its device answers
         try:
             out = self._run_command(name, body, reply)
         except Exception as exc:  # noqa: BLE001 - no command may stop the service
@@ -993,12 +1068,42 @@ class Consumer:
         self.metrics.commands.labels(name if name in known else "unknown", "ok" if reply["ok"] else "refused").inc()
         if not reply["ok"]:
             log.warning("command %s refused: %s", reply["command"], reply["reason"])
-        self._publish(self.settings.topic("status", "commands"), json.dumps(reply))
+        if answer:
+            self._publish(self.settings.topic("status", "commands"), json.dumps(reply))
         waiting = self._http_waiting.get(str(reply.get("request_id")))
         if waiting is not None:  # a dashboard action: its HTTP thread waits for this reply
             waiting[1].update(reply)
             waiting[0].set()
         return out
+
+    def _cluster_role(self, name: str, body: dict[str, Any]) -> tuple[bool, bool]:
+        """``source: nats``: every consumer receives every command; ``(act, answer)`` for this
+        one. An ack or rebaseline is run and answered by the owner of its device (an alert's
+        device comes from the shared store when it is not open here); silences and reloads
+        are run by all and answered by the owner of partition 0, as is anything no device
+        owner can answer (an unknown alert id, a malformed command)."""
+        assert self.cluster is not None
+        owned = self.cluster.owned()
+        first = 0 in owned
+        device: str | None = None
+        if name == "ack":
+            alert_id = body.get("alert_id")
+            if isinstance(alert_id, str) and alert_id:
+                if self.processor.engine.find_open(alert_id) is not None:
+                    return True, True
+                try:
+                    device = self.store.alert_device(alert_id)
+                except ItapError:
+                    device = None
+        elif name == "rebaseline":
+            dev = body.get("device_id")
+            device = dev if isinstance(dev, str) and dev else None
+        elif name in ("silence", "reload"):
+            return True, first
+        if device is None:
+            return first, first
+        mine = partition_of(device, self.settings.partitions) in owned
+        return mine, mine
 
     def _run_command(self, name: str, body: dict[str, Any], reply: dict[str, Any]) -> list[Alert]:
         out: list[Alert] = []
@@ -1111,6 +1216,10 @@ class Consumer:
         action = body.get("action")
         if action == "add":
             spec = {k: v for k, v in body.items() if k not in ("action", "request_id", "all", "by")}
+            if self.cluster is not None and "id" not in spec:
+                # every consumer of the cluster adds it: the same id everywhere, from the request
+                spec["id"] = hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode(),
+                                          usedforsecurity=False).hexdigest()[:10]
             if body.get("by"):  # who added it (the dashboard's user), kept with the comment
                 spec["comment"] = f"{spec.get('comment') or ''} (by {clean_text(body['by'], 64)})".strip()
             everything = body.get("all", False)

@@ -83,6 +83,14 @@ class FleetView:
                         "incident": a.incident or a.id, "changed_at": a.changed_at,
                     }
 
+    def forget(self, devices: set[str]) -> None:
+        """Drop ``devices`` and their alerts from the view (another consumer owns them now)."""
+        with self._lock:
+            for dev in devices & self._devices.keys():
+                del self._devices[dev]
+            for aid in [k for k, a in self._alerts.items() if a["device_id"] in devices]:
+                del self._alerts[aid]
+
     def snapshot(self, limit: int = DEFAULT_LIMIT, offset: int = 0) -> dict[str, Any]:
         """One page of the fleet: devices worst first, open alerts most severe first.
 

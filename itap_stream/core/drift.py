@@ -90,6 +90,12 @@ class DriftMonitor:
 
         self._make_adwin = ADWIN
 
+    def forget(self, devices: set[str]) -> None:
+        """Drop the per-device detectors of ``devices`` (their partition moved away)."""
+        for d in (self._pending, self._adwin, self._seen, self._last_event):
+            for key in devices & d.keys():
+                del d[key]
+
     def _feed(self, key: str, x: float, ts: float) -> DriftEvent | None:
         adwin = self._adwin.get(key)
         if adwin is None:

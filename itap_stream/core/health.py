@@ -136,6 +136,18 @@ class SensorHealth:
                 rest.append(a)
         return rest
 
+    def devices(self) -> set[str]:
+        """Devices with health state (last seen, open alerts)."""
+        return set(self._last_seen) | {d for d, _r in self._open}
+
+    def forget(self, devices: set[str]) -> None:
+        """Drop the open alerts and last-seen times of ``devices`` (their partition moved away)."""
+        for key in [k for k in self._open if k[0] in devices]:
+            del self._open[key]
+        for d in (self._open_devices, self._last_seen, self._stale):
+            for device in devices & d.keys():
+                del d[device]
+
     def open_ids(self) -> set[str]:
         """Ids of the open signal and stale alerts."""
         return {a.id for a in self._open.values()} | {a.id for a in self._stale.values()}

@@ -98,6 +98,18 @@ class Reorderer:
                 self._release(device, float("inf"), out, now)
         return out
 
+    def forget(self, devices: set[str]) -> int:
+        """Drop what is held of ``devices`` (their partition moved away; the new owner reads
+        them from the store); returns the readings dropped."""
+        n = 0
+        for device in devices & self._heaps.keys():
+            n += len(self._heaps.pop(device))
+            self._since.pop(device, None)
+        for device in devices & self._newest.keys():
+            del self._newest[device]
+        self.held -= n
+        return n
+
     def flush(self) -> list[Reading]:
         """Release everything held (the service is stopping)."""
         out: list[Reading] = []

@@ -174,11 +174,13 @@ class Processor:
         det = self.artifact.detector
         recent = getattr(det, "recent", None)
         history = (recent is not None and recent.any()) or getattr(det, "std_columns", None) is not None
+        # the alarm smoothing (alarm_k of the last alarm_n windows) needs the last alarm_n windows
+        smoothing = self.windows.window + (self.alarm_n - 1) * self.windows.hop
         if getattr(det, "score_sequence", None) is None or not history:
-            return self.windows.window
+            return smoothing
         # the recent level needs window + spacing * back * hop readings; an alarm held longer
         # than that needs the readings since it began: replay up to REPLAY_READINGS more
-        return self.windows.window + det.spacing * det.back * self.windows.hop + REPLAY_READINGS
+        return max(smoothing, self.windows.window + det.spacing * det.back * self.windows.hop + REPLAY_READINGS)
 
     def restore(
         self, recent: dict[str, tuple[list[Reading], int]], rebaselines: dict[str, list[float]] | None = None
@@ -197,7 +199,7 @@ class Processor:
         window, hop = self.windows.window, self.windows.hop
         for device_id, (readings, count) in recent.items():
             self.windows.restore(device_id, readings[-window:], count)
-            if len(readings) <= window or getattr(self.artifact.detector, "score_sequence", None) is None:
+            if len(readings) <= window:
                 continue
             first = count - len(readings) + 1  # the 1-based count of readings[0]
             ends = [i for i in range(window - 1, len(readings))
@@ -217,6 +219,30 @@ class Processor:
                 self._replay(device_id, readings, ends[start:])
             self._last_end[device_id] = times[-1]
         return len(recent)
+
+    def known_devices(self) -> set[str]:
+        """Every device some per-device state is held for."""
+        out = set(self.windows.devices) | self.engine.devices()
+        if self.health is not None:
+            out |= self.health.devices()
+        return out
+
+    def forget(self, devices: set[str]) -> int:
+        """Drop every per-device state of ``devices`` (windows, reorder buffer, alarm
+        smoothing, detector history, open alerts, sensor health, drift): with ``source: nats``
+        their partition moved to another consumer, which `restore`s them from the shared
+        store. Returns the devices that were held."""
+        n = self.windows.forget(devices)
+        self.reorder.forget(devices)
+        for d in (self._alarm_state, self._detector_state, self._last_end):
+            for device in devices & d.keys():
+                del d[device]
+        self.engine.forget(devices)
+        if self.health is not None:
+            self.health.forget(devices)
+        if self.drift is not None:
+            self.drift.forget(devices)
+        return n
 
     def _replay(self, device_id: str, readings: list[Reading], ends: list[int]) -> None:
         """Score the windows ending at readings ``ends`` again, silently (`restore`)."""

@@ -452,6 +452,16 @@ class RuleEngine:
             dev.incident_start[inc] = min(dev.incident_start.get(inc, a.fired_at), a.fired_at)
         return rest
 
+    def devices(self) -> set[str]:
+        """Devices with rule state (windows seen, open alerts)."""
+        return set(self._devices)
+
+    def forget(self, devices: set[str]) -> None:
+        """Drop the state and open alerts of ``devices``: their partition moved to another
+        consumer, which restores them from the store."""
+        for device in devices & self._devices.keys():
+            del self._devices[device]
+
     def _holds(self, rule: Rule, w: ScoredWindow, dev: _DeviceState) -> bool:
         if rule.type == "burst":
             if not w.is_anomaly:

@@ -20,6 +20,7 @@ than the last one is a device restart (its counter began again), not a gap.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,6 +131,7 @@ class FleetWindows:
         self._count: list[int] = []  # accepted readings per slot
         self._last_ts: list[float] = []
         self._last_seq: list[int | None] = []  # per slot, the seq of the latest accepted reading
+        self._free: list[int] = []  # slots of forgotten devices, used again before new ones
         #: jumps in ``seq`` found since the caller last emptied this list
         self.gaps: list[Gap] = []
         # chronological order of a full ring whose oldest element sits at position p
@@ -153,7 +155,25 @@ class FleetWindows:
         slot = self._slots.get(device_id)
         return None if slot is None else self._last_ts[slot]
 
+    def forget(self, device_ids: Iterable[str]) -> int:
+        """Drop devices' rings (their partition moved to another consumer); returns how many
+        were held. Their slots are used again by new devices."""
+        n = 0
+        for device_id in device_ids:
+            slot = self._slots.pop(device_id, None)
+            if slot is None:
+                continue
+            self._blocks[slot // self._block][slot % self._block] = np.nan
+            self._labels[slot], self._tags[slot], self._tagged[slot] = None, None, 0
+            self._count[slot], self._last_ts[slot], self._last_seq[slot] = 0, -np.inf, None
+            self._free.append(slot)
+            n += 1
+        return n
+
     def _slot(self, device_id: str) -> int:
+        if self._free:
+            slot = self._slots[device_id] = self._free.pop()
+            return slot
         slot = len(self._slots)
         if slot >= len(self._blocks) * self._block:
             self._blocks.append(np.full((self._block, self.window, self.n_signals + 2), np.nan))
