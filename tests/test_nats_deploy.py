@@ -270,10 +270,18 @@ def test_every_node_config_passes_nats_server_check():
 # -- one real nats-server from nats/common.conf
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (picked one by one, two could come out equal)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -289,7 +297,7 @@ def server(tmp_path):
     """One node as compose runs it (start.sh, common.conf), alone, on free loopback ports."""
     if NATS_SERVER is None:
         pytest.skip("nats-server is not installed")
-    port, mqtt_port, http_port = _free_port(), _free_port(), _free_port()
+    port, mqtt_port, http_port = _free_ports(3)
     node = tmp_path / "node.conf"
     # include paths are relative to the including file (an absolute one is joined to it)
     common = os.path.relpath(NATS / "common.conf", tmp_path)

@@ -595,7 +595,12 @@ class NatsSource:
                 await asyncio.sleep(0.005)  # the consumer is behind: leave the rest in the stream
                 continue
             try:
-                msgs = await sub.fetch(FETCH_BATCH, timeout=1.0)
+                # wait for the first message (a long poll, answered as soon as one is stored),
+                # then take what else is there without waiting: a fetch of many that waits
+                # until it has them all would hold a quiet partition's readings for its timeout
+                msgs = await sub.fetch(1, timeout=5.0)
+                with contextlib.suppress(TimeoutError, NatsTimeout):
+                    msgs += await sub.fetch(FETCH_BATCH - 1, timeout=0.005)
             except (TimeoutError, NatsTimeout):
                 continue
             except asyncio.CancelledError:
