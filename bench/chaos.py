@@ -64,12 +64,13 @@ class SeqPublisher:
     is away it keeps what it could not hand over and sends it after reconnecting.
     ``payloads`` overrides what is sent (for bad input and time chaos): a list of
     ``(topic, bytes)``. ``auth`` logs in (a gateway account such as itap-simulator);
-    ``reconnect_min_s`` is the first pause before reconnecting (doubling up to 2 s).
+    ``reconnect_min_s`` is the first pause before reconnecting (doubling up to 2 s);
+    ``inflight``: QoS 1 messages sent and not yet acknowledged, at most.
     """
 
     def __init__(self, url: str, devices: list[str], per_device: int, *, rate: float = 1000.0,
                  prefix: str = "itap", payloads: list[tuple[str, bytes]] | None = None,
-                 auth: BrokerAuth | None = None, reconnect_min_s: float = 1.0) -> None:
+                 auth: BrokerAuth | None = None, reconnect_min_s: float = 1.0, inflight: int = 100) -> None:
         host, port = url.removeprefix("mqtt://").split(":")
         self.devices, self.per_device, self.rate = devices, per_device, rate
         t0 = time.time() - per_device - 5
@@ -80,7 +81,7 @@ class SeqPublisher:
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"chaos-pub-{time.monotonic_ns()}",
                                   clean_session=False, protocol=paho.MQTTv311)
         self.client.max_queued_messages_set(0)
-        self.client.max_inflight_messages_set(100)
+        self.client.max_inflight_messages_set(inflight)
         # paho types the delays int but computes with floats
         self.client.reconnect_delay_set(min_delay=cast(int, reconnect_min_s), max_delay=2)
         if auth is not None:
