@@ -223,17 +223,22 @@ def stored_count(db_path: Path) -> int:
 def wait_settled(db_path: Path, expected: int, timeout_s: float = 90.0, quiet_s: float = 15.0) -> None:
     """Until the store holds ``expected`` readings, or nothing changed for ``quiet_s`` (longer
     than the consumer's longest reconnect backoff)."""
+    wait_count(lambda: stored_count(db_path), expected, timeout_s, quiet_s, poll_s=0.1)
+
+
+def wait_count(count: Callable[[], int], expected: int, timeout_s: float, quiet_s: float, poll_s: float) -> None:
+    """Until ``count()`` reaches ``expected``, stays unchanged for ``quiet_s``, or ``timeout_s`` ends."""
     deadline = time.monotonic() + timeout_s
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
-        n = stored_count(db_path)
+        n = count()
         if n >= expected:
             return
         if n != last:
             last, since = n, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
             return
-        time.sleep(0.1)
+        time.sleep(poll_s)
 
 
 @dataclass

@@ -33,8 +33,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.chaos import ConsumerProc, SeqPublisher
-from itap_stream.adapters.broker import free_port
+from bench.chaos import ConsumerProc, SeqPublisher, wait_count
+from itap_stream.adapters.broker import free_port, free_ports
 
 __all__ = ["NatsCluster", "Run", "fresh_database", "nats_server", "run_cluster", "stored_rows"]
 
@@ -51,22 +51,6 @@ def nats_server() -> str | None:
     return "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (held open together while they are picked)."""
-    import socket
-
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class NatsCluster:
     """``nodes`` nats-servers with JetStream, routes between them, an MQTT listener each and
     the partition mapping, on free loopback ports under ``workdir``."""
@@ -80,7 +64,7 @@ class NatsCluster:
         self.n = nodes
         self.partitions = partitions
         self.prefix = prefix
-        ports = _free_ports(3 * nodes)
+        ports = free_ports(3 * nodes)
         self.client_ports, self.route_ports = ports[:nodes], ports[nodes : 2 * nodes]
         self.mqtt_ports = ports[2 * nodes :]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * nodes
@@ -303,17 +287,9 @@ def windows_and_alerts(db_url: str) -> tuple[list[tuple[Any, ...]], list[tuple[A
 
 
 def wait_stored(db_url: str, expected: int, timeout_s: float = 180.0, quiet_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    last, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        n = stored_rows(db_url, "SELECT COUNT(DISTINCT (device_id, seq)) FROM readings")[0][0]
-        if n >= expected:
-            return
-        if n != last:
-            last, since = n, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return
-        time.sleep(0.2)
+    """Until every reading is stored, or nothing new was stored for ``quiet_s``."""
+    wait_count(lambda: int(stored_rows(db_url, "SELECT COUNT(DISTINCT (device_id, seq)) FROM readings")[0][0]),
+               expected, timeout_s, quiet_s, poll_s=0.2)
 
 
 class AlertListener:

@@ -211,15 +211,7 @@ class Settings:
         ``http_password_file``."""
         if not self.http_username:
             return None
-        password = self.http_password
-        if self.http_password_file:
-            try:
-                lines = Path(self.http_password_file).read_text(encoding="utf-8").splitlines()
-            except (OSError, ValueError) as exc:
-                why = getattr(exc, "strerror", None) or exc
-                msg = f"cannot read http_password_file {self.http_password_file}: {why}"
-                raise ConfigError(msg) from exc
-            password = lines[0].strip() if lines else ""
+        password = _secret(self.http_password, self.http_password_file, "http_password_file") or ""
         if len(password) < 8:
             msg = ("http_username is set but the dashboard password (ITAP_HTTP_PASSWORD or http_password_file) is "
                    "missing or shorter than 8 characters")
@@ -236,17 +228,7 @@ class Settings:
         so the intake and the publisher need an account each."""
         from itap_stream.adapters.mqtt import BrokerAuth
 
-        password = self.broker_password or None
-        if self.broker_password_file:
-            try:
-                lines = Path(self.broker_password_file).read_text(encoding="utf-8").splitlines()
-            except (OSError, ValueError) as exc:
-                msg = (
-                    f"cannot read broker_password_file {self.broker_password_file}: "
-                    f"{getattr(exc, 'strerror', None) or exc}"
-                )
-                raise ConfigError(msg) from exc
-            password = lines[0].strip() if lines else ""
+        password = _secret(self.broker_password, self.broker_password_file, "broker_password_file")
         if (self.tls_cert or self.tls_key) and not (self.tls_ca or self.broker_url.startswith(("mqtts:", "ssl:"))):
             msg = "tls_cert / tls_key are set but TLS is off: use an mqtts:// broker URL or set tls_ca"
             raise ConfigError(msg)
@@ -268,16 +250,7 @@ class Settings:
     def nats_credentials(self) -> tuple[str | None, str | None]:
         """``(user, password)`` for the NATS connection: the password from ``nats_password``
         (env) or the first line of ``nats_password_file``."""
-        password = self.nats_password or None
-        if self.nats_password_file:
-            try:
-                lines = Path(self.nats_password_file).read_text(encoding="utf-8").splitlines()
-            except (OSError, ValueError) as exc:
-                why = getattr(exc, "strerror", None) or exc
-                msg = f"cannot read nats_password_file {self.nats_password_file}: {why}"
-                raise ConfigError(msg) from exc
-            password = lines[0].strip() if lines else ""
-        return self.nats_username or None, password
+        return self.nats_username or None, _secret(self.nats_password, self.nats_password_file, "nats_password_file")
 
     def drifting_family_list(self) -> list[str]:
         """``drifting_families`` as a list (the setting is a comma-separated string)."""
@@ -409,6 +382,18 @@ def _coerce(name: str, raw: Any, kind: type) -> Any:
     except (TypeError, ValueError):
         msg = f"setting {name!r} must be {kind.__name__}, got {raw!r}"
         raise ConfigError(msg) from None
+
+
+def _secret(value: str, path: str, setting: str) -> str | None:
+    """A password: the first line of the file ``path`` when set, else ``value`` (None when empty)."""
+    if not path:
+        return value or None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read {setting} {path}: {getattr(exc, 'strerror', None) or exc}"
+        raise ConfigError(msg) from exc
+    return lines[0].strip() if lines else ""
 
 
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

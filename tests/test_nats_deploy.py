@@ -18,7 +18,6 @@ import os
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -29,6 +28,8 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 import yaml
+
+from itap_stream.adapters.broker import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 NATS = ROOT / "nats"
@@ -270,20 +271,6 @@ def test_every_node_config_passes_nats_server_check():
 # -- one real nats-server from nats/common.conf
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (picked one by one, two could come out equal)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @dataclass
 class Server:
     nats_url: str
@@ -297,7 +284,7 @@ def server(tmp_path):
     """One node as compose runs it (start.sh, common.conf), alone, on free loopback ports."""
     if NATS_SERVER is None:
         pytest.skip("nats-server is not installed")
-    port, mqtt_port, http_port = _free_ports(3)
+    port, mqtt_port, http_port = free_ports(3)
     node = tmp_path / "node.conf"
     # include paths are relative to the including file (an absolute one is joined to it)
     common = os.path.relpath(NATS / "common.conf", tmp_path)
