@@ -375,7 +375,8 @@ def run_cluster(scenario: str, model: Path, workdir: Path, *, consumers: int = 2
                 kill_at: float = 0.4,
                 after: Callable[[NatsCluster, list[ConsumerProc], str], dict[str, Any]] | None = None) -> Run:
     """One scenario on a fresh cluster and database: ``clean``, ``consumer kill -9``,
-    ``node kill -9``, ``consumer joins`` or ``single`` (one consumer, the reference).
+    ``consumer SIGTERM``, ``node kill -9``, ``consumer joins`` or ``single`` (one consumer,
+    the reference).
     An MQTT client of node 1 counts the alerts published (``notes["alerts_received"]``);
     ``after`` runs once everything is stored, before the consumers stop (its result goes
     to the notes)."""
@@ -410,6 +411,13 @@ def run_cluster(scenario: str, model: Path, workdir: Path, *, consumers: int = 2
                 procs[0].kill9()
                 notes["sent_at_kill"] = pub.sent
                 # from the kill until the survivors read every partition again
+                notes["takeover_s"] = round(wait_balanced(procs, cluster.partitions, 120.0), 2)
+            elif scenario == "consumer SIGTERM":
+                pub.wait_until(0.4)
+                t0 = time.monotonic()
+                procs[0].sigterm()
+                notes["exit_s"] = round(time.monotonic() - t0, 2)
+                # it deleted its leases on the way out: no waiting for them to expire
                 notes["takeover_s"] = round(wait_balanced(procs, cluster.partitions, 120.0), 2)
             elif scenario == "node kill -9":
                 pub.wait_until(kill_at)

@@ -484,12 +484,23 @@ class NatsSource:
                 self._release.add(p)
 
     async def _members(self) -> set[str]:
-        """The consumers whose member key has not expired (one request to the bucket's stream)."""
+        """The consumers whose member key has neither expired nor been deleted (a consumer
+        that stopped deletes it, which leaves a marker on its subject)."""
+        from nats.js.errors import KeyNotFoundError
+
         prefix = f"$KV.{LEASE_BUCKET}.member."
         info = await asyncio.wait_for(
             self._js.stream_info(f"KV_{LEASE_BUCKET}", subjects_filter=prefix + ">"),
             timeout=max(1.0, self.takeover_after / 5))
-        return {s[len(prefix):] for s in (info.state.subjects or {})}
+        out = set()
+        for name in (s[len(prefix):] for s in (info.state.subjects or {})):
+            if name != self.client_id:
+                try:
+                    await self._kv_call(self._kv.get(f"member.{name}"))
+                except KeyNotFoundError:
+                    continue  # stopped: its key was deleted
+            out.add(name)
+        return out
 
     async def _balance(self) -> None:
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError

@@ -160,6 +160,15 @@ def test_kill_9_of_a_consumer_moves_its_partitions_and_loses_nothing(model_file,
     assert run.alerts == reference.alerts
 
 
+def test_a_consumer_stopped_with_sigterm_hands_its_partitions_over_at_once(model_file, data, work, reference):
+    run = _run("consumer SIGTERM", model_file, data, work)
+    _intact(run)
+    # its leases were released on the way out: the survivor did not wait for them to expire
+    assert run.notes["takeover_s"] < TAKEOVER_AFTER, run.notes
+    assert run.windows == reference.windows
+    assert run.alerts == reference.alerts
+
+
 def test_kill_9_of_a_server_node_loses_and_duplicates_nothing(model_file, data, work, reference):
     # a node holding a replica of the stream (and maybe leading consumers, leases or MQTT
     # sessions, which elect new leaders on the two nodes left); the devices publish to another
