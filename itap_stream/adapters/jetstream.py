@@ -167,6 +167,7 @@ class NatsSource:
         self._acking: set[asyncio.Task[None]] = set()
         self._prepared: set[int] = set()  # leased partitions whose durable was made afresh
         self._renewed_at: dict[int, float] = {}  # partition -> last successful renewal (monotonic)
+        self._reset: set[int] = set()  # partitions to read again from their oldest unacknowledged message
         self._kv_lock = asyncio.Lock()
         self.members: list[str] = []
 
@@ -467,6 +468,7 @@ class NatsSource:
 
     def _give_up(self, p: int, *, graceful: bool) -> None:
         self._prepared.discard(p)
+        self._reset.discard(p)
         task = self._fetchers.pop(p, None)
         if task is not None:
             task.cancel()
@@ -527,6 +529,17 @@ class NatsSource:
                 continue  # someone else was quicker
             self._leases[p] = rev
             self._renewed_at[p] = time.monotonic()
+        for p in sorted(self._reset):
+            if p not in self._active:
+                self._reset.discard(p)
+                continue
+            task = self._fetchers.pop(p, None)
+            if task is not None:
+                task.cancel()
+            await self._prepare(p)  # a failure is tried again next time (the partition waits)
+            sub = await self._js.pull_subscribe_bind(durable=f"{self.stream}-p{p}", stream=self.stream)
+            self._reset.discard(p)
+            self._fetchers[p] = asyncio.ensure_future(self._fetch(p, sub))
         for p in sorted(set(self._leases) & mine - self._prepared):
             await self._prepare(p)  # a failure (timeout in a leader election) is tried again next time
             self._prepared.add(p)
@@ -601,6 +614,7 @@ class NatsSource:
         cut = len(self.prefix) + len(".part.") + len(str(p)) + 1
         topic_prefix = f"{self.prefix}/telemetry/"
         redelivered = self._redelivered.get(p, 0)
+        expect: int | None = None  # the durable's next delivery sequence
         while not self._closing:
             if len(inbox) >= inbox.maxsize - FETCH_BATCH or inbox.pending_bytes >= inbox.max_bytes:
                 await asyncio.sleep(0.005)  # the consumer is behind: leave the rest in the stream
@@ -621,6 +635,19 @@ class NatsSource:
                 await asyncio.sleep(0.5)
                 continue
             now = time.time()
+            # deliveries are numbered without holes: a hole means messages were lost on their way
+            # here (a server died while it passed them on); JetStream would send them again only
+            # after ack_wait, behind later readings. Start the partition again from its oldest
+            # unacknowledged message instead, dropping (not acknowledging) what came after the hole
+            for i, m in enumerate(msgs):
+                cseq = m.metadata.sequence.consumer
+                if expect is not None and cseq != expect:
+                    log.warning("partition %d: deliveries %d..%d never arrived (a server went away?); reading it "
+                                "again from its oldest unacknowledged message", p, expect, cseq - 1)
+                    msgs = msgs[:i]
+                    self._reset.add(p)
+                    break
+                expect = cseq + 1
             with self._lock:
                 if p not in self._active:
                     return  # given up meanwhile: these are delivered again to the next owner
@@ -637,6 +664,8 @@ class NatsSource:
                 if partition_of(device, self.partitions) != p:
                     self._mismatch(device, p)
                 put((topic_prefix + device, m.data, now, token + i, 1, dup))
+            if p in self._reset:
+                return  # the lease loop makes the durable afresh and fetches again
 
     def _mismatch(self, device: str, p: int) -> None:
         now = time.monotonic()
