@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model artifact to use (trained there when missing)")
     p.add_argument("--keep-open", action="store_true",
                    help="keep serving the dashboard and /metrics after the summary, until Ctrl-C")
+    _format_options(p)
 
     p = sub.add_parser("run", help="the long-running consumer service", epilog=EPILOGS["run"], formatter_class=fmt)
     _common(p)
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "faster than real time, so no reading lies in the future)")
     _broker_options(p)
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    _format_options(p)
 
     p = sub.add_parser(
         "train", help="retrain the model from the store or a CSV", epilog=EPILOGS["train"], formatter_class=fmt
@@ -406,6 +408,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         broker_kind="embedded" if args.embedded_broker else "auto",
         workdir=args.workdir,
         keep_open=args.keep_open,
+        fmt=args.format,
+        group=_sparkplug_id(args.sparkplug_group, "--sparkplug-group"),
+        edge=_sparkplug_id(args.sparkplug_edge, "--sparkplug-edge"),
     )
     return 0
 
@@ -415,6 +420,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     run_service(_settings(args))
     return 0
+
+
+def _format_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("json", "sparkplug"), default="json",
+                   help="json: one reading object per message on <prefix>/telemetry/<device>; sparkplug: a Sparkplug "
+                        "B edge node (NBIRTH, DBIRTH, DDATA by alias on spBv1.0/<group>/...)")
+    p.add_argument("--sparkplug-group", default="itap", help="Sparkplug group id (default itap)")
+    p.add_argument("--sparkplug-edge", default="simulator", help="Sparkplug edge node id (default simulator)")
+
+
+def _sparkplug_id(value: str, what: str) -> str:
+    if not value or any(c in value for c in "/+# "):
+        msg = f"{what} {value!r} must be non-empty without '/', '+', '#' or spaces"
+        raise ConfigError(msg)
+    return value
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -509,9 +529,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                   end="" if tty else "\n", file=sys.stderr, flush=True)
 
     n = publish(sim, settings.broker_url, topic_prefix=settings.topic_prefix, speed=args.speed, qos=args.qos,
-                progress=progress, auth=settings.broker_auth())
+                progress=progress, auth=settings.broker_auth(), fmt=args.format,
+                group=_sparkplug_id(args.sparkplug_group, "--sparkplug-group"),
+                edge=_sparkplug_id(args.sparkplug_edge, "--sparkplug-edge"), schema=settings.schema())
     print(("\n" if tty else "")
-          + f"published {n:,} readings of {args.devices} devices ({desc}) to {settings.broker_url}")
+          + f"published {n:,} readings of {args.devices} devices ({desc}) to {settings.broker_url}"
+          + (f" as Sparkplug B edge node {args.sparkplug_group}/{args.sparkplug_edge}" if args.format == "sparkplug"
+             else ""))
     return 0
 
 

@@ -115,6 +115,12 @@ class Settings:
     nats_username: str = ""
     nats_password: str = ""  # only from ITAP_NATS_PASSWORD or nats_password_file, never in a config file
     nats_password_file: str = ""
+    # Sparkplug B (README "Sparkplug B"): "" = off, "+" = every group, else comma-separated group ids
+    sparkplug_groups: str = ""
+    sparkplug_host_id: str = ""  # host application id of its spBv1.0/STATE/{id} message (default: client_id)
+    sparkplug_device_id: str = "{group}:{edge}:{device}"  # device id of a Sparkplug device
+    sparkplug_node_id: str = "{group}:{edge}"  # device id of an edge node's own signals
+    sparkplug_rebirth_interval: float = 10.0  # least seconds between two rebirth requests to one edge node
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1):
@@ -195,11 +201,44 @@ class Settings:
         if self.intake not in ("process", "thread"):
             msg = f"intake must be 'process' (MQTT intake in a child process) or 'thread', got {self.intake!r}"
             raise ConfigError(msg)
+        self._check_sparkplug()
         from itap_stream.core.detectors import canonical_name
 
         # unknown names fail here, listing the known ones
         object.__setattr__(self, "detector", canonical_name(self.detector))
         parse_broker_url(self.broker_url)
+
+    def _check_sparkplug(self) -> None:
+        groups = self.sparkplug_group_list()
+        if groups and self.source != "mqtt":
+            msg = "sparkplug_groups needs source: mqtt (Sparkplug B comes over an MQTT broker)"
+            raise ConfigError(msg)
+        bad = [g for g in groups if g != "+" and (not g or any(c in g for c in "/+# "))]
+        if bad or ("+" in groups and len(groups) > 1):
+            msg = (f"sparkplug_groups {self.sparkplug_groups!r}: comma-separated Sparkplug group ids (no '/', '+', "
+                   "'#' or spaces), or '+' alone for every group")
+            raise ConfigError(msg)
+        host = self.sparkplug_host_id or self.client_id
+        if any(c in host for c in "/+#"):
+            msg = f"sparkplug_host_id {host!r} must not contain '/', '+' or '#'"
+            raise ConfigError(msg)
+        for key in ("sparkplug_device_id", "sparkplug_node_id"):
+            try:
+                made = getattr(self, key).format(group="g", edge="e", device="d")
+            except (KeyError, IndexError, ValueError) as exc:
+                msg = (f"{key} {getattr(self, key)!r} is not a template over {{group}}, {{edge}} and {{device}}: "
+                       f"{exc}")
+                raise ConfigError(msg) from exc
+            if not made:
+                msg = f"{key} must not be empty"
+                raise ConfigError(msg)
+        if self.sparkplug_rebirth_interval < 0:
+            msg = f"sparkplug_rebirth_interval must not be negative, got {self.sparkplug_rebirth_interval}"
+            raise ConfigError(msg)
+
+    def sparkplug_group_list(self) -> list[str]:
+        """The Sparkplug groups the consumer subscribes to ([] = Sparkplug off)."""
+        return [g.strip() for g in self.sparkplug_groups.split(",")] if self.sparkplug_groups.strip() else []
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes`` applied (None values are ignored)."""

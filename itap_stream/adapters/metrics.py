@@ -37,6 +37,9 @@ class Metrics:
         self.rejected = Counter(
             "itap_readings_rejected", "Readings or payloads rejected, by reason", ["reason"], registry=r
         )
+        self.sparkplug_rebirths = Counter(
+            "itap_sparkplug_rebirth_requests", "Sparkplug B rebirth requests (NCMD) sent to edge nodes", registry=r
+        )
         self.redelivered = Counter(
             "itap_readings_redelivered",
             "Readings the broker delivered again after a reconnect that were already in "

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from itap_stream.adapters.mqtt import BrokerAuth, Inbox, Message, MqttLink
+from itap_stream.adapters.mqtt import BrokerAuth, Inbox, Message, MqttLink, Will
 from itap_stream.errors import BrokerError
 
 __all__ = ["Receiver"]
@@ -52,6 +52,10 @@ class Receiver:
         Called in the consumer (from `drain`) when the intake connection goes up or down.
     auth, protocol, session_expiry_s, receive_max
         Passed to the child's `MqttLink`.
+    birth, will
+        Published by the intake connection on every connect / by the broker when it is
+        lost (the Sparkplug host application's ``STATE``); ``will`` is also published on
+        a clean close.
     """
 
     def __init__(
@@ -67,6 +71,8 @@ class Receiver:
         protocol: int = 5,
         session_expiry_s: float = 86400.0,
         receive_max: int = 10_000,
+        birth: Will | None = None,
+        will: Will | None = None,
     ) -> None:
         self._on_connection = on_connection
         ctx = multiprocessing.get_context("spawn")  # no inherited threads or sockets
@@ -81,6 +87,8 @@ class Receiver:
             "protocol": protocol,
             "session_expiry_s": session_expiry_s,
             "receive_max": receive_max,
+            "birth": birth,
+            "will": will,
         }
         self._proc = ctx.Process(target=_child_main, args=(child_end, params), name="itap-receiver", daemon=True)
         self._child_end = child_end
@@ -238,6 +246,8 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
         protocol=params["protocol"],
         session_expiry_s=params["session_expiry_s"],
         receive_max=params["receive_max"],
+        birth=params.get("birth"),
+        will=params.get("will"),
     )
     stop, close = threading.Event(), threading.Event()
 
@@ -300,7 +310,7 @@ def _child_main(conn: Any, params: dict[str, Any]) -> None:
     send("ready", None)
     forwarder.join()  # ends once the consumer said close (or went away)
     reader.join(timeout=1.0)
-    link.stop()  # paho writes what it queued (the acknowledgements) before its thread ends
+    link.stop(final=params.get("will"))  # paho writes what it queued (the acknowledgements) before its thread ends
 
 
 def _quiet(send: Callable[[str, Any], None], kind: str, data: Any) -> None:

@@ -55,6 +55,7 @@ from itap_stream.core.readings import MAX_ID_CHARS, Reading, Rejection, decode
 from itap_stream.core.rules import Alert, RuleEngine
 from itap_stream.core.schema import SensorSchema
 from itap_stream.core.silence import SilenceBook, check_bounded, silence_from_dict
+from itap_stream.core.sparkplug import NAMESPACE, SparkplugHost, rebirth_request, state_payload
 from itap_stream.errors import ArtifactError, BrokerError, ConfigError, ItapError, ServiceFailed, StoreError
 
 __all__ = ["Consumer"]
@@ -198,8 +199,19 @@ class Consumer:
         self._prefix_len = len(settings.topic_prefix) + len("/telemetry/")
         status = settings.topic("status", "consumer", settings.client_id)
         self._offline = Will(status, b"offline", qos=1, retain=True)
+        #: Sparkplug B (``sparkplug_groups``): births, aliases, seq and deaths of the edge nodes
+        self.sparkplug = self._sparkplug_host(schema)
+        self._spb_prefix = NAMESPACE + "/"
+        # Sparkplug 3.0 primary host application: a retained STATE message, online while we
+        # are subscribed; the intake connection's will says offline (same timestamp)
+        self._spb_state: tuple[Will, Will] | None = None
+        if self.sparkplug is not None:
+            host_topic = f"{NAMESPACE}/STATE/{settings.sparkplug_host_id or settings.client_id}"
+            born = int(time.time() * 1000)
+            self._spb_state = (Will(host_topic, state_payload(True, born), qos=1, retain=True),
+                               Will(host_topic, state_payload(False, born), qos=1, retain=True))
         # commands (acknowledgements) come through the intake too, in order with the data
-        subscriptions = [(settings.topic("telemetry", "+"), settings.qos), (settings.topic("commands", "#"), 1)]
+        subscriptions = self._subscriptions()
         self._cmd_prefix = settings.topic("commands") + "/"
         self.inbox: Inbox | Receiver | NatsSource
         self.link: MqttLink | NatsSource
@@ -275,12 +287,29 @@ class Consumer:
             watch={BROKER_DROPPED_TOPIC: self._on_broker_dropped},
         )
 
+    def _sparkplug_host(self, schema: SensorSchema) -> SparkplugHost | None:
+        st = self.settings
+        if not st.sparkplug_group_list():
+            return None
+        return SparkplugHost(schema, device_id=st.sparkplug_device_id, node_id=st.sparkplug_node_id, min_ts=st.min_ts,
+                             rebirth_interval_s=st.sparkplug_rebirth_interval)
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        st = self.settings
+        subs = [(st.topic("telemetry", "+"), st.qos), (st.topic("commands", "#"), 1)]
+        groups = st.sparkplug_group_list()
+        if groups == ["+"]:
+            subs.append((f"{NAMESPACE}/#", st.qos))
+        else:
+            subs.extend((f"{NAMESPACE}/{g}/#", st.qos) for g in groups)
+        return subs
+
     def _new_receiver(self) -> Receiver:
         st = self.settings
         return Receiver(
             st.broker_url,
             st.client_id,
-            [(st.topic("telemetry", "+"), st.qos), (st.topic("commands", "#"), 1)],
+            self._subscriptions(),
             on_connection=self._on_connection,
             queue_max=st.queue_max,
             log_level=st.log_level,
@@ -288,6 +317,8 @@ class Consumer:
             protocol=st.mqtt_version,
             session_expiry_s=st.session_expiry,
             receive_max=st.receive_max,
+            birth=self._spb_state[0] if self._spb_state else None,
+            will=self._spb_state[1] if self._spb_state else None,
         )
 
     def _restart_intake(self) -> None:
@@ -499,6 +530,10 @@ class Consumer:
                 self.writer.close()
                 raise
             self.link.announce()
+        elif self._spb_state is not None:
+            # intake: thread: the one connection's will is the consumer's status, so STATE
+            # offline is published on a clean stop only (README "Sparkplug B")
+            self.link.publish(self._spb_state[0].topic, self._spb_state[0].payload, qos=1, retain=True)
         what = self.settings.topic("telemetry", "+") if self.cluster is None else \
             f"{self.settings.topic_prefix}.part.> (stream {self.settings.nats_stream}, {self.settings.partitions} " \
             "partitions shared with the other consumers)"
@@ -552,6 +587,8 @@ class Consumer:
                 self.inbox.close()  # paho's thread must not block on a full inbox while it disconnects
             if self.webhook is not None:
                 self.webhook.close()
+            if self._spb_state is not None and not isinstance(self.inbox, Receiver):
+                self.link.publish(self._spb_state[1].topic, self._spb_state[1].payload, qos=1, retain=True)
             self.link.stop(final=self._offline)
             self.writer.close(timeout_s=STOP_FLUSH_S if flushed and not self.fatal else 1.0)
             log.info("consumer stopped after %d micro-batches", self.batches)
@@ -717,6 +754,9 @@ class Consumer:
                         )
                         raise ConfigError(msg)
                     self.schema = proc.schema = schema
+                    if self.sparkplug is not None:
+                        # new metric names: the edge nodes are asked for their births again
+                        self.sparkplug = self._sparkplug_host(schema)
                 elif part == "model":
                     artifact = artifacts.load(self.settings.model_path, key=self.model_key)
                     check_compatible(artifact, self.schema, self.settings.window, self.settings.hop)
@@ -864,12 +904,18 @@ class Consumer:
         dead: list[dict[str, Any]] = []
         again: set[int] = set()  # readings of messages the broker marked as delivered again
         new_devices: set[str] = set()  # devices first seen in this batch
+        spb = self.sparkplug
         for topic, payload, _t, _token, _qos, dup in msgs:
             if topic.startswith(cmd_prefix):
                 transitions.extend(self._command(topic[len(cmd_prefix) :], payload))
                 continue
-            device = topic[plen:]
-            good, bad = decode(payload, schema, device, max_bytes=max_bytes, max_readings=max_readings, min_ts=min_ts)
+            if spb is not None and topic.startswith(self._spb_prefix):
+                good, bad = self._sparkplug_message(spb, topic, payload, transitions)
+                device = good[0].device_id if good else ""
+            else:
+                device = topic[plen:]
+                good, bad = decode(payload, schema, device, max_bytes=max_bytes, max_readings=max_readings,
+                                   min_ts=min_ts)
             if good and device not in self.processor.windows and device not in new_devices:
                 good = self._admit(good, bad, new_devices)
             if good:
@@ -928,6 +974,27 @@ class Consumer:
         self.writer.submit(batch)
         self.batches += 1
         return result
+
+    def _sparkplug_message(self, spb: SparkplugHost, topic: str, payload: bytes,
+                           transitions: list[Alert]) -> tuple[list[Reading], list[Rejection]]:
+        """One Sparkplug B message: its readings (all of one device) and rejections; deaths
+        become ``device_offline`` alerts at once, and nodes that lost track are asked for a
+        rebirth (``NCMD``, QoS 0 as the specification says)."""
+        if len(payload) > self.settings.max_payload_bytes:
+            return [], [Rejection("oversized", f"payload of {len(payload)} bytes exceeds "
+                                  f"{self.settings.max_payload_bytes}")]
+        now = self.clock()
+        res = spb.handle(topic, payload, now)
+        health = self.processor.health
+        for device, why in res.offline:
+            alert = health.offline(device, now, why) if health is not None else None
+            if alert is not None:
+                transitions.append(alert)
+        for group, edge in res.rebirth:
+            self.metrics.sparkplug_rebirths.inc()
+            log.info("asking Sparkplug edge node %s/%s for a rebirth", group, edge)
+            self.link.publish(f"{NAMESPACE}/{group}/NCMD/{edge}", rebirth_request(int(time.time() * 1000)), qos=0)
+        return res.readings, res.rejections
 
     def _admit(self, good: list[Reading], bad: list[Rejection], new_devices: set[str]) -> list[Reading]:
         """Readings of a device not tracked yet: kept while fewer than ``max_devices`` are

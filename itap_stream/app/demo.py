@@ -51,13 +51,18 @@ def run_demo(
     out: TextIO = sys.stdout,
     keep_open: bool = False,
     wait_open: Callable[[], None] | None = None,
+    fmt: str = "json",
+    group: str = "itap",
+    edge: str = "simulator",
 ) -> dict[str, Any]:
     """Run the whole pipeline for ``duration_s`` seconds of wall time; returns the summary.
 
     The dashboard and ``/metrics`` are served on ``settings.http_addr`` (another free port on
     the same host when that one is taken; none when it is empty) from the start, their URL
     printed; with ``keep_open`` they stay up after the summary until ``wait_open`` returns
-    (default: until Ctrl-C)."""
+    (default: until Ctrl-C). ``fmt="sparkplug"``: the simulator is Sparkplug B edge node
+    ``group``/``edge`` and the consumer its primary host application (device ids are the
+    Sparkplug device ids, as in the JSON demo)."""
     if not (math.isfinite(duration_s) and duration_s > 0) or not (math.isfinite(speed) and speed > 0):
         msg = f"the demo needs a positive, finite duration and speed, got {duration_s} s at {speed}x"
         raise ConfigError(msg)
@@ -92,6 +97,8 @@ def run_demo(
             # the embedded broker (amqtt) speaks MQTT 3.1.1 only
             mqtt_version=4 if broker is not None and broker.kind == "embedded" else None,
         )
+        if fmt == "sparkplug":
+            cfg = cfg.replace(sparkplug_groups=group, sparkplug_device_id="{device}")
         schema = cfg.schema()
         if not model_path.exists():
             _say(out, f"[demo] no model at {model_path}: training on 2 h of simulated normal operation ...")
@@ -115,7 +122,9 @@ def run_demo(
         sim = simulate(devices, sim_seconds, seed=seed, faults=faults)
         _say(
             out,
-            f"[demo] simulating {devices} devices for {sim_seconds / 60:.0f} simulated minutes at {speed:g}x "
+            f"[demo] simulating {devices} devices"
+            + (f" (Sparkplug B edge node {group}/{edge})" if fmt == "sparkplug" else "")
+            + f" for {sim_seconds / 60:.0f} simulated minutes at {speed:g}x "
             f"({sim.n_readings:,} readings); faults: "
             + (", ".join(f"{f.kind}@{f.device}" for f in faults) or "none"),
         )
@@ -155,7 +164,7 @@ def run_demo(
 
         t0 = time.perf_counter()
         sent = publish(sim, broker_url, topic_prefix=cfg.topic_prefix, speed=speed, qos=1, progress=progress,
-                       auth=cfg.broker_auth())
+                       auth=cfg.broker_auth(), fmt=fmt, group=group, edge=edge, schema=schema)
         _wait_drained(consumer, sent, lambda: int(metrics.sample("itap_readings_received_total")))
         time.sleep(0.5)  # let the last alerts reach the watcher
         consumer.stop()

@@ -1,4 +1,5 @@
-"""Broken sensors and silent devices, as alerts: ``signal_missing``, ``signal_stuck``, ``device_stale``.
+"""Broken sensors and silent devices, as alerts: ``signal_missing``, ``signal_stuck``,
+``device_stale``, ``device_offline``.
 
 ``signal_missing``: one signal reported nothing for the last ``missing_readings`` readings
 of a window while some other signal did. ``signal_stuck``: one signal reported exactly the
@@ -6,7 +7,9 @@ same value for the last ``stuck_readings`` readings (a flat-lined transmitter). 
 judged on every window that closes (so they resolve at the first window with a good value
 again, ``hop`` readings later at most) and never in MAINT. ``device_stale``: no reading for
 ``stale_after_s`` by the *service's* clock, which the caller passes in (tests inject it);
-it resolves on the device's next reading. Devices listed as decommissioned raise nothing.
+it resolves on the device's next reading. ``device_offline``: the device said it is gone
+(a Sparkplug death certificate), raised at once and resolved by its next reading. Devices
+listed as decommissioned raise nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def _alert(device: str, rule: str, severity: str, cause: str, route: str, at: fl
         id=hashlib.sha1(f"{device}|{rule}|{at!r}".encode(), usedforsecurity=False).hexdigest()[:16],
         rule=rule, severity=severity, device_id=device, state="", window_start=start, window_end=at, score=0.0,
         confidence=1.0, root_cause=cause, families={}, top_features=[], route=route, status="firing", fired_at=at,
-        likely_fault="sensor_dropout" if rule != "device_stale" else "unknown", likely_fault_confidence=1.0,
+        likely_fault="sensor_dropout" if rule.startswith("signal_") else "unknown", likely_fault_confidence=1.0,
         changed_at=at, note=note,
     )
 
@@ -68,6 +71,7 @@ class SensorHealth:
         self._open_devices: dict[str, int] = {}  # device -> open signal alerts
         self._last_seen: dict[str, float] = {}
         self._stale: dict[str, Alert] = {}
+        self._offline: dict[str, Alert] = {}
 
     def windows(
         self,
@@ -132,6 +136,8 @@ class SensorHealth:
             elif a.rule == "device_stale":
                 self._stale[a.device_id] = a
                 self._last_seen.setdefault(a.device_id, a.window_start)
+            elif a.rule == "device_offline":
+                self._offline[a.device_id] = a
             else:
                 rest.append(a)
         return rest
@@ -144,13 +150,14 @@ class SensorHealth:
         """Drop the open alerts and last-seen times of ``devices`` (their partition moved away)."""
         for key in [k for k in self._open if k[0] in devices]:
             del self._open[key]
-        for d in (self._open_devices, self._last_seen, self._stale):
+        for d in (self._open_devices, self._last_seen, self._stale, self._offline):
             for device in devices & d.keys():
                 del d[device]
 
     def open_ids(self) -> set[str]:
         """Ids of the open signal and stale alerts."""
-        return {a.id for a in self._open.values()} | {a.id for a in self._stale.values()}
+        return ({a.id for a in self._open.values()} | {a.id for a in self._stale.values()}
+                | {a.id for a in self._offline.values()})
 
     def seen(self, device_ids: Iterable[str], now: float) -> list[Alert]:
         """Devices that just reported (service clock ``now``); resolves their stale alerts."""
@@ -160,7 +167,19 @@ class SensorHealth:
             last[dev] = now
             if self._stale and dev in self._stale:
                 out.append(_resolve(self._stale.pop(dev), now))
+            if self._offline and dev in self._offline:
+                out.append(_resolve(self._offline.pop(dev), now))
         return out
+
+    def offline(self, device: str, now: float, why: str) -> Alert | None:
+        """``device_offline`` for a device that said it is gone (once, until it reports again)."""
+        if device in self._offline or device in self.settings.decommissioned:
+            return None
+        start = self._last_seen.get(device, now)
+        a = _alert(device, "device_offline", "WARNING", "Device offline", "operations", now, start,
+                   f"{why}; offline until it reports again")
+        self._offline[device] = a
+        return a
 
     def check_stale(self, now: float) -> list[Alert]:
         """``device_stale`` for every device silent for ``stale_after_s`` (once per silence)."""
@@ -168,7 +187,7 @@ class SensorHealth:
         out = []
         limit = now - st.stale_after_s
         for dev, t in self._last_seen.items():
-            if t <= limit and dev not in self._stale and dev not in st.decommissioned:
+            if t <= limit and dev not in self._stale and dev not in self._offline and dev not in st.decommissioned:
                 a = _alert(dev, "device_stale", "WARNING", "Device silent", "operations", now, t,
                            f"no reading for {now - t:.0f} s (stale after {st.stale_after_s:g} s)")
                 self._stale[dev] = a

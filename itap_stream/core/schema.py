@@ -41,6 +41,7 @@ class Signal:
     max: float = math.inf
     unit: str = ""
     column: str = ""  # CSV column holding this signal, when it is not ``name``
+    sparkplug_metric: str = ""  # Sparkplug B metric carrying this signal, when it is not ``name``
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
@@ -74,6 +75,9 @@ class SensorSchema:
     device_column: str = "device_id"
     #: CSV column with ground truth (0/1 or a fault name), read as each reading's label
     label_column: str = ""
+    #: Sparkplug B String metrics carrying the operating state and the device's fault tag
+    sparkplug_state_metric: str = "state"
+    sparkplug_tag_metric: str = "tag"
 
     def __post_init__(self) -> None:
         if not self.signals:
@@ -115,6 +119,7 @@ class SensorSchema:
             "signals": [
                 {"name": s.name, "family": s.family, "min": s.min, "max": s.max, "unit": s.unit}
                 | ({"column": s.column} if s.column else {})
+                | ({"sparkplug_metric": s.sparkplug_metric} if s.sparkplug_metric else {})
                 for s in self.signals
             ]
         }
@@ -124,6 +129,10 @@ class SensorSchema:
             out["device_column"] = self.device_column
         if self.label_column:
             out["label_column"] = self.label_column
+        if self.sparkplug_state_metric != "state":
+            out["sparkplug_state_metric"] = self.sparkplug_state_metric
+        if self.sparkplug_tag_metric != "tag":
+            out["sparkplug_tag_metric"] = self.sparkplug_tag_metric
         return out
 
     def csv_renames(self) -> dict[str, str]:
@@ -147,7 +156,7 @@ class SensorSchema:
             if not isinstance(item, Mapping) or "name" not in item or "family" not in item:
                 msg = f"sensor schema signal #{i + 1} must be a mapping with 'name' and 'family'"
                 raise ConfigError(msg)
-            unknown = set(item) - {"name", "family", "min", "max", "unit", "column"}
+            unknown = set(item) - {"name", "family", "min", "max", "unit", "column", "sparkplug_metric"}
             if unknown:
                 msg = f"signal {item['name']!r}: unknown key(s) {sorted(unknown)}"
                 raise ConfigError(msg)
@@ -165,18 +174,20 @@ class SensorSchema:
                     max=hi,
                     unit=str(item.get("unit", "")),
                     column=str(item.get("column", "")),
+                    sparkplug_metric=str(item.get("sparkplug_metric", "") or ""),
                 )
             )
-        extra = set(data) - {"signals", "timestamp_column", "device_column", "label_column"}
+        known = ("signals", "timestamp_column", "device_column", "label_column", "sparkplug_state_metric",
+                 "sparkplug_tag_metric")
+        extra = set(data) - set(known)
         if extra:
-            msg = (
-                f"sensor schema: unknown key(s) {sorted(extra)}; known: signals, timestamp_column, device_column, "
-                "label_column"
-            )
+            msg = f"sensor schema: unknown key(s) {sorted(extra)}; known: {', '.join(known)}"
             raise ConfigError(msg)
         return cls(
             signals=tuple(signals),
             timestamp_column=str(data.get("timestamp_column", "ts")),
             device_column=str(data.get("device_column", "device_id")),
             label_column=str(data.get("label_column", "") or ""),
+            sparkplug_state_metric=str(data.get("sparkplug_state_metric") or "state"),
+            sparkplug_tag_metric=str(data.get("sparkplug_tag_metric") or "tag"),
         )
