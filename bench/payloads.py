@@ -16,7 +16,7 @@ import numpy as np
 from bench.feed import encode_publish
 from simulator.generator import SIGNALS, FleetSimulation
 
-__all__ = ["Traffic", "render_readings", "single_messages", "array_messages"]
+__all__ = ["Traffic", "array_messages", "render_readings", "single_messages", "sparkplug_messages"]
 
 _STATES = ("RUN", "IDLE", "MAINT")
 
@@ -94,4 +94,56 @@ def array_messages(
             packets.append(encode_publish(f"{prefix}/telemetry/{dev}", body, qos, pid))
             keys.append((dev, last_ts))
             readings += chunk.stop - chunk.start
+    return Traffic(packets, keys, readings)
+
+
+def sparkplug_messages(
+    sim: FleetSimulation, *, qos: int, per_message: int = 1, group: str = "bench", edge: str = "edge1",
+    steps: Sequence[int] | None = None,
+) -> Traffic:
+    """The fleet as one Sparkplug B edge node: NBIRTH, a DBIRTH per device, then time-major
+    DDATA messages by alias, each with ``per_message`` consecutive readings of one device
+    (every metric stamped with its reading's time), ``seq`` counting 0..255."""
+    from itap_stream.core import sparkplug_b_pb2 as pb
+    from itap_stream.core.sparkplug import birth_payload
+
+    steps = list(range(len(sim.ts))) if steps is None else list(steps)
+    packets: list[bytes] = []
+    keys: list[tuple[str, float]] = []
+    pid = 0
+    seq = 0
+
+    def add(topic: str, body: bytes) -> None:
+        nonlocal pid, seq
+        pid = pid % 65535 + 1
+        seq = (seq + 1) % 256
+        packets.append(encode_publish(topic, body, qos, pid))
+
+    t0 = round(float(sim.ts[steps[0]]) * 1000)
+    add(f"spBv1.0/{group}/NBIRTH/{edge}", birth_payload([], seq=0, bdseq=0, ts_ms=t0))
+    first = sim.values[steps[0]]
+    for d, dev in enumerate(sim.device_ids):
+        metrics = [(name, i + 1, None if np.isnan(first[d, i]) else float(first[d, i]))
+                   for i, name in enumerate(SIGNALS)]
+        metrics.append(("state", len(SIGNALS) + 1, "RUN"))
+        add(f"spBv1.0/{group}/DBIRTH/{edge}/{dev}", birth_payload(metrics, seq=seq, ts_ms=t0))
+    state_alias = len(SIGNALS) + 1
+    readings = 0
+    vals = sim.values.round(4)
+    for start in range(0, len(steps), per_message):
+        chunk = steps[start : start + per_message]
+        for d, dev in enumerate(sim.device_ids):
+            p = pb.Payload(timestamp=round(float(sim.ts[chunk[-1]]) * 1000), seq=seq)
+            for step in chunk:
+                ts = round(float(sim.ts[step]) * 1000)
+                for i in range(len(SIGNALS)):
+                    v = vals[step, d, i]
+                    if np.isnan(v):
+                        p.metrics.add(alias=i + 1, timestamp=ts, is_null=True)
+                    else:
+                        p.metrics.add(alias=i + 1, timestamp=ts, double_value=float(v))
+                p.metrics.add(alias=state_alias, timestamp=ts, string_value=_STATES[int(sim.states[step, d])])
+            add(f"spBv1.0/{group}/DDATA/{edge}/{dev}", p.SerializeToString())
+            keys.append((dev, float(sim.ts[chunk[-1]])))
+            readings += len(chunk)
     return Traffic(packets, keys, readings)

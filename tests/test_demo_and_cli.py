@@ -201,3 +201,17 @@ def test_score_bad_csv_is_one_clear_error(tmp_path, capsys, model_file):
     assert main(["score", "--csv", str(csv), "--model", str(model_file), "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "lacks required column" in err and "Traceback" not in err
+
+
+@pytest.mark.network
+def test_demo_as_a_sparkplug_edge_node(tmp_path, model_file):
+    out, work = _demo(tmp_path, "--format", "sparkplug", "--model", str(model_file))
+    assert "Sparkplug B edge node itap/simulator" in out
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["readings_stored"] == summary["readings_published"] > 0
+    faulty = {f["device"] for f in summary["faults"]}
+    alerted = {d for d, s in summary["devices"].items() if s["anomalies"]}
+    assert alerted and alerted <= faulty  # device ids as in the JSON demo
+    with sqlite3.connect(work / "itap.db") as db:
+        offline = db.execute("SELECT count(DISTINCT device_id) FROM alerts WHERE rule = 'device_offline'").fetchone()
+        assert offline[0] == 5  # the simulator's clean exit sends its NDEATH: every device offline at once

@@ -292,7 +292,7 @@ class Consumer:
         if not st.sparkplug_group_list():
             return None
         return SparkplugHost(schema, device_id=st.sparkplug_device_id, node_id=st.sparkplug_node_id, min_ts=st.min_ts,
-                             rebirth_interval_s=st.sparkplug_rebirth_interval)
+                             rebirth_interval_s=st.sparkplug_rebirth_interval, max_devices=st.max_devices)
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         st = self.settings

@@ -160,7 +160,7 @@ def id_problem(value: str) -> str | None:
 
 def _safe_id(value: Any) -> str | None:
     """``value`` when it can name a device in a dead letter, else None."""
-    if isinstance(value, str) and value and id_problem(value) is None:
+    if isinstance(value, str) and value and (value in _GOOD_IDS or id_problem(value) is None):
         return value
     return None
 

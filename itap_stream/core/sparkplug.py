@@ -123,6 +123,9 @@ class SparkplugHost:
         Readings stamped earlier are refused (``bad_ts``), as for JSON.
     rebirth_interval_s
         The least time (service clock) between two rebirth requests to one node.
+    max_devices
+        Births tracked at most (nodes and devices together); a birth beyond it is refused
+        (``too_many_devices``), so a flood of new ids cannot take the service's memory.
 
     Examples
     --------
@@ -146,12 +149,15 @@ class SparkplugHost:
         node_id: str = "{group}:{edge}",
         min_ts: float = DEFAULT_MIN_TS,
         rebirth_interval_s: float = 10.0,
+        max_devices: int = 100_000,
     ) -> None:
         self.schema = schema
         self.device_template = device_id
         self.node_template = node_id
         self.min_ts = min_ts
         self.rebirth_interval_s = rebirth_interval_s
+        self.max_devices = max_devices
+        self._tracked = 0  # births held: nodes plus devices
         self._slots: dict[str, int] = {s.sparkplug_metric or s.name: i for i, s in enumerate(schema.signals)}
         self._slots.setdefault(schema.sparkplug_state_metric, _STATE)
         self._slots.setdefault(schema.sparkplug_tag_metric, _TAG)
@@ -199,7 +205,13 @@ class SparkplugHost:
             self._death(key, node, msg, out)
             return out
         if kind == "NBIRTH":
+            if node is not None:
+                self._tracked -= 1 + len(node.devices)
+            elif self._tracked >= self.max_devices:
+                out.rejections.append(self._too_many(the_id))
+                return out
             self._nodes[key] = self._node_birth(group, edge, msg, out)
+            self._tracked += 1
             return out
         if node is None:
             out.rejections.append(Rejection("sparkplug_no_birth", f"{kind} from edge node {group}/{edge} before its "
@@ -214,11 +226,17 @@ class SparkplugHost:
             node.seq = msg.seq % 256
         if kind == "DBIRTH":
             assert device is not None
+            if device not in node.devices:
+                if self._tracked >= self.max_devices:
+                    out.rejections.append(self._too_many(the_id))
+                    return out
+                self._tracked += 1
             node.devices[device] = self._birth(the_id, msg, out)
             return out
         if kind == "DDEATH":
             assert device is not None
             if node.devices.pop(device, None) is not None:
+                self._tracked -= 1
                 out.offline.append((the_id, f"DDEATH from {group}/{edge}/{device}"))
             return out
         target = node.node if device is None else node.devices.get(device)
@@ -294,15 +312,24 @@ class SparkplugHost:
         if bdseq is not None and node.bdseq is not None and bdseq != node.bdseq:
             return  # the will of an earlier session, delivered after the node came back
         del self._nodes[key]
+        self._tracked -= 1 + len(node.devices)
         why = f"NDEATH of edge node {key[0]}/{key[1]}"
         if node.node is not None:
             out.offline.append((node.node.device_id, why))
         out.offline.extend((d.device_id, why) for d in node.devices.values())
 
+    def _too_many(self, the_id: str) -> Rejection:
+        return Rejection("too_many_devices", f"birth of {the_id[:64]} refused: {self.max_devices} Sparkplug nodes "
+                         "and devices are tracked already (max_devices)", _ok_id(the_id))
+
     def _ask_rebirth(self, key: tuple[str, str], now: float, out: SparkplugResult) -> None:
         last = self._asked.get(key)
         if last is not None and now - last < self.rebirth_interval_s:
             return
+        if len(self._asked) >= self.max_devices:  # unknown nodes flooding in: forget the paced-out ones
+            self._asked = {k: t for k, t in self._asked.items() if now - t < self.rebirth_interval_s}
+            if len(self._asked) >= self.max_devices:
+                return
         self._asked[key] = now
         self.rebirths_requested += 1
         out.rebirth.append(key)

@@ -209,6 +209,19 @@ def test_a_node_reporting_signals_itself_is_a_device():
     assert [(x.device_id, x.values[0]) for x in r.readings] == [("E7", 950.0)]
 
 
+def test_births_beyond_max_devices_are_refused_and_unknown_nodes_do_not_grow_memory():
+    host = SparkplugHost(SCHEMA, max_devices=3, rebirth_interval_s=5.0)
+    _born(host, devices=("D1", "D2"))  # the node and two devices: 3 tracked
+    r = host.handle("spBv1.0/G/DBIRTH/E/D3", birth_payload([("rpm", 1, 1.0)], seq=3, ts_ms=T0), now=0.0)
+    assert [x.reason for x in r.rejections] == ["too_many_devices"]
+    assert host.handle("spBv1.0/G/DDEATH/E/D2", data_payload([], seq=4, ts_ms=T0), now=0.0).offline
+    r = host.handle("spBv1.0/G/DBIRTH/E/D3", birth_payload([("rpm", 1, 1.0)], seq=5, ts_ms=T0), now=0.0)
+    assert not r.rejections  # D2's death made room
+    for k in range(50):  # data of nodes that never birthed: refused, at most max_devices paced requests held
+        host.handle(f"spBv1.0/G/DDATA/X{k}/D", data_payload([(1, 1.0)], seq=0, ts_ms=T0), now=float(k))
+    assert len(host._asked) <= 3  # noqa: SLF001
+
+
 def test_host_and_command_topics_are_not_data():
     host = SparkplugHost(SCHEMA)
     for topic in ("spBv1.0/STATE/itap-1", "spBv1.0/G/NCMD/E", "spBv1.0/G/DCMD/E/D1"):

@@ -114,7 +114,11 @@ def test_the_simulator_as_edge_node_gives_the_windows_and_scores_of_json(setting
         consumer.stop()
         runs[fmt] = _windows(db)
     assert len(runs["json"]) > 100
-    assert runs["sparkplug"] == runs["json"]
+    # the same windows and flags; scores to rounding (micro-batches are cut by timing, and
+    # numpy's vectorised sums may round differently in a batch of another size)
+    assert [(d, end, flag) for d, end, _s, flag in runs["sparkplug"]] == [(d, end, flag) for d, end, _s, flag
+                                                                          in runs["json"]]
+    assert [s for *_x, s, _f in runs["sparkplug"]] == pytest.approx([s for *_x, s, _f in runs["json"]], rel=1e-9)
     assert any(flag for *_x, flag in runs["json"])
 
 
