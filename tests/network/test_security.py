@@ -299,6 +299,30 @@ def test_the_engineer_sends_commands_and_reads_dead_letters_devices_and_operator
             engineer.close()
 
 
+def test_sparkplug_rights_the_gateway_is_an_edge_node_the_consumer_its_host(secured):
+    broker, passwords = secured
+    consumer = Collector(broker.url, _auth("itap-consumer", passwords), "spBv1.0/#")
+    gateway = None
+    try:
+        # nobody but the gateway writes edge-node messages; nobody but the consumer a host's STATE
+        for user in ("DEV-0001", "itap-operator", "itap-engineer", "itap-consumer-out"):
+            _publish(broker.url, _auth(user, passwords), ("spBv1.0/G/DDATA/E/D1", f"forged by {user}"),
+                     ("spBv1.0/STATE/itap-consumer-1", f"forged by {user}"))
+        _publish(broker.url, _auth("itap-simulator", passwords), ("spBv1.0/STATE/itap-consumer-1", "forged state"),
+                 ("spBv1.0/G/NCMD/E", "forged command"), ("spBv1.0/G/NBIRTH/E", "birth"),
+                 ("spBv1.0/G/DDATA/E/D1", "data"))
+        # the consumer's publisher asks for rebirths; the gateway reads them
+        gateway = Collector(broker.url, _auth("itap-simulator", passwords), "spBv1.0/G/NCMD/E", "spBv1.0/STATE/#")
+        _publish(broker.url, _auth("itap-consumer-out", passwords), ("spBv1.0/G/NCMD/E", "rebirth"))
+        assert _wait(lambda: b"data" in consumer.payloads() and b"rebirth" in gateway.payloads())
+        assert consumer.payloads() == [b"birth", b"data", b"rebirth"]
+        assert gateway.payloads() == [b"rebirth"]
+    finally:
+        consumer.close()
+        if gateway is not None:
+            gateway.close()
+
+
 def test_without_its_deny_line_the_device_pattern_would_let_the_operator_publish(accounts, tmp_path):
     """Why mosquitto/acl has `topic deny` lines: a `pattern` applies to every user, and only
     a deny of the user itself (checked before any grant) takes it back (mosquitto 2.0)."""
