@@ -905,13 +905,17 @@ class Consumer:
         again: set[int] = set()  # readings of messages the broker marked as delivered again
         new_devices: set[str] = set()  # devices first seen in this batch
         spb = self.sparkplug
-        for topic, payload, _t, _token, _qos, dup in msgs:
+        gone: list[tuple[int, str, str]] = []  # Sparkplug deaths: (message index, device, why)
+        back: dict[str, int] = {}  # a Sparkplug device's last message with readings in this batch
+        for i, (topic, payload, _t, _token, _qos, dup) in enumerate(msgs):
             if topic.startswith(cmd_prefix):
                 transitions.extend(self._command(topic[len(cmd_prefix) :], payload))
                 continue
             if spb is not None and topic.startswith(self._spb_prefix):
-                good, bad = self._sparkplug_message(spb, topic, payload, transitions)
+                good, bad = self._sparkplug_message(spb, topic, payload, gone, i)
                 device = good[0].device_id if good else ""
+                if good:
+                    back[device] = i
             else:
                 device = topic[plen:]
                 good, bad = decode(payload, schema, device, max_bytes=max_bytes, max_readings=max_readings,
@@ -926,6 +930,8 @@ class Consumer:
                 dead.append(self._dead_letter(topic, payload, rej))
         m.received.inc(len(readings))
         result = self.processor.process(readings, now=self.clock(), flush=flush)
+        if gone:
+            transitions.extend(self._offline_alerts(gone, back))
         m.processed.inc(len(result.accepted))
         future: set[int] = set()
         for r, reason in result.dropped:
@@ -975,26 +981,39 @@ class Consumer:
         self.batches += 1
         return result
 
-    def _sparkplug_message(self, spb: SparkplugHost, topic: str, payload: bytes,
-                           transitions: list[Alert]) -> tuple[list[Reading], list[Rejection]]:
+    def _sparkplug_message(self, spb: SparkplugHost, topic: str, payload: bytes, gone: list[tuple[int, str, str]],
+                           index: int) -> tuple[list[Reading], list[Rejection]]:
         """One Sparkplug B message: its readings (all of one device) and rejections; deaths
-        become ``device_offline`` alerts at once, and nodes that lost track are asked for a
-        rebirth (``NCMD``, QoS 0 as the specification says)."""
+        are noted in ``gone`` (`_offline_alerts` raises them once the batch's readings are
+        in), and nodes that lost track are asked for a rebirth (``NCMD``, QoS 0 as the
+        specification says)."""
         if len(payload) > self.settings.max_payload_bytes:
             return [], [Rejection("oversized", f"payload of {len(payload)} bytes exceeds "
                                   f"{self.settings.max_payload_bytes}")]
-        now = self.clock()
-        res = spb.handle(topic, payload, now)
-        health = self.processor.health
-        for device, why in res.offline:
-            alert = health.offline(device, now, why) if health is not None else None
-            if alert is not None:
-                transitions.append(alert)
+        res = spb.handle(topic, payload, self.clock())
+        gone.extend((index, device, why) for device, why in res.offline)
         for group, edge in res.rebirth:
             self.metrics.sparkplug_rebirths.inc()
             log.info("asking Sparkplug edge node %s/%s for a rebirth", group, edge)
             self.link.publish(f"{NAMESPACE}/{group}/NCMD/{edge}", rebirth_request(int(time.time() * 1000)), qos=0)
         return res.readings, res.rejections
+
+    def _offline_alerts(self, gone: list[tuple[int, str, str]], back: dict[str, int]) -> list[Alert]:
+        """``device_offline`` for the Sparkplug deaths of a micro-batch, raised after its
+        readings: a device's readings from before its death (same batch) must not resolve
+        it, and a device that reported again after its death in the batch stays online."""
+        health = self.processor.health
+        if health is None:
+            return []
+        now = self.clock()
+        out = []
+        for index, device, why in gone:
+            if back.get(device, -1) > index:
+                continue
+            alert = health.offline(device, now, why)
+            if alert is not None:
+                out.append(alert)
+        return out
 
     def _admit(self, good: list[Reading], bad: list[Rejection], new_devices: set[str]) -> list[Reading]:
         """Readings of a device not tracked yet: kept while fewer than ``max_devices`` are

@@ -69,13 +69,16 @@ class EdgeNode:
 @pytest.mark.parametrize("intake", ["process", "thread"])
 def test_the_consumer_is_a_primary_host_with_a_retained_state_message(settings, start_consumer, intake):
     settings = settings.replace(sparkplug_groups="+", intake=intake, sparkplug_host_id=f"host-{intake}")
-    consumer = start_consumer(settings)
     topic = f"spBv1.0/STATE/host-{intake}"
-    watch = Watch(settings.broker_url, topic)  # subscribed after the fact: the retained copy
+    watch = Watch(settings.broker_url, topic)
+    consumer = start_consumer(settings)
     assert _wait_for(lambda: watch.messages, 10)
-    _t, payload, retained = watch.messages[-1]
-    state = json.loads(payload)
-    assert retained and state["online"] is True and isinstance(state["timestamp"], int)
+    state = json.loads(watch.messages[-1][1])
+    assert state["online"] is True and isinstance(state["timestamp"], int)
+    late = Watch(settings.broker_url, topic)  # subscribed after the fact: the retained copy
+    assert _wait_for(lambda: late.messages, 10)
+    assert late.messages[-1][1:] == (watch.messages[-1][1], True)
+    late.close()
     consumer.stop()
     assert _wait_for(lambda: json.loads(watch.messages[-1][1])["online"] is False, 20)
     assert json.loads(watch.messages[-1][1])["timestamp"] == state["timestamp"]  # 3.0: the birth's timestamp
@@ -167,6 +170,35 @@ def test_gaps_deaths_and_bad_payloads_over_the_broker(settings, start_consumer):
     finally:
         node.close()
         watch.close()
+
+
+def test_a_death_in_the_same_micro_batch_as_the_devices_last_readings_keeps_it_offline(settings):
+    from itap_stream.app.service import build_consumer
+
+    consumer = build_consumer(settings.replace(sparkplug_groups="G"), metrics=Metrics())
+    signals = [("rpm", 1, 1500.0), ("temp_c", 2, 60.0), ("voltage_v", 3, 400.0), ("current_a", 4, 20.0),
+               ("vibration_mm_s", 5, 2.0)]
+
+    def msg(kind, payload, device=None):  # as the intake hands them over: one micro-batch, QoS 0
+        return (f"spBv1.0/G/{kind}/E" + (f"/{device}" if device else ""), payload, time.time(), 0, 0, 0)
+
+    try:
+        born = [msg("NBIRTH", birth_payload([], seq=0, bdseq=1, ts_ms=T0)),
+                msg("DBIRTH", birth_payload(signals, seq=1, ts_ms=T0), "M1"),
+                msg("DBIRTH", birth_payload(signals, seq=2, ts_ms=T0), "M2")]
+        # M1 reports, then dies, in one batch; M2 dies, is born again and reports, in the same batch
+        batch = [*born, msg("DDATA", data_payload([(1, 1501.0)], seq=3, ts_ms=T0 + 1000), "M1"),
+                 msg("DDEATH", data_payload([], seq=4, ts_ms=T0 + 2000), "M1"),
+                 msg("DDEATH", data_payload([], seq=5, ts_ms=T0 + 2000), "M2"),
+                 msg("DBIRTH", birth_payload(signals, seq=6, ts_ms=T0 + 3000), "M2"),
+                 msg("DDATA", data_payload([(1, 1502.0)], seq=7, ts_ms=T0 + 4000), "M2")]
+        consumer.process_messages(batch)
+        assert consumer.writer.flush(timeout_s=10)
+        with sqlite3.connect(settings.db_url.removeprefix("sqlite:///")) as db:
+            rows = db.execute("SELECT device_id, status FROM alerts WHERE rule = 'device_offline'").fetchall()
+        assert rows == [("G:E:M1", "firing")]
+    finally:
+        consumer.writer.close(timeout_s=5)
 
 
 def test_itap_simulate_publishes_as_a_sparkplug_edge_node(settings, start_consumer, tmp_path):
