@@ -125,7 +125,6 @@ class EdgeNode:
         self.born: dict[str, dict[str, object]] = {}  # device -> its latest reading
         self.node_born = False
         self.rebirth_requested = threading.Event()
-        self.rebirths = 0
 
     def topic(self, kind: str, device: str | None = None) -> str:
         return "/".join((spb.NAMESPACE, self.group, kind, self.edge, *((device,) if device else ())))
@@ -181,8 +180,6 @@ class EdgeNode:
         """One DDATA per reading (births first where due); returns the last publication."""
         last = None
         if not self.node_born or self.rebirth_requested.is_set():
-            if self.rebirth_requested.is_set():
-                self.rebirths += 1
             self.rebirth_requested.clear()
             last = self._births(client)
         for reading in readings:

@@ -64,7 +64,8 @@ _NUMERIC: dict[int, str] = {
     _DT.UInt16: "int_value", _DT.UInt32: "int_value", _DT.Int64: "long_value", _DT.UInt64: "long_value",
     _DT.DateTime: "long_value", _DT.Float: "float_value", _DT.Double: "double_value", _DT.Boolean: "boolean_value",
 }
-_SIGNED_BITS: dict[int, int] = {_DT.Int8: 8, _DT.Int16: 16, _DT.Int32: 32, _DT.Int64: 64}  # Int8..Int32 in uint32
+#: Signed datatypes and the width of the unsigned field carrying them in two's complement.
+_SIGNED_WIDTH: dict[int, int] = {_DT.Int8: 32, _DT.Int16: 32, _DT.Int32: 32, _DT.Int64: 64}
 _TEXT: dict[int, str] = {_DT.String: "string_value", _DT.Text: "string_value", _DT.UUID: "string_value"}
 #: Shown of an undecodable payload in its dead letter.
 _DEAD_BYTES = 768
@@ -250,10 +251,6 @@ class SparkplugHost:
             self._ask_rebirth(key, now, out)
         return out
 
-    def nodes(self) -> list[tuple[str, str]]:
-        """``(group, edge)`` of the nodes born and not dead."""
-        return sorted(self._nodes)
-
     # -- births and deaths --------------------------------------------------------------
 
     def _device_id(self, group: str, edge: str, device: str | None) -> str:
@@ -415,9 +412,9 @@ def _value(m: Any, metric: _Metric) -> Any:
     if dt not in _NUMERIC or kind != _NUMERIC[dt]:
         return f"{metric.name}: a {_dt_name(dt)} metric carrying {kind or 'no value'}"
     v = getattr(m, kind)
-    bits = _SIGNED_BITS.get(dt)
-    if bits is not None and v >= 1 << (31 if bits < 64 else 63):
-        v -= 1 << (32 if bits < 64 else 64)  # two's complement in the unsigned field
+    width = _SIGNED_WIDTH.get(dt)
+    if width is not None and v >= 1 << (width - 1):
+        v -= 1 << width
     return float(v)
 
 
