@@ -383,7 +383,11 @@ async def _consumer(server: Server, errors: list[str] | None = None):
 
 
 async def _fetch_until(sub, marker: bytes, timeout: float = 10.0) -> list[tuple[str, bytes]]:
-    """Messages of a pull subscription (acknowledged) until the one holding ``marker`` is in."""
+    """Messages of a pull subscription (acknowledged) until the one holding ``marker`` is in.
+
+    Each ack waits for the server's confirmation (``ack_sync``): a plain ``ack`` is fire and
+    forget, so a check of the stream right after could still see the message.
+    """
     from nats.errors import TimeoutError as NatsTimeout
 
     got: list[tuple[str, bytes]] = []
@@ -396,7 +400,7 @@ async def _fetch_until(sub, marker: bytes, timeout: float = 10.0) -> list[tuple[
             continue
         for m in msgs:
             got.append((m.subject, m.data))
-            await m.ack()
+            await m.ack_sync(timeout=10)
     return got
 
 
@@ -516,7 +520,11 @@ def test_consumer_does_its_jetstream_work_and_operators_get_alerts_and_send_comm
             device.publish("itap/telemetry/DEV-0001", b"reading")
             assert await _fetch_until(sub, b"reading") == [(f"itap.part.{p}.DEV-0001", b"reading")]
             await nc.flush()
-            assert (await js.stream_info("ITAP")).state.messages == 0  # acknowledged: gone from the work queue
+            # acknowledged: gone from the work queue (the removal follows the ack; wait on it)
+            deadline = time.monotonic() + 10
+            while (left := (await js.stream_info("ITAP")).state.messages) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert left == 0
             await js.delete_consumer("ITAP", durable)
 
             commands: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
