@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
-from itap_stream.core.readings import Reading
-from itap_stream.core.schema import SensorSchema
+from itap_stream.core.readings import Block, Reading
+from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.errors import StoreError
 
 __all__ = ["Store", "StoreBatch", "StoreWriteError", "StoreWriter"]
@@ -612,12 +613,32 @@ class Store:
         self.engine.dispose()
 
 
-def reading_rows(readings: Iterable[Reading]) -> list[tuple[Any, ...]]:
+def reading_rows(readings: Iterable[Reading | Block]) -> list[tuple[Any, ...]]:
     """Rows for the readings table in `Store.reading_columns` order (NaN dropouts become NULL)."""
-    return [
-        (r.device_id, r.ts, r.state, r.seq, r.tag, r.label, *[None if v != v else v for v in r.values])
-        for r in readings
-    ]
+    out: list[tuple[Any, ...]] = []
+    add = out.append
+    for r in readings:
+        if isinstance(r, Block):
+            out.extend(block_rows(r))
+        else:
+            add((r.device_id, r.ts, r.state, r.seq, r.tag, r.label, *[None if v != v else v for v in r.values]))
+    return out
+
+
+def block_rows(block: Block) -> list[tuple[Any, ...]]:
+    """`reading_rows` of a `Block`, built from its columns."""
+    n = len(block.ts)
+    values = block.values
+    rows = values.tolist()
+    if np.isnan(values).any():
+        rows = [[None if v != v else v for v in row] for row in rows]
+    codes = block.states
+    states = [STATES[int(codes[0])]] * n if (codes == codes[0]).all() else [STATES[c] for c in codes.tolist()]
+    seq = block.seq if block.seq is not None else [None] * n
+    labels = block.labels if block.labels is not None else [None] * n
+    dev = block.device_id
+    return [(dev, t, st, q, None, lb, *v) for t, st, q, lb, v in zip(block.ts.tolist(), states, seq, labels, rows,
+                                                                     strict=True)]
 
 
 def anomaly_row(

@@ -51,7 +51,7 @@ from itap_stream.core.drift import FLEET, DriftMonitor
 from itap_stream.core.health import HealthSettings, SensorHealth
 from itap_stream.core.model import Artifact, typical_score
 from itap_stream.core.pipeline import BatchResult, Processor, check_compatible
-from itap_stream.core.readings import MAX_ID_CHARS, Reading, Rejection, decode
+from itap_stream.core.readings import MAX_ID_CHARS, Block, BlockDecoder, Reading, Rejection, decode
 from itap_stream.core.rules import Alert, RuleEngine
 from itap_stream.core.schema import SensorSchema
 from itap_stream.core.silence import SilenceBook, check_bounded, silence_from_dict
@@ -171,6 +171,7 @@ class Consumer:
             baseline=settings.baseline_policy(),
             gap_event_readings=settings.gap_event_readings,
         )
+        self.blocks = self._block_decoder(schema)
         self._stale_checked = 0.0
         self.silences = SilenceBook(settings.silences(self.clock()))
         self._held: dict[str, Alert] = {}  # alert id -> latest transition held back by a silence
@@ -286,6 +287,13 @@ class Consumer:
             outbox_max=settings.outbox_max,
             watch={BROKER_DROPPED_TOPIC: self._on_broker_dropped},
         )
+
+    def _block_decoder(self, schema: SensorSchema) -> BlockDecoder | None:
+        """Column-wise decoding of array payloads (`BlockDecoder`); off with a reorder buffer,
+        which takes readings one by one anyway."""
+        if self.settings.reorder_tolerance > 0:
+            return None
+        return BlockDecoder(schema, min_ts=self.settings.min_ts)
 
     def _sparkplug_host(self, schema: SensorSchema) -> SparkplugHost | None:
         st = self.settings
@@ -754,6 +762,7 @@ class Consumer:
                         )
                         raise ConfigError(msg)
                     self.schema = proc.schema = schema
+                    self.blocks = self._block_decoder(schema)  # new bounds
                     if self.sparkplug is not None:
                         # new metric names: the edge nodes are asked for their births again
                         self.sparkplug = self._sparkplug_host(schema)
@@ -893,7 +902,12 @@ class Consumer:
             m.messages.inc(len(msgs))
             m.batch_size.observe(len(msgs))
         m.queue_depth.set(len(self.inbox))
-        readings: list[Reading] = []
+        readings: list[Reading | Block] = []
+        n_readings = 0
+        blocks = self.blocks
+        now = self.clock()
+        # a block holds no reading beyond the clock-skew bound: those are taken one by one
+        future_limit = now + self.settings.max_clock_skew
         plen = self._prefix_len
         max_bytes = self.settings.max_payload_bytes
         max_readings = self.settings.max_readings_per_message
@@ -918,21 +932,34 @@ class Consumer:
                     back[device] = i
             else:
                 device = topic[plen:]
+                # an array payload goes column-wise when it is clean; a copy delivered again
+                # (dup) goes one by one, so that its readings already taken count as redelivered
+                if blocks is not None and not dup and payload[:1] == b"[" and len(payload) <= max_bytes:
+                    block = blocks.decode_block(payload, device, max_readings=max_readings)
+                    # (a refused new device: decoded one by one below, for its dead letter)
+                    if block is not None and block.ts[-1] <= future_limit and (
+                            device in self.processor.windows or device in new_devices
+                            or self._admit(device, len(block), [], new_devices)):
+                        readings.append(block)
+                        n_readings += len(block)
+                        continue
                 good, bad = decode(payload, schema, device, max_bytes=max_bytes, max_readings=max_readings,
                                    min_ts=min_ts)
-            if good and device not in self.processor.windows and device not in new_devices:
-                good = self._admit(good, bad, new_devices)
+            if good and device not in self.processor.windows and device not in new_devices and not self._admit(
+                    device, len(good), bad, new_devices):
+                good = []
             if good:
                 readings.extend(good)
+                n_readings += len(good)
                 if dup:
                     again.update(map(id, good))
             for rej in bad:
                 dead.append(self._dead_letter(topic, payload, rej))
-        m.received.inc(len(readings))
-        result = self.processor.process(readings, now=self.clock(), flush=flush)
+        m.received.inc(n_readings)
+        result = self.processor.process(readings, now=now, flush=flush)
         if gone:
             transitions.extend(self._offline_alerts(gone, back))
-        m.processed.inc(len(result.accepted))
+        m.processed.inc(result.n_accepted)
         future: set[int] = set()
         for r, reason in result.dropped:
             if reason != "future" and id(r) in again:
@@ -1015,18 +1042,17 @@ class Consumer:
                 out.append(alert)
         return out
 
-    def _admit(self, good: list[Reading], bad: list[Rejection], new_devices: set[str]) -> list[Reading]:
-        """Readings of a device not tracked yet: kept while fewer than ``max_devices`` are
-        tracked, else refused (``too_many_devices``) so that a flood of new ids cannot take
-        the memory of the service."""
-        device = good[0].device_id
+    def _admit(self, device: str, n: int, bad: list[Rejection], new_devices: set[str]) -> bool:
+        """Whether the ``n`` readings of a device not tracked yet are kept: yes while fewer
+        than ``max_devices`` are tracked, else refused (``too_many_devices``, added to ``bad``)
+        so that a flood of new ids cannot take the memory of the service."""
         if len(self.processor.windows) + len(new_devices) < self.settings.max_devices:
             new_devices.add(device)
-            return good
-        bad.append(Rejection("too_many_devices", f"{len(good)} reading(s) of new device {device!r} refused: "
+            return True
+        bad.append(Rejection("too_many_devices", f"{n} reading(s) of new device {device!r} refused: "
                              f"max_devices ({self.settings.max_devices}) devices are tracked already", device,
-                             counts={"too_many_devices": len(good)}))
-        return []
+                             counts={"too_many_devices": n}))
+        return False
 
     def _emit(self, alerts: list[Alert], batch: StoreBatch) -> None:
         """Publish alert transitions and add them to ``batch`` for the store."""
@@ -1082,19 +1108,24 @@ class Consumer:
             # rest of this batch (otherwise an alert waits up to a 5 ms switch interval or more)
             time.sleep(0.0005)
 
-    def _rows(self, result: BatchResult, readings: list[Reading]) -> StoreBatch:
+    def _rows(self, result: BatchResult, readings: list[Reading | Block]) -> StoreBatch:
         batch = StoreBatch(readings=reading_rows(readings))
         span: dict[str, list[float]] = {}  # device -> [first, last] ts in this batch
         get = span.get
         for r in readings:
-            device_id, ts = r[0], r[1]
+            if isinstance(r, Block):
+                device_id, first, ts = r.device_id, float(r.ts[0]), float(r.ts[-1])  # (rising)
+            else:
+                device_id, ts = r[0], r[1]
+                first = ts
             seen = get(device_id)
             if seen is None:
-                span[device_id] = [ts, ts]
-            elif ts > seen[1]:
+                span[device_id] = [first, ts]
+                continue
+            if ts > seen[1]:
                 seen[1] = ts
-            elif ts < seen[0]:
-                seen[0] = ts
+            if first < seen[0]:
+                seen[0] = first
         batch.devices = {d: (f, last) for d, (f, last) in span.items()}
         if result.gaps:
             batch.gaps = [{"device_id": g.device_id, "seq_before": g.seq_before, "seq_after": g.seq_after,

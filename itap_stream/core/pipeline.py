@@ -24,7 +24,7 @@ from itap_stream.core.features import extract, feature_families, feature_names
 from itap_stream.core.health import SensorHealth
 from itap_stream.core.model import Artifact, confidence
 from itap_stream.core.ordering import Reorderer
-from itap_stream.core.readings import Reading
+from itap_stream.core.readings import Block, Reading
 from itap_stream.core.rules import Alert, RuleEngine, ScoredWindow, event_alert, iso
 from itap_stream.core.schema import STATES, SensorSchema
 from itap_stream.core.smoothing import smooth
@@ -51,7 +51,8 @@ SETTLING_FEATURE = "state_transitions"
 class BatchResult:
     """What one micro-batch produced."""
 
-    accepted: list[Reading] = field(default_factory=list)
+    accepted: list[Reading] = field(default_factory=list)  # readings taken one by one
+    accepted_in_blocks: int = 0  # readings taken in whole `Block`s (not listed in ``accepted``)
     # (reading, reason): "duplicate", "late", "out_of_order" (stored, not featured) or
     # "future" (beyond the clock-skew bound: neither stored nor featured)
     dropped: list[tuple[Reading, str]] = field(default_factory=list)
@@ -68,6 +69,11 @@ class BatchResult:
     @property
     def n_windows(self) -> int:
         return 0 if self.windows is None else len(self.windows)
+
+    @property
+    def n_accepted(self) -> int:
+        """Readings that went into windows, one by one or in blocks."""
+        return len(self.accepted) + self.accepted_in_blocks
 
 
 def check_compatible(artifact: Artifact, schema: SensorSchema, window: int, hop: int) -> None:
@@ -272,35 +278,69 @@ class Processor:
         end = self._last_end.get(device_id, at)  # event time: where in the device's readings it happened
         return baseline_alert(ev, self.schema, end, end, "", 0.0)
 
+    @staticmethod
+    def _unblock(items: Sequence[Reading | Block], limit: float | None, reordering: bool) -> list[Reading | Block]:
+        """``items`` with the blocks that cannot go in whole (a reading beyond ``limit``, or a
+        reorder buffer in front of the windows) taken apart into readings, in place."""
+        out: list[Reading | Block] = []
+        for r in items:
+            if isinstance(r, Block) and (reordering or (limit is not None and r.ts[-1] > limit)):
+                out.extend(r.readings())
+            else:
+                out.append(r)
+        return out
+
     @property
     def held(self) -> int:
         """Readings waiting in the reorder buffer."""
         return len(self.reorder)
 
-    def process(self, readings: Sequence[Reading], now: float | None = None, *, flush: bool = False) -> BatchResult:
+    def process(self, readings: Sequence[Reading | Block], now: float | None = None, *, flush: bool = False
+                ) -> BatchResult:
         """Run one micro-batch of readings (arrival order) through the core; ``now`` is the
         service clock at arrival (for stale devices, the clock-skew bound and the reorder
-        buffer; the core never reads a clock). ``flush`` releases every held reading."""
+        buffer; the core never reads a clock). ``flush`` releases every held reading.
+
+        A `Block` (an array payload decoded column-wise) goes into its device's ring as one
+        slice; one that cannot (a reading beyond the clock-skew bound, the reorder buffer
+        on, a reading not later than the device's last) is taken one reading at a time,
+        so the result is the same either way."""
         result = BatchResult()
         health = self.health
         skew = self.max_clock_skew_s
+        reorder = self.reorder
+        if any(isinstance(r, Block) for r in readings):
+            limit = now + skew if skew is not None and now is not None else None
+            readings = self._unblock(readings, limit, reorder.tolerance_s > 0)
         if skew is not None and now is not None and readings:
             limit = now + skew
-            if any(r.ts > limit for r in readings):
-                result.dropped.extend((r, "future") for r in readings if r.ts > limit)
-                readings = [r for r in readings if r.ts <= limit]
+            if any(not isinstance(r, Block) and r.ts > limit for r in readings):
+                result.dropped.extend((r, "future") for r in readings if not isinstance(r, Block) and r.ts > limit)
+                readings = [r for r in readings if isinstance(r, Block) or r.ts <= limit]
         if health is not None and now is not None and readings:
             result.alerts.extend(health.seen({r.device_id for r in readings}, now))
-        reorder = self.reorder
         if reorder.tolerance_s > 0:
-            readings = reorder.add(readings, now)
+            # (no blocks are left with a reorder buffer: _unblock took them apart)
+            readings = reorder.add([r for r in readings if not isinstance(r, Block)], now)
             if flush:
                 readings.extend(reorder.flush())
             elif now is not None and reorder.held:
                 readings.extend(reorder.expire(now))
         push = self.windows.push
+        push_block = self.windows.push_block
         accepted = result.accepted
         for r in readings:
+            if isinstance(r, Block):
+                if push_block(r) is not None:
+                    result.accepted_in_blocks += len(r)
+                    continue
+                for one in r.readings():
+                    status = push(one)
+                    if status >= 0:
+                        accepted.append(one)
+                    else:
+                        result.dropped.append((one, DROP_REASONS[status]))
+                continue
             status = push(r)
             if status >= 0:
                 accepted.append(r)

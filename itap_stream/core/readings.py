@@ -21,12 +21,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+import msgspec
+import numpy as np
+import numpy.typing as npt
 import orjson
 
 from itap_stream.core.schema import STATES, SensorSchema
 
 __all__ = [
     "DEFAULT_MIN_TS",
+    "Block",
+    "BlockDecoder",
     "MAX_ID_CHARS",
     "MAX_TAG_CHARS",
     "REJECTION_REASONS",
@@ -90,6 +95,129 @@ class Reading(NamedTuple):
     seq: int | None = None
     tag: str | None = None
     label: str | None = None
+
+
+#: State name -> its code in `Block.states` (the order of `STATES`).
+STATE_CODES: dict[str, int] = {s: i for i, s in enumerate(STATES)}
+
+
+class Block(NamedTuple):
+    """One device's readings from one array payload, column-wise (see `BlockDecoder`).
+
+    ``ts`` rises strictly; ``values`` is ``(n, signals)`` in schema order with NaN for a
+    dropout; ``states`` holds codes into `STATES`; ``seq`` and ``labels`` are None when
+    no reading of the block carries one. A block never carries a ``tag``.
+    """
+
+    device_id: str
+    ts: npt.NDArray[np.float64]
+    values: npt.NDArray[np.float64]
+    states: npt.NDArray[np.int8]
+    seq: list[int | None] | None = None
+    labels: list[str | None] | None = None
+
+    def __len__(self) -> int:  # type: ignore[override]  # the readings, not the fields
+        return len(self.ts)
+
+    def readings(self) -> list[Reading]:
+        """The same readings one by one, as `decode` makes them."""
+        n = len(self.ts)
+        seq = self.seq or [None] * n
+        labels = self.labels or [None] * n
+        names = [STATES[c] for c in self.states.tolist()]
+        return [
+            Reading(self.device_id, t, st, tuple(v), q, None, lb)
+            for t, st, v, q, lb in zip(self.ts.tolist(), names, self.values.tolist(), seq, labels, strict=True)
+        ]
+
+
+class BlockDecoder:
+    """Column-wise decoding of the common array payload: every element a valid reading of
+    the topic's device, stamped with epoch seconds in rising order, without a ``tag``.
+
+    A typed decoder (msgspec) checks the JSON types while it parses, straight into
+    per-reading structs; the columns then go through vectorised checks (ranges, finite
+    values, rising time, states, ``seq`` range, label text). `decode_block` answers None
+    for anything else (a bad element, RFC 3339 times, a tag, out of order, another
+    device): `decode` then takes the payload one element at a time, so a payload gives
+    the same readings and rejections either way, only faster when it is clean.
+
+    Examples
+    --------
+    >>> from itap_stream.core.schema import SensorSchema
+    >>> s = SensorSchema.from_dict({"signals": [{"name": "rpm", "family": "RPM", "min": 0, "max": 6000}]})
+    >>> bd = BlockDecoder(s)
+    >>> b = bd.decode_block(b'[{"device_id":"D1","ts":1767225600,"rpm":900},'
+    ...                     b'{"device_id":"D1","ts":1767225601,"rpm":null,"state":"IDLE"}]', "D1")
+    >>> b.ts.tolist(), b.values[:, 0].tolist(), b.states.tolist()
+    ([1767225600.0, 1767225601.0], [900.0, nan], [0, 1])
+    >>> bd.decode_block(b'[{"device_id":"D1","ts":1767225600,"rpm":-1}]', "D1") is None  # decode names it
+    True
+    """
+
+    def __init__(self, schema: SensorSchema, *, min_ts: float = DEFAULT_MIN_TS) -> None:
+        self.min_ts = min_ts
+        names = schema.names
+        # attribute names s0, s1, ... whatever the signals are called in JSON
+        fields: list[Any] = [("device_id", str), ("ts", float), ("state", str, "RUN"),
+                             ("seq", int | None, None), ("tag", str | None, None), ("label", str | None, None)]
+        fields += [(f"s{i}", float | None, None) for i in range(len(names))]
+        struct = msgspec.defstruct("ReadingStruct", fields, rename={f"s{i}": n for i, n in enumerate(names)},
+                                   gc=False)
+        self._decoder = msgspec.json.Decoder(list[struct])  # type: ignore[valid-type]
+        self._fields = ("device_id", "ts", "state", "seq", "tag", "label", *(f"s{i}" for i in range(len(names))))
+        self._lo = np.asarray([lo for _, lo, _ in schema.bounds], dtype=np.float64)
+        self._hi = np.asarray([hi for _, _, hi in schema.bounds], dtype=np.float64)
+
+    def decode_block(self, payload: bytes, topic_device: str, *, max_readings: int = 10_000) -> Block | None:
+        """``payload`` as a `Block` of ``topic_device``, or None when it is not a clean array."""
+        try:
+            items = self._decoder.decode(payload)
+        except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+            return None
+        n = len(items)
+        if not n or n > max_readings:
+            return None
+        cols = list(zip(*map(msgspec.structs.astuple, items), strict=True))
+        devices, ts_col, state_col, seq_col, tag_col, label_col = cols[:6]
+        if devices.count(topic_device) != n or tag_col.count(None) != n:
+            return None
+        if topic_device not in _GOOD_IDS:
+            if id_problem(topic_device) is not None:
+                return None
+            if len(_GOOD_IDS) >= _GOOD_IDS_MAX:
+                _GOOD_IDS.clear()
+            _GOOD_IDS.add(topic_device)
+        ts = np.array(ts_col, dtype=np.float64)
+        if not (np.isfinite(ts[-1]) and ts[0] >= self.min_ts and (n == 1 or bool((np.diff(ts) > 0).all()))):
+            return None  # (rising from a finite last value: every one is finite)
+        values = np.array(cols[6:], dtype=np.float64).T if len(cols) > 6 else np.zeros((n, 0))
+        # None became NaN (a dropout); anything else must be finite and in range
+        ok = np.isnan(values) | ((values >= self._lo) & (values <= self._hi) & np.isfinite(values))
+        if not ok.all():
+            return None
+        kinds = set(state_col)
+        if len(kinds) == 1:
+            code = STATE_CODES.get(state_col[0])
+            if code is None:
+                return None
+            states = np.full(n, code, dtype=np.int8)
+        else:
+            if not kinds <= STATE_CODES.keys():
+                return None
+            states = np.array([STATE_CODES[s] for s in state_col], dtype=np.int8)
+        seq: list[int | None] | None = None
+        if seq_col.count(None) != n:
+            given = [q for q in seq_col if q is not None]
+            if min(given) < SEQ_MIN or max(given) > SEQ_MAX:
+                return None
+            seq = list(seq_col)
+        labels: list[str | None] | None = None
+        if label_col.count(None) != n:
+            if any(lb is not None and text_problem(lb, MAX_TAG_CHARS) is not None for lb in set(label_col)):
+                return None
+            labels = list(label_col)
+        return Block(topic_device, ts, np.ascontiguousarray(values), states, seq, labels)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from itap_stream.core.readings import Reading
+from itap_stream.core.readings import Block, Reading
 from itap_stream.core.schema import STATES
 
 __all__ = ["ACCEPTED", "DROP_REASONS", "DUE", "DUPLICATE", "LATE", "OUT_OF_ORDER", "FleetWindows", "Gap",
@@ -93,7 +93,7 @@ class FleetWindows:
 
     Examples
     --------
-    >>> from itap_stream.core.readings import Reading
+    >>> from itap_stream.core.readings import Block, Reading
     >>> fw = FleetWindows(n_signals=1, window=3, hop=2)
     >>> [fw.push(Reading("D1", t, "RUN", (float(t),))) for t in range(6)]
     [0, 0, 1, 0, 1, 0]
@@ -136,7 +136,8 @@ class FleetWindows:
         self.gaps: list[Gap] = []
         # chronological order of a full ring whose oldest element sits at position p
         self._order = (np.arange(window)[None, :] + np.arange(window)[:, None]) % window
-        self._due_rows: list[npt.NDArray[np.float64]] = []
+        self._span = np.arange(window)
+        self._due_rows: list[npt.NDArray[np.float64]] = []  # (windows, window, signals + 2) each
         self._due_labels: list[str | None] = []
         self._due_tags: list[tuple[str, ...]] = []
         self._due_devices: list[str] = []
@@ -189,6 +190,63 @@ class FleetWindows:
     def push(self, reading: Reading) -> int:
         """Add a reading; returns `ACCEPTED`, `DUE` (a window closed), `DUPLICATE`, `LATE` or `OUT_OF_ORDER`."""
         return self._put(reading, snapshot=True)
+
+    def push_block(self, block: Block) -> int | None:
+        """Add a device's block of readings at once; returns how many windows closed, or
+        None when the block cannot go in whole (a reading not later than the device's
+        last, or a device whose ring holds tags): push its readings one by one then.
+
+        The same as pushing the readings one by one: the windows that close inside the
+        block are gathered from the ring's newest ``window - 1`` readings followed by the
+        block, and the ring then holds the block's last ``window`` readings.
+        """
+        device_id = block.device_id
+        ts = block.ts
+        k = len(ts)
+        slot = self._slots.get(device_id)
+        if slot is None:
+            slot = self._slot(device_id)
+        last = self._last_ts[slot]
+        if not k or ts[0] <= last or self._tags[slot] is not None:
+            return None
+        seqs = block.seq
+        if seqs is not None:
+            before = self._last_seq[slot]
+            prev_ts = last
+            for t, q in zip(ts.tolist(), seqs, strict=True):
+                if q is None:
+                    prev_ts = t
+                    continue
+                if before is not None and q > before + 1:
+                    self.gaps.append(Gap(device_id, before, q, prev_ts, t))
+                before, prev_ts = q, t
+            self._last_seq[slot] = before
+        w, s, hop = self.window, self.n_signals, self.hop
+        ring = self._blocks[slot // self._block][slot % self._block]
+        n0 = self._count[slot]
+        # the ring's newest w - 1 readings, oldest first, then the block's readings: the
+        # window that closes at block reading i is rows i .. i + w - 1 of ``ext``
+        ext = np.empty((w - 1 + k, s + 2))
+        ext[: w - 1] = ring[self._order[n0 % w][1:]]
+        ext[w - 1 :, :s] = block.values
+        ext[w - 1 :, s] = ts
+        ext[w - 1 :, s + 1] = block.states
+        # a window closes after the c-th accepted reading when c >= w and (c - w) % hop == 0
+        first = max(w, n0 + 1)
+        first += (w - first) % hop
+        due = range(first - n0 - 1, k, hop)
+        if due:
+            self._due_rows.append(ext[np.add.outer(np.asarray(due), self._span)])
+            self._due_devices.extend([device_id] * len(due))
+            labels = block.labels
+            self._due_labels.extend([labels[i] for i in due] if labels is not None else [None] * len(due))
+            self._due_tags.extend([()] * len(due))
+        keep = min(k, w)
+        ring[(np.arange(n0 + k - keep, n0 + k)) % w] = ext[w - 1 + k - keep :]
+        self._count[slot] = n0 + k
+        self._last_ts[slot] = float(ts[-1])
+        self._labels[slot] = block.labels[-1] if block.labels is not None else None
+        return len(due)
 
     def restore(self, device_id: str, readings: list[Reading], count: int) -> None:
         """Refill a device's ring after a restart: its last readings (oldest first) as the
@@ -247,7 +305,7 @@ class FleetWindows:
     def _snapshot(self, slot: int, oldest: int, device_id: str) -> None:
         order = self._order[oldest]
         self._due_devices.append(device_id)
-        self._due_rows.append(self._blocks[slot // self._block][slot % self._block, order])
+        self._due_rows.append(self._blocks[slot // self._block][slot % self._block, order][None])
         self._due_labels.append(self._labels[slot])
         tags = self._tags[slot]
         if self._tagged[slot] and tags is not None:
@@ -267,7 +325,7 @@ class FleetWindows:
                 np.zeros((0, self.window, s)),
                 np.zeros((0, self.window), dtype=np.int8),
             )
-        rows = np.stack(self._due_rows)  # (n, window, signals + 2)
+        rows = np.concatenate(self._due_rows)  # (n, window, signals + 2)
         batch = WindowBatch(
             device_ids=self._due_devices,
             start_ts=rows[:, 0, s].copy(),
