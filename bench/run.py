@@ -154,7 +154,10 @@ class ConsumerProc:
                 return 0
             self._conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, check_same_thread=False)
         try:
-            row = self._conn.execute("SELECT max(id) FROM readings").fetchone()
+            # rows are numbered in commit order; readings of clean array payloads are held
+            # column-wise, n per row of reading_blocks
+            row = self._conn.execute("SELECT coalesce(max(id), 0) + (SELECT coalesce(sum(n), 0) FROM reading_blocks) "
+                                     "FROM readings").fetchone()
         except sqlite3.OperationalError:
             return 0
         return int(row[0] or 0)
@@ -487,7 +490,7 @@ def stage_costs(model: Path, workdir: Path, runs: int) -> dict[str, Any]:
     or per window of each stage of the consumer, the median of ``runs``."""
     from bench.payloads import render_readings
     from itap_stream.adapters import artifacts
-    from itap_stream.adapters.store import Store, StoreBatch, reading_rows
+    from itap_stream.adapters.store import Store, StoreBatch, block_record, reading_rows
     from itap_stream.config import load
     from itap_stream.core.features import extract
     from itap_stream.core.pipeline import Processor
@@ -541,18 +544,29 @@ def stage_costs(model: Path, workdir: Path, runs: int) -> dict[str, Any]:
     db = workdir / "stages.db"
     rows = reading_rows(readings)
 
-    def store_all() -> None:
+    def store_time(batches: Callable[[], list[Any]]) -> float:
+        """µs per reading to build the batches and write them (a new SQLite file; opening
+        it is not counted)."""
         for suffix in ("", "-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
         store = Store(f"sqlite:///{db}", schema)
-        for i in range(0, n, 2048):
-            store.write(StoreBatch(readings=rows[i : i + 2048]))
+        t0 = time.perf_counter()
+        for batch in batches():
+            store.write(batch)
+        dt = time.perf_counter() - t0
         store.dispose()
+        return dt / n * 1e6
+
+    def row_batches() -> list[Any]:  # rows built beforehand (rows_us): the insert alone
+        return [StoreBatch(readings=rows[i : i + 2000]) for i in range(0, n, 2000)]
+
+    def block_batches() -> list[Any]:  # the same readings as 50-reading blocks: records built and inserted
+        return [StoreBatch(blocks=[block_record(b) for b in blocks[i : i + 40]]) for i in range(0, len(blocks), 40)]
 
     out: dict[str, list[float]] = {k: [] for k in (
         "decode_single_us", "decode_array50_us", "decode_array50_blocks_us", "window_push_us",
         "extract_us_per_window", "score_us_per_window", "processor_us", "processor_blocks_us", "rows_us",
-        "rows_blocks_us", "sqlite_write_us")}
+        "rows_blocks_us", "sqlite_write_us", "sqlite_write_blocks_us")}
     for _ in range(runs):
         out["decode_single_us"].append(timed(lambda: [decode(p, schema, d) for d, p in singles], n))
         out["decode_array50_us"].append(timed(lambda: [decode(p, schema, d) for d, p in arrays], n))
@@ -572,7 +586,8 @@ def stage_costs(model: Path, workdir: Path, runs: int) -> dict[str, Any]:
         out["processor_blocks_us"].append(timed(process_blocks, n))
         out["rows_us"].append(timed(lambda: reading_rows(readings), n))
         out["rows_blocks_us"].append(timed(lambda: reading_rows(blocks), n))
-        out["sqlite_write_us"].append(timed(store_all, n))
+        out["sqlite_write_us"].append(store_time(row_batches))
+        out["sqlite_write_blocks_us"].append(store_time(block_batches))
     return {
         "median": {k: statistics.median(v) for k, v in out.items()},
         "runs": [dict(zip(out, vals, strict=True)) for vals in zip(*out.values(), strict=True)],
@@ -748,7 +763,10 @@ def table(results: dict[str, Any], summary: dict[str, Any], scale: Scale) -> str
         add("in-process cost: store rows (µs/reading)", f"{st['rows_us']:.2f}")
         if "rows_blocks_us" in st:
             add("in-process cost: store rows from blocks (µs/reading)", f"{st['rows_blocks_us']:.2f}")
-        add("in-process cost: SQLite insert, 2048/transaction (µs/reading)", f"{st['sqlite_write_us']:.2f}")
+        add("in-process cost: SQLite insert, 2000/transaction (µs/reading)", f"{st['sqlite_write_us']:.2f}")
+        if "sqlite_write_blocks_us" in st:
+            add("in-process cost: SQLite, 50-reading blocks, record + insert (µs/reading)",
+                f"{st['sqlite_write_blocks_us']:.2f}")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [

@@ -8,6 +8,7 @@ import sqlite3
 import time
 
 from itap_stream.adapters.metrics import Metrics
+from itap_stream.adapters.store import Store
 from itap_stream.app.service import build_consumer
 from simulator import Fault, simulate
 
@@ -61,8 +62,9 @@ def _run(settings, payloads, *, blocks: bool):
         consumer.writer.close(timeout_s=10)
     with sqlite3.connect(settings.db_url.removeprefix("sqlite:///")) as db:
         tables = {
+            # every stored reading, as the view people query by hand shows them
             "readings": db.execute("SELECT device_id, ts, state, seq, tag, label, rpm, temp_c, voltage_v, current_a, "
-                                   "vibration_mm_s FROM readings ORDER BY device_id, ts").fetchall(),
+                                   "vibration_mm_s FROM readings_all ORDER BY device_id, ts").fetchall(),
             "windows": db.execute("SELECT device_id, window_start, window_end, state, score, is_anomaly, label "
                                   "FROM windows ORDER BY device_id, window_end").fetchall(),
             "anomalies": db.execute("SELECT device_id, window_end, dominant_family, families FROM anomalies "
@@ -72,9 +74,23 @@ def _run(settings, payloads, *, blocks: bool):
             "gaps": db.execute("SELECT device_id, seq_before, seq_after FROM gaps").fetchall(),
             "devices": db.execute("SELECT device_id, first_seen, last_seen FROM devices ORDER BY device_id").fetchall(),
         }
+        blocks = db.execute("SELECT count(*) FROM reading_blocks").fetchone()[0]
     counts = {name: metrics.registry.get_sample_value(f"itap_{name}_total")
               for name in ("readings_received", "readings_processed", "windows_scored")}
-    return tables, counts
+    # what the service reads back: a restart's ring buffers, `itap train --db`, counts
+    store = Store(settings.db_url, settings.schema())
+    try:
+        recent = {d: ([(r.ts, r.state, r.seq, r.label, [None if v != v else v for v in r.values]) for r in rs], n)
+                  for d, (rs, n) in store.recent_readings(32).items()}
+        frame = store.read_frame("readings").sort_values(["device_id", "ts"], kind="stable", ignore_index=True)
+        counted = (store.count("readings"), store.count("readings", device_id="DEV-0002"),
+                   store.count("readings", device_id="DEV-0002", label="normal"), store.count("readings", state="RUN"))
+    finally:
+        store.dispose()
+    read_back = {"recent": recent, "counted": counted,
+                 "frame": frame.drop(columns=["id"], errors="ignore").astype(object).where(frame.notna(), None)
+                 .values.tolist()}
+    return tables, counts, read_back, blocks
 
 
 def test_array_payloads_store_score_and_dead_letter_the_same_column_wise_as_one_by_one(settings, tmp_path, schema):
@@ -84,10 +100,63 @@ def test_array_payloads_store_score_and_dead_letter_the_same_column_wise_as_one_
     for table in one[0]:
         assert blk[0][table] == one[0][table], table
     assert blk[1] == one[1]
+    for what in blk[2]:
+        assert blk[2][what] == one[2][what], what
+    assert one[3] == 0 and blk[3] > 50  # column-wise: one row per clean payload
     tables = blk[0]
+    assert blk[2]["counted"][0] == len(tables["readings"])
     n = sum(len(json.loads(p)) for _, p in payloads)
     assert len(tables["readings"]) == n - 20 - 1 - 1  # the repeat once, the bad element and the future one not
     assert len(tables["windows"]) > 200 and tables["anomalies"] and tables["gaps"] == [("DEV-0002", 199, 205)]
     assert sorted({r for r, _ in tables["deadletters"]}) == ["future", "late", "out_of_range"]
     assert any(rule != "device_stale" for _, rule, _ in tables["alerts"])
     assert ("DEV-0009",) in {(d,) for d, *_ in tables["devices"]}
+
+
+def test_blocks_read_back_like_rows_on_sqlite_and_postgresql(db_url, schema):
+    """Readings stored column-wise come back exactly (the view, counts, frames, the rings
+    a restart refills), and a late copy of one of them is not stored a second time."""
+    import numpy as np
+    import sqlalchemy as sa
+
+    from itap_stream.adapters.store import StoreBatch, block_record, reading_rows
+    from itap_stream.core.readings import Block, Reading
+
+    s = len(schema.names)
+    rng = np.random.default_rng(5)
+    values = rng.uniform(1, 100, (40, s)).round(6)
+    values[3, 1] = np.nan  # a dropout
+    values[7] = 1 / 3  # a float that must read back bit for bit
+    first = Block("DEV-1", T0 + np.arange(20.0), values[:20], np.zeros(20, dtype=np.int8), list(range(20)),
+                  ["bearing_wear"] * 5 + [None] * 15)
+    second = Block("DEV-1", T0 + 20 + np.arange(20.0) / 4, values[20:], np.full(20, 2, dtype=np.int8))
+    single = Reading("DEV-2", T0 + 1, "IDLE", tuple(range(1, s + 1)), None, "bearing F-12", None)
+    store = Store(db_url, schema)
+    try:
+        store.write(StoreBatch(readings=reading_rows([single]), blocks=[block_record(first), block_record(second)]))
+        # late copies: one of a block's readings (not stored again), one new (stored)
+        copy = first.readings()[4]
+        new = Reading("DEV-1", T0 + 0.5, "RUN", tuple([5.0] * s))
+        assert store.write(StoreBatch(late=reading_rows([copy, new]))) == 1
+        expected = sorted([*first.readings(), *second.readings(), single, new], key=lambda r: (r.device_id, r.ts))
+
+        def plain(r):
+            return (r.device_id, r.ts, r.state, r.seq, r.tag, r.label, *[None if v != v else v for v in r.values])
+
+        with store.engine.connect() as conn:
+            view = conn.execute(sa.text("SELECT * FROM readings_all ORDER BY device_id, ts")).all()
+        assert [tuple(row) for row in view] == [plain(r) for r in expected]
+        assert store.count("readings") == 42 and store.count("readings", device_id="DEV-1") == 41
+        assert store.count("readings", state="MAINT") == 20 and store.count("readings", label="bearing_wear") == 5
+        frame = store.read_frame("readings").sort_values(["device_id", "ts"], kind="stable")
+        got = [tuple(None if (isinstance(v, float) and v != v) else v for v in row)
+               for row in frame[list(store.reading_columns)].astype(object).values.tolist()]
+        assert got == [plain(r) for r in expected]
+        part = store.read_frame("readings", since=T0 + 10, until=T0 + 21)
+        assert sorted(part["ts"]) == [T0 + k for k in range(10, 20)] + [T0 + 20 + k / 4 for k in range(4)]
+        recent = store.recent_readings(8)
+        assert [plain(r) for r in recent["DEV-1"][0]] == [plain(r) for r in second.readings()[-8:]]
+        assert recent["DEV-1"][1] == 41 and recent["DEV-2"][1] == 1
+        assert store.recent_readings(8, max_devices=1).keys() == {"DEV-1"}
+    finally:
+        store.dispose()

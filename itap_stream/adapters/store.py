@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -42,7 +43,10 @@ DEVICES_FLUSH_S = 5.0
 #: Column widths of the dead-letter table (a hostile topic or device id is cut to fit).
 DEADLETTER_TOPIC_CHARS, DEADLETTER_REASON_CHARS, DEADLETTER_ID_CHARS = 256, 32, 128
 #: The parts of a `StoreBatch` that `StoreWriter` splits when the store refuses a row.
-BATCH_PARTS = ("readings", "windows", "anomalies", "alerts", "deadletters", "gaps", "state", "silences", "devices")
+BATCH_PARTS = ("readings", "blocks", "late", "windows", "anomalies", "alerts", "deadletters", "gaps", "state",
+               "silences", "devices")
+#: The columns of a `StoreBatch.blocks` record (`block_record`), in order.
+BLOCK_COLUMNS = ("device_id", "ts_first", "ts_last", "n", "ts", "state", "seq", "label", "vals")
 
 
 class StoreWriteError(StoreError):
@@ -97,6 +101,10 @@ class StoreBatch:
     """Rows of one micro-batch, written in one transaction."""
 
     readings: list[Any] = field(default_factory=list)  # tuples in Store.reading_columns order, or mappings
+    blocks: list[tuple[Any, ...]] = field(default_factory=list)  # `block_record`s: readings stored column-wise
+    # rows like ``readings`` that may repeat a reading already stored in a block (a device's
+    # late, out-of-order or repeated readings): stored only when no block holds them
+    late: list[Any] = field(default_factory=list)
     windows: list[Any] = field(default_factory=list)  # tuples in WINDOW_COLUMNS order, or mappings
     anomalies: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
@@ -108,8 +116,9 @@ class StoreBatch:
     on_commit: list[Any] = field(default_factory=list)  # callables run after the commit
 
     def __len__(self) -> int:
-        return (len(self.readings) + len(self.windows) + len(self.anomalies) + len(self.alerts)
-                + len(self.deadletters) + len(self.gaps) + len(self.state) + len(self.silences))
+        return (len(self.readings) + sum(b[3] for b in self.blocks) + len(self.late) + len(self.windows)
+                + len(self.anomalies) + len(self.alerts) + len(self.deadletters) + len(self.gaps) + len(self.state)
+                + len(self.silences))
 
 
 class Store:
@@ -171,6 +180,26 @@ class Store:
             sa.Column("label", sa.String(64)),
             *[sa.Column(name, sa.Float) for name in schema.names],
             sa.UniqueConstraint("device_id", "ts", name="uq_readings_device_ts"),
+        )
+        # readings of clean array payloads, one row per payload with its columns as JSON
+        # arrays (BLOCK_COLUMNS); the view ``readings_all`` shows them as rows beside ``readings``.
+        # A device's blocks never overlap (a block is stored whole only when all of it is later
+        # than everything the device sent before), so its unique index also finds the one
+        # block that could hold a given time: the last one starting at or before it.
+        self.reading_blocks = sa.Table(
+            "reading_blocks",
+            md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("device_id", sa.String(128), nullable=False),
+            sa.Column("ts_first", sa.Float, nullable=False),
+            sa.Column("ts_last", sa.Float, nullable=False),
+            sa.Column("n", sa.Integer, nullable=False),
+            sa.Column("ts", sa.Text, nullable=False),  # [epoch seconds, ...], rising
+            sa.Column("state", sa.Text, nullable=False),  # ["RUN", ...]
+            sa.Column("seq", sa.Text),  # [seq or null, ...]; NULL when no reading has one
+            sa.Column("label", sa.Text),  # [label or null, ...]; NULL when no reading has one
+            sa.Column("vals", sa.Text, nullable=False),  # [[value or null per signal, schema order], ...]
+            sa.UniqueConstraint("device_id", "ts_first", name="uq_reading_blocks_device_first"),
         )
         self.windows = sa.Table(
             "windows",
@@ -282,6 +311,8 @@ class Store:
                 self.metadata.create_all(self.engine)
             insp = sa.inspect(self.engine)
             cols = {c["name"] for c in insp.get_columns("readings")}
+            if set(self.schema.names) <= cols:
+                self._create_view()
             alert_keys = [tuple(u["column_names"]) for u in insp.get_unique_constraints("alerts")]
         except SQLAlchemyError as exc:
             msg = (
@@ -304,6 +335,32 @@ class Store:
                 f"lacks column(s) {missing}; use a new database for this schema"
             )
             raise StoreError(msg)
+
+    def _create_view(self) -> None:
+        """``readings_all``: every stored reading as a row, those of ``readings`` and those
+        held column-wise in ``reading_blocks`` (for SQL by hand: the consumer reads the
+        tables themselves)."""
+        q = self.engine.dialect.identifier_preparer.quote
+        names = [q(n) for n in self.schema.names]
+        plain = f"SELECT device_id, ts, state, seq, tag, label, {', '.join(names)} FROM readings"
+        if self.dialect == "sqlite":
+            at = "'$[' || j.key || ']'"
+            vals = [f"json_extract(b.vals, '$[' || j.key || '][{i}]') AS {n}" for i, n in enumerate(names)]
+            blocks = (f"SELECT b.device_id, j.value, json_extract(b.state, {at}), json_extract(b.seq, {at}), NULL, "
+                      f"json_extract(b.label, {at}), {', '.join(vals)} FROM reading_blocks b, json_each(b.ts) j")
+            ddl = f"CREATE VIEW IF NOT EXISTS readings_all AS {plain} UNION ALL {blocks}"
+        else:
+            at = "(j.i - 1)::int"
+            vals = [f"((b.vals::jsonb -> {at}) ->> {i})::float8 AS {n}" for i, n in enumerate(names)]
+            blocks = (f"SELECT b.device_id, j.t::float8, b.state::jsonb ->> {at}, (b.seq::jsonb ->> {at})::bigint, "
+                      f"NULL, b.label::jsonb ->> {at}, {', '.join(vals)} FROM reading_blocks b "
+                      "CROSS JOIN LATERAL jsonb_array_elements_text(b.ts::jsonb) WITH ORDINALITY AS j(t, i)")
+            ddl = f"CREATE OR REPLACE VIEW readings_all AS {plain} UNION ALL {blocks}"
+        try:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(ddl)
+        except SQLAlchemyError as exc:  # a convenience for people: the service runs without it
+            log.warning("could not create the view readings_all in %s: %s", _safe_url(self.url), _short(exc))
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         if self.dialect == "sqlite":
@@ -341,6 +398,12 @@ class Store:
             with self.engine.begin() as conn:
                 if batch.readings:
                     inserted = self._insert_rows(conn, self.readings, self.reading_columns, batch.readings)
+                if batch.blocks:
+                    inserted += self._insert_blocks(conn, batch.blocks)
+                if batch.late:
+                    late = self._not_in_blocks(conn, self._rows(self.readings, self.reading_columns, batch.late))
+                    if late:
+                        inserted += self._insert_rows(conn, self.readings, self.reading_columns, late)
                 if batch.windows:
                     self._insert_rows(conn, self.windows, self.window_columns, batch.windows)
                 for table, rows in ((self.anomalies, batch.anomalies), (self.alerts, batch.alerts),
@@ -367,6 +430,28 @@ class Store:
             msg = f"store write failed ({_safe_url(self.url)}): {exc.__class__.__name__}: {_short(why)}"
             raise StoreWriteError(msg, transient=_is_transient(exc)) from exc
         return max(inserted, 0)
+
+    def _insert_blocks(self, conn: sa.Connection, blocks: list[tuple[Any, ...]]) -> int:
+        """Insert-or-ignore `block_record`s; returns the readings newly inserted (when only some
+        blocks were new, which a consumer never sends: a repeated payload goes one reading at
+        a time, their count at the batch's mean block size)."""
+        n = self._insert_rows(conn, self.reading_blocks, BLOCK_COLUMNS, blocks)
+        total = sum(b[3] for b in blocks)
+        return total if n == len(blocks) else round(max(n, 0) * total / len(blocks))
+
+    def _not_in_blocks(self, conn: sa.Connection, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """``rows`` less those whose reading a stored block holds already."""
+        b = self.reading_blocks
+        out = []
+        for row in rows:
+            device_id, ts = row[0], row[1]
+            held = conn.execute(
+                sa.select(b.c.ts, b.c.ts_last).where(b.c.device_id == device_id, b.c.ts_first <= ts)
+                .order_by(b.c.ts_first.desc()).limit(1)
+            ).first()
+            if held is None or ts > held[1] or ts not in orjson.loads(held[0]):
+                out.append(row)
+        return out
 
     def _note_devices(self, conn: sa.Connection, devices: Mapping[str, tuple[float, float]]) -> None:
         """Keep the devices table current: new devices at once, ``last_seen`` every few seconds.
@@ -433,16 +518,25 @@ class Store:
         stored in all, to refill the ring buffers after a restart; with ``max_devices``, only
         that many devices, those heard from most recently; with ``keep``, only the devices
         it accepts (a cluster consumer's partitions)."""
-        r = self.readings
+        r, b = self.readings, self.reading_blocks
         out: dict[str, tuple[list[Reading], int]] = {}
         try:
             with self.engine.connect() as conn:
-                q = sa.select(r.c.device_id, sa.func.count()).group_by(r.c.device_id)
+                # per device: readings stored in all (rows and blocks) and the latest time
+                seen: dict[str, list[float]] = {}
+                for device_id, n, last in conn.execute(
+                        sa.select(r.c.device_id, sa.func.count(), sa.func.max(r.c.ts)).group_by(r.c.device_id)):
+                    seen[device_id] = [int(n), float(last)]
+                for device_id, n, last in conn.execute(
+                        sa.select(b.c.device_id, sa.func.sum(b.c.n), sa.func.max(b.c.ts_last)).group_by(b.c.device_id)):
+                    got = seen.setdefault(device_id, [0, float(last)])
+                    got[0] += int(n)
+                    got[1] = max(got[1], float(last))
+                devices = sorted(seen, key=lambda d: -seen[d][1])
                 if max_devices is not None:
-                    q = q.order_by(sa.func.max(r.c.ts).desc()).limit(max_devices)
-                counts = conn.execute(q).all()
+                    devices = devices[:max_devices]
                 cols = [r.c.ts, r.c.state, r.c.seq, r.c.tag, r.c.label, *[r.c[n] for n in self.schema.names]]
-                for device_id, n in counts:
+                for device_id in devices:
                     if keep is not None and not keep(device_id):
                         continue
                     rows = conn.execute(
@@ -451,9 +545,18 @@ class Store:
                     readings = [
                         Reading(device_id, float(row[0]), row[1],
                                 tuple(float("nan") if v is None else float(v) for v in row[5:]), row[2], row[3], row[4])
-                        for row in reversed(rows)
+                        for row in rows
                     ]
-                    out[device_id] = (readings, int(n))
+                    held = 0
+                    for block in conn.execute(
+                            sa.select(b.c.n, b.c.ts, b.c.state, b.c.seq, b.c.label, b.c.vals)
+                            .where(b.c.device_id == device_id).order_by(b.c.ts_first.desc())):
+                        readings.extend(_block_readings(device_id, *block[1:]))
+                        held += block[0]
+                        if held >= window:
+                            break
+                    readings.sort(key=lambda x: x.ts)
+                    out[device_id] = (readings[-window:], int(seen[device_id][0]))
         except SQLAlchemyError as exc:
             msg = f"cannot read recent readings from {_safe_url(self.url)}: {exc}"
             raise StoreError(msg) from exc
@@ -584,15 +687,36 @@ class Store:
         return {d: int(n) for d, n in rows}
 
     def count(self, table: str, **where: Any) -> int:
+        """Rows of ``table`` whose columns equal ``where``; for ``readings``, every stored
+        reading (those held in ``reading_blocks`` too)."""
         t = self.metadata.tables[table]
         q = sa.select(sa.func.count()).select_from(t)
         for k, v in where.items():
             q = q.where(t.c[k] == v)
         with self.engine.connect() as conn:
-            return int(conn.execute(q).scalar_one())
+            n = int(conn.execute(q).scalar_one())
+            if table != "readings":
+                return n
+            b = self.reading_blocks
+            qb = sa.select(b.c.n, b.c.device_id, b.c.ts, b.c.state, b.c.seq, b.c.label, b.c.vals)
+            if "device_id" in where:
+                qb = qb.where(b.c.device_id == where["device_id"])
+            rest = {k: v for k, v in where.items() if k != "device_id"}
+            if not rest:
+                return n + int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(b.c.n), 0))
+                                            .where(*([b.c.device_id == where["device_id"]] if where else []))
+                                            ).scalar_one())
+            names = self.reading_columns
+            for row in conn.execute(qb):
+                for r in _block_readings(*row[1:]):
+                    d = dict(zip(names, (*r[:3], r.seq, r.tag, r.label, *r.values), strict=True))
+                    n += all(d.get(k) == v for k, v in rest.items())
+            return n
 
     def read_frame(self, table: str, *, since: float | None = None, until: float | None = None) -> pd.DataFrame:
-        """A whole table (optionally a time range) as a DataFrame, in insertion order."""
+        """A whole table (optionally a time range) as a DataFrame, in insertion order; for
+        ``readings`` with readings held in ``reading_blocks`` too, all of them in time order
+        (without the ``id`` column)."""
         t = self.metadata.tables[table]
         tcol = (t.c.ts if "ts" in t.c else t.c.window_end if "window_end" in t.c
                 else t.c.received_at if "received_at" in t.c else t.c.changed_at)
@@ -603,10 +727,34 @@ class Store:
             q = q.where(tcol < until)
         try:
             with self.engine.connect() as conn:
-                return pd.read_sql(q, conn)
+                frame = pd.read_sql(q, conn)
+                if table != "readings":
+                    return frame
+                b = self.reading_blocks
+                qb = sa.select(b.c.device_id, b.c.ts, b.c.state, b.c.seq, b.c.label, b.c.vals).order_by(b.c.id)
+                if since is not None:
+                    qb = qb.where(b.c.ts_last >= since)
+                if until is not None:
+                    qb = qb.where(b.c.ts_first < until)
+                held = [r for row in conn.execute(qb) for r in _block_readings(*row)]
         except SQLAlchemyError as exc:
             msg = f"cannot read {table} from {_safe_url(self.url)}: {exc}"
             raise StoreError(msg) from exc
+        if not held:
+            return frame
+        # readings held in blocks join the rows; the whole is then in time order
+        cols = {"device_id": [r.device_id for r in held], "ts": [r.ts for r in held],
+                "state": [r.state for r in held], "seq": [r.seq for r in held], "tag": [None] * len(held),
+                "label": [r.label for r in held]}
+        values = np.array([r.values for r in held], dtype=np.float64).reshape(len(held), -1)
+        cols |= {name: values[:, i] for i, name in enumerate(self.schema.names)}
+        more = pd.DataFrame(cols)
+        if since is not None:
+            more = more[more["ts"] >= since]
+        if until is not None:
+            more = more[more["ts"] < until]
+        both = pd.concat([frame.drop(columns=["id"]), more], ignore_index=True) if len(frame) else more
+        return both.sort_values("ts", kind="stable", ignore_index=True)
 
     def dispose(self) -> None:
         self.flush_devices()
@@ -623,6 +771,36 @@ def reading_rows(readings: Iterable[Reading | Block]) -> list[tuple[Any, ...]]:
         else:
             add((r.device_id, r.ts, r.state, r.seq, r.tag, r.label, *[None if v != v else v for v in r.values]))
     return out
+
+
+def block_record(block: Block) -> tuple[Any, ...]:
+    """A `Block` as one ``reading_blocks`` row (`BLOCK_COLUMNS`): its columns as JSON arrays,
+    floats written so that they read back exactly, a dropout as null."""
+    n = len(block.ts)
+    codes = block.states
+    states = [STATES[int(codes[0])]] * n if (codes == codes[0]).all() else [STATES[c] for c in codes.tolist()]
+    as_numpy = orjson.OPT_SERIALIZE_NUMPY
+    return (
+        block.device_id, float(block.ts[0]), float(block.ts[-1]), n,
+        orjson.dumps(block.ts, option=as_numpy).decode(), orjson.dumps(states).decode(),
+        None if block.seq is None else orjson.dumps(block.seq).decode(),
+        None if block.labels is None else orjson.dumps(block.labels).decode(),
+        orjson.dumps(block.values, option=as_numpy).decode(),
+    )
+
+
+def _block_readings(device_id: str, ts: str, state: str, seq: str | None, label: str | None, vals: str
+                    ) -> list[Reading]:
+    """The readings of one stored block (the columns of `block_record`)."""
+    times = orjson.loads(ts)
+    n = len(times)
+    states = orjson.loads(state)
+    seqs = orjson.loads(seq) if seq is not None else [None] * n
+    labels = orjson.loads(label) if label is not None else [None] * n
+    nan = float("nan")
+    rows = [tuple(nan if v is None else float(v) for v in row) for row in orjson.loads(vals)]
+    return [Reading(device_id, float(t), st, v, q, None, lb)
+            for t, st, v, q, lb in zip(times, states, rows, seqs, labels, strict=True)]
 
 
 def block_rows(block: Block) -> list[tuple[Any, ...]]:

@@ -36,11 +36,14 @@ from itap_stream.adapters.metrics import Metrics
 from itap_stream.adapters.mqtt import Inbox, Message, MqttLink, Will
 from itap_stream.adapters.receiver import Receiver
 from itap_stream.adapters.store import (
+    BLOCK_COLUMNS,
     DEADLETTER_TOPIC_CHARS,
     Store,
     StoreBatch,
     StoreWriter,
     anomaly_row,
+    block_record,
+    block_rows,
     clean_text,
     reading_rows,
 )
@@ -881,9 +884,9 @@ class Consumer:
     def _store_rejected(self, part: str, rows: list[Any], why: str) -> list[dict[str, Any]]:
         """Rows the store refused (called by the writer thread): readings become dead letters
         with reason ``store_rejected``; other rows are only logged (they follow from readings)."""
-        if part != "readings":
+        if part not in ("readings", "late", "blocks"):
             return []
-        cols = self.store.reading_columns
+        cols = self.store.reading_columns if part != "blocks" else BLOCK_COLUMNS
         out = []
         for row in rows:
             obj = dict(row) if isinstance(row, dict) else dict(zip(cols, row, strict=False))
@@ -1109,7 +1112,24 @@ class Consumer:
             time.sleep(0.0005)
 
     def _rows(self, result: BatchResult, readings: list[Reading | Block]) -> StoreBatch:
-        batch = StoreBatch(readings=reading_rows(readings))
+        if not result.accepted_blocks and not result.dropped:
+            batch = StoreBatch(readings=reading_rows(readings))
+        else:
+            # blocks taken whole are stored column-wise; readings the windows turned away
+            # (repeated, late, out of order) may repeat one a stored block holds
+            batch = StoreBatch()
+            taken = {id(b) for b in result.accepted_blocks}
+            dropped = {id(r) for r, _why in result.dropped}
+            for r in readings:
+                if isinstance(r, Block):
+                    if id(r) in taken:
+                        batch.blocks.append(block_record(r))
+                    else:
+                        batch.late.extend(block_rows(r))
+                elif id(r) in dropped:
+                    batch.late.extend(reading_rows([r]))
+                else:
+                    batch.readings.extend(reading_rows([r]))
         span: dict[str, list[float]] = {}  # device -> [first, last] ts in this batch
         get = span.get
         for r in readings:

@@ -52,7 +52,7 @@ class BatchResult:
     """What one micro-batch produced."""
 
     accepted: list[Reading] = field(default_factory=list)  # readings taken one by one
-    accepted_in_blocks: int = 0  # readings taken in whole `Block`s (not listed in ``accepted``)
+    accepted_blocks: list[Block] = field(default_factory=list)  # `Block`s taken whole (not in ``accepted``)
     # (reading, reason): "duplicate", "late", "out_of_order" (stored, not featured) or
     # "future" (beyond the clock-skew bound: neither stored nor featured)
     dropped: list[tuple[Reading, str]] = field(default_factory=list)
@@ -73,7 +73,7 @@ class BatchResult:
     @property
     def n_accepted(self) -> int:
         """Readings that went into windows, one by one or in blocks."""
-        return len(self.accepted) + self.accepted_in_blocks
+        return len(self.accepted) + sum(len(b) for b in self.accepted_blocks)
 
 
 def check_compatible(artifact: Artifact, schema: SensorSchema, window: int, hop: int) -> None:
@@ -332,7 +332,7 @@ class Processor:
         for r in readings:
             if isinstance(r, Block):
                 if push_block(r) is not None:
-                    result.accepted_in_blocks += len(r)
+                    result.accepted_blocks.append(r)
                     continue
                 for one in r.readings():
                     status = push(one)

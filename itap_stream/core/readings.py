@@ -172,6 +172,12 @@ class BlockDecoder:
     def decode_block(self, payload: bytes, topic_device: str, *, max_readings: int = 10_000) -> Block | None:
         """``payload`` as a `Block` of ``topic_device``, or None when it is not a clean array."""
         try:
+            return self._decode_block(payload, topic_device, max_readings)
+        except Exception:  # noqa: BLE001 - never seen; `decode` then takes it and names any problem
+            return None
+
+    def _decode_block(self, payload: bytes, topic_device: str, max_readings: int) -> Block | None:
+        try:
             items = self._decoder.decode(payload)
         except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
             return None
