@@ -4,6 +4,7 @@ and dead-letters exactly what the one-reading-at-a-time path does, in a real SQL
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import time
 
@@ -160,3 +161,48 @@ def test_blocks_read_back_like_rows_on_sqlite_and_postgresql(db_url, schema):
         assert store.recent_readings(8, max_devices=1).keys() == {"DEV-1"}
     finally:
         store.dispose()
+
+
+def test_a_sparkplug_ddata_of_many_readings_goes_in_as_one_block_with_the_windows_json_gives(settings, tmp_path):
+    from itap_stream.core import sparkplug_b_pb2 as pb
+    from itap_stream.core.sparkplug import birth_payload
+
+    names = ["rpm", "temp_c", "voltage_v", "current_a", "vibration_mm_s"]
+    rng = random.Random(3)
+    rows = [(T0 + k, [round(rng.uniform(900, 1100), 3), round(rng.uniform(50, 70), 3), round(rng.uniform(390, 410), 3),
+                      round(rng.uniform(18, 22), 3), round(rng.uniform(1, 3), 3)]) for k in range(200)]
+    born = [("NBIRTH", birth_payload([], seq=0, bdseq=1, ts_ms=int(T0 * 1000)), None),
+            ("DBIRTH", birth_payload([(n, i + 1, 0.0) for i, n in enumerate(names)], seq=1, ts_ms=int(T0 * 1000)),
+             "M1")]
+    data = []
+    for m, start in enumerate(range(0, 200, 20)):  # 20 readings per DDATA, each metric with its time
+        p = pb.Payload(timestamp=int(rows[start][0] * 1000), seq=(2 + m) % 256)
+        for ts, vals in rows[start : start + 20]:
+            for i, v in enumerate(vals):
+                p.metrics.add(alias=i + 1, timestamp=int(ts * 1000), datatype=10, double_value=v)
+        data.append(("DDATA", p.SerializeToString(), "M1"))
+
+    def run(db, msgs):
+        st = settings.replace(db_url=f"sqlite:///{db}", sparkplug_groups="G")
+        consumer = build_consumer(st, metrics=Metrics())
+        try:
+            consumer.process_messages([(t, p, time.time(), 0, 0, 0) for t, p in msgs])
+            assert consumer.writer.flush(timeout_s=30)
+        finally:
+            consumer.writer.close(timeout_s=10)
+        with sqlite3.connect(db) as conn:
+            return (conn.execute("SELECT device_id, ts, state, rpm, temp_c, voltage_v, current_a, vibration_mm_s "
+                                 "FROM readings_all ORDER BY ts").fetchall(),
+                    conn.execute("SELECT device_id, window_start, window_end, score, is_anomaly FROM windows "
+                                 "ORDER BY window_end").fetchall(),
+                    conn.execute("SELECT count(*), coalesce(sum(n), 0) FROM reading_blocks").fetchone())
+
+    spb = run(tmp_path / "spb.db", [(f"spBv1.0/G/{kind}/E" + (f"/{dev}" if dev else ""), p) for kind, p, dev in
+                                    [*born, *data]])
+    singles = [("itap/telemetry/G:E:M1", json.dumps({"device_id": "G:E:M1", "ts": ts, "state": "RUN",
+                                                      **dict(zip(names, vals, strict=True))}).encode())
+               for ts, vals in rows]
+    one = run(tmp_path / "json.db", singles)
+    assert spb[2] == (10, 200) and one[2] == (0, 0)  # ten DDATA, ten blocks
+    assert spb[0] == one[0] and len(spb[0]) == 200
+    assert spb[1] == one[1] and len(spb[1]) == (200 - 32) // 4 + 1

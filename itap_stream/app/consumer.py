@@ -951,6 +951,13 @@ class Consumer:
             if good and device not in self.processor.windows and device not in new_devices and not self._admit(
                     device, len(good), bad, new_devices):
                 good = []
+            if len(good) > 1 and blocks is not None and not dup and good[-1].ts <= future_limit:
+                # a Sparkplug DDATA of many readings: into the windows and the store as one block
+                block = Block.of(good)
+                if block is not None:
+                    readings.append(block)
+                    n_readings += len(block)
+                    good = []
             if good:
                 readings.extend(good)
                 n_readings += len(good)

@@ -119,6 +119,25 @@ class Block(NamedTuple):
     def __len__(self) -> int:  # type: ignore[override]  # the readings, not the fields
         return len(self.ts)
 
+    @classmethod
+    def of(cls, readings: list[Reading]) -> Block | None:
+        """Readings already validated one by one (a Sparkplug DDATA's) as a block: None
+        unless they are one device's, in rising time, without a tag."""
+        n = len(readings)
+        if n < 2:
+            return None
+        device_id = readings[0].device_id
+        if any(r.device_id != device_id or r.tag is not None for r in readings):
+            return None
+        ts = np.fromiter((r.ts for r in readings), np.float64, n)
+        if not bool((np.diff(ts) > 0).all()):
+            return None
+        seq = [r.seq for r in readings]
+        labels = [r.label for r in readings]
+        return cls(device_id, ts, np.array([r.values for r in readings], dtype=np.float64).reshape(n, -1),
+                   np.fromiter((STATE_CODES[r.state] for r in readings), np.int8, n),
+                   None if seq.count(None) == n else seq, None if labels.count(None) == n else labels)
+
     def readings(self) -> list[Reading]:
         """The same readings one by one, as `decode` makes them."""
         n = len(self.ts)

@@ -81,7 +81,7 @@ def test_faulty_device_alerts_healthy_one_does_not_and_rows_are_stored(settings,
 
     db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
     try:
-        assert db.execute("select count(*) from readings").fetchone()[0] == sent
+        assert db.execute("select count(*) from readings_all").fetchone()[0] == sent
         assert db.execute("select count(distinct device_id) from devices").fetchone()[0] == 2
         assert db.execute("select count(*) from windows").fetchone()[0] > 0
         anomalous = db.execute("select device_id, count(*) from anomalies group by device_id").fetchall()
@@ -122,7 +122,7 @@ def test_bad_input_is_rejected_counted_and_the_next_reading_still_processed(sett
     pub.loop_stop()
     dead.close()
     db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
-    assert db.execute("select count(*) from readings").fetchone()[0] == 1
+    assert db.execute("select count(*) from readings_all").fetchone()[0] == 1
     db.close()
 
 
@@ -205,7 +205,7 @@ def test_itap_run_stops_on_sigterm_with_everything_stored(settings, tmp_path):
     assert _wait(lambda: any(p == b"offline" for _t, p, _r in status.messages), 5)
     status.close()
     db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
-    assert db.execute("select count(*) from readings").fetchone()[0] == sent
+    assert db.execute("select count(*) from readings_all").fetchone()[0] == sent
     db.close()
 
 
@@ -228,14 +228,14 @@ def test_intake_process_hands_over_its_backlog_and_exits_on_stop(settings):
     assert not child.is_alive() and child.exitcode == 0
     first = metrics.sample("itap_readings_received_total")
     db = settings.db_url.removeprefix("sqlite:///")
-    stored = sqlite3.connect(db).execute("select count(*) from readings").fetchone()[0]
+    stored = sqlite3.connect(db).execute("select count(*) from readings_all").fetchone()[0]
     assert 0 < first <= sent and stored == first  # everything handed over was committed
     assert metrics.sample("itap_mqtt_connected") == 1  # reported by the child while it ran
     assert _wait(lambda: status.messages[-1][1] == b"offline", 5)
     # the next start gets exactly the rest from the session: nothing lost, nothing twice
     again = Metrics()
     consumer, thread = _start(settings.replace(intake="process"), again)
-    assert _wait(lambda: sqlite3.connect(db).execute("select count(*) from readings").fetchone()[0] == sent, 20)
+    assert _wait(lambda: sqlite3.connect(db).execute("select count(*) from readings_all").fetchone()[0] == sent, 20)
     consumer.stop()
     thread.join(20)
     assert again.sample("itap_readings_rejected_total", reason="duplicate") == 0
@@ -268,7 +268,7 @@ def test_a_killed_intake_process_is_replaced_and_its_session_delivers_the_gap(se
         consumer.stop()
         thread.join(20)
     db = sqlite3.connect(settings.db_url.removeprefix("sqlite:///"))
-    assert db.execute("select count(*) from readings").fetchone()[0] == first + gap
+    assert db.execute("select count(*) from readings_all").fetchone()[0] == first + gap
     db.close()
 
 

@@ -140,7 +140,7 @@ def test_every_kind_of_bad_input_is_dead_lettered_with_its_reason_and_the_good_o
     sub.loop_stop()
     db = sqlite3.connect(st.db_url.removeprefix("sqlite:///"))
     try:
-        tss = [r[0] for r in db.execute("select ts from readings where device_id = 'DEV-0001' order by ts")]
+        tss = [r[0] for r in db.execute("select ts from readings_all where device_id = 'DEV-0001' order by ts")]
         stored_reasons = sorted(r[0] for r in db.execute("select reason from deadletters"))
     finally:
         db.close()
@@ -319,7 +319,7 @@ def test_a_restarted_consumer_refills_its_windows_from_the_store(settings, start
     def stored() -> int:
         db = sqlite3.connect(db_path)
         try:
-            return db.execute("select count(*) from readings where device_id = 'DEV-0003'").fetchone()[0]
+            return db.execute("select count(*) from readings_all where device_id = 'DEV-0003'").fetchone()[0]
         finally:
             db.close()
 
@@ -390,7 +390,7 @@ def test_stopping_under_a_flood_of_large_payloads_neither_hangs_nor_loses(settin
     start_consumer(st, again)
     db = sqlite3.connect(st.db_url.removeprefix("sqlite:///"))
     try:
-        assert wait(lambda: db.execute("select count(*) from readings").fetchone()[0] == 1200 * 40, 60), (
+        assert wait(lambda: db.execute("select count(*) from readings_all").fetchone()[0] == 1200 * 40, 60), (
             broker.directory / "mosquitto.log").read_text()[-2000:]
     finally:
         db.close()

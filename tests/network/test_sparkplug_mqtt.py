@@ -215,5 +215,5 @@ def test_itap_simulate_publishes_as_a_sparkplug_edge_node(settings, start_consum
     assert "as Sparkplug B edge node cli/press7" in proc.stdout
     assert _wait_for(lambda: metrics.sample("itap_readings_processed_total") >= 240, 30)
     with sqlite3.connect(settings.db_url.removeprefix("sqlite:///")) as db:
-        devices = {d for (d,) in db.execute("SELECT DISTINCT device_id FROM readings")}
+        devices = {d for (d,) in db.execute("SELECT DISTINCT device_id FROM readings_all")}
     assert devices == {"cli:press7:DEV-0001", "cli:press7:DEV-0002"}
