@@ -206,3 +206,40 @@ def test_a_sparkplug_ddata_of_many_readings_goes_in_as_one_block_with_the_window
     assert spb[2] == (10, 200) and one[2] == (0, 0)  # ten DDATA, ten blocks
     assert spb[0] == one[0] and len(spb[0]) == 200
     assert spb[1] == one[1] and len(spb[1]) == (200 - 32) // 4 + 1
+
+
+def test_a_device_heard_again_after_a_restart_gets_no_reading_stored_twice(settings, tmp_path):
+    """A consumer that did not refill a device's window (a fresh process without its
+    history, or a device beyond what a restart restores) stores a block only when nothing
+    stored overlaps it; the rest go one by one, so a reading sent twice is stored once."""
+    db = tmp_path / "again.db"
+    st = settings.replace(db_url=f"sqlite:///{db}")
+    names = ["rpm", "temp_c", "voltage_v", "current_a", "vibration_mm_s"]
+
+    def arr(dev, start, n):
+        return (f"itap/telemetry/{dev}", json.dumps([{"device_id": dev, "ts": T0 + k, "rpm": 1000.0 + k,
+                                                      **dict.fromkeys(names[1:], 1.0)}
+                                                     for k in range(start, start + n)]).encode())
+
+    def run(msgs):
+        consumer = build_consumer(st, metrics=Metrics())  # no restore: every device is new to it
+        try:
+            consumer.process_messages([(t, p, time.time(), 0, 0, 0) for t, p in msgs])
+            assert consumer.writer.flush(timeout_s=30)
+        finally:
+            consumer.writer.close(timeout_s=10)
+
+    singles = [("itap/telemetry/D1", json.dumps({"device_id": "D1", "ts": T0 + k, "rpm": 1.0}).encode())
+               for k in range(10)]
+    run([*singles, arr("D2", 0, 20), arr("D3", 0, 20)])
+    # again, in new processes: D1's and D2's readings overlap what is stored, D3 goes on after its own
+    run([arr("D1", 5, 20)])
+    run([arr("D2", 10, 20), arr("D3", 20, 20)])
+    with sqlite3.connect(db) as conn:
+        per_device = dict(conn.execute("SELECT device_id, count(*) FROM readings_all GROUP BY device_id").fetchall())
+        distinct = dict(conn.execute("SELECT device_id, count(DISTINCT ts) FROM readings_all GROUP BY device_id"))
+        blocks = dict(conn.execute("SELECT device_id, count(*) FROM reading_blocks GROUP BY device_id").fetchall())
+        first = conn.execute("SELECT rpm FROM readings_all WHERE device_id = 'D1' AND ts = ?", (T0 + 5,)).fetchall()
+    assert per_device == distinct == {"D1": 25, "D2": 30, "D3": 40}
+    assert blocks == {"D2": 1, "D3": 2}  # D1's and D2's second arrays overlapped: stored one by one
+    assert first == [(1.0,)]  # the first copy stays, as with rows

@@ -43,8 +43,8 @@ DEVICES_FLUSH_S = 5.0
 #: Column widths of the dead-letter table (a hostile topic or device id is cut to fit).
 DEADLETTER_TOPIC_CHARS, DEADLETTER_REASON_CHARS, DEADLETTER_ID_CHARS = 256, 32, 128
 #: The parts of a `StoreBatch` that `StoreWriter` splits when the store refuses a row.
-BATCH_PARTS = ("readings", "blocks", "late", "windows", "anomalies", "alerts", "deadletters", "gaps", "state",
-               "silences", "devices")
+BATCH_PARTS = ("readings", "blocks", "new_blocks", "late", "windows", "anomalies", "alerts", "deadletters", "gaps",
+               "state", "silences", "devices")
 #: The columns of a `StoreBatch.blocks` record (`block_record`), in order.
 BLOCK_COLUMNS = ("device_id", "ts_first", "ts_last", "n", "ts", "state", "seq", "label", "vals")
 
@@ -102,6 +102,9 @@ class StoreBatch:
 
     readings: list[Any] = field(default_factory=list)  # tuples in Store.reading_columns order, or mappings
     blocks: list[tuple[Any, ...]] = field(default_factory=list)  # `block_record`s: readings stored column-wise
+    # `block_record`s of devices this consumer has no history of (first heard since its start):
+    # stored as blocks only when nothing stored overlaps them, else as ``late`` rows
+    new_blocks: list[tuple[Any, ...]] = field(default_factory=list)
     # rows like ``readings`` that may repeat a reading already stored in a block (a device's
     # late, out-of-order or repeated readings): stored only when no block holds them
     late: list[Any] = field(default_factory=list)
@@ -116,7 +119,8 @@ class StoreBatch:
     on_commit: list[Any] = field(default_factory=list)  # callables run after the commit
 
     def __len__(self) -> int:
-        return (len(self.readings) + sum(b[3] for b in self.blocks) + len(self.late) + len(self.windows)
+        return (len(self.readings) + sum(b[3] for b in self.blocks) + sum(b[3] for b in self.new_blocks)
+                + len(self.late) + len(self.windows)
                 + len(self.anomalies) + len(self.alerts) + len(self.deadletters) + len(self.gaps) + len(self.state)
                 + len(self.silences))
 
@@ -398,10 +402,14 @@ class Store:
             with self.engine.begin() as conn:
                 if batch.readings:
                     inserted = self._insert_rows(conn, self.readings, self.reading_columns, batch.readings)
-                if batch.blocks:
-                    inserted += self._insert_blocks(conn, batch.blocks)
-                if batch.late:
-                    late = self._not_in_blocks(conn, self._rows(self.readings, self.reading_columns, batch.late))
+                blocks, late = batch.blocks, batch.late
+                if batch.new_blocks:
+                    clear, overlapping = self._overlaps(conn, batch.new_blocks)
+                    blocks, late = [*blocks, *clear], [*late, *overlapping]
+                if blocks:
+                    inserted += self._insert_blocks(conn, blocks)
+                if late:
+                    late = self._not_in_blocks(conn, self._rows(self.readings, self.reading_columns, late))
                     if late:
                         inserted += self._insert_rows(conn, self.readings, self.reading_columns, late)
                 if batch.windows:
@@ -438,6 +446,24 @@ class Store:
         n = self._insert_rows(conn, self.reading_blocks, BLOCK_COLUMNS, blocks)
         total = sum(b[3] for b in blocks)
         return total if n == len(blocks) else round(max(n, 0) * total / len(blocks))
+
+    def _overlaps(self, conn: sa.Connection, records: list[tuple[Any, ...]]
+                  ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Split `block_record`s into those nothing stored overlaps (stored as blocks) and the
+        rows of the others (stored one by one, so that no reading is stored twice)."""
+        r, b = self.readings, self.reading_blocks
+        clear, rows = [], []
+        for rec in records:
+            device_id, first, last = rec[0], rec[1], rec[2]
+            hit = conn.execute(sa.select(r.c.id).where(r.c.device_id == device_id, r.c.ts >= first, r.c.ts <= last)
+                               .limit(1)).first() or conn.execute(
+                sa.select(b.c.id).where(b.c.device_id == device_id, b.c.ts_first <= last, b.c.ts_last >= first)
+                .limit(1)).first()
+            if hit is None:
+                clear.append(rec)
+            else:
+                rows.extend(reading_rows(_block_readings(device_id, *rec[4:])))
+        return clear, rows
 
     def _not_in_blocks(self, conn: sa.Connection, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """``rows`` less those whose reading a stored block holds already."""

@@ -884,9 +884,9 @@ class Consumer:
     def _store_rejected(self, part: str, rows: list[Any], why: str) -> list[dict[str, Any]]:
         """Rows the store refused (called by the writer thread): readings become dead letters
         with reason ``store_rejected``; other rows are only logged (they follow from readings)."""
-        if part not in ("readings", "late", "blocks"):
+        if part not in ("readings", "late", "blocks", "new_blocks"):
             return []
-        cols = self.store.reading_columns if part != "blocks" else BLOCK_COLUMNS
+        cols = self.store.reading_columns if part not in ("blocks", "new_blocks") else BLOCK_COLUMNS
         out = []
         for row in rows:
             obj = dict(row) if isinstance(row, dict) else dict(zip(cols, row, strict=False))
@@ -988,7 +988,7 @@ class Consumer:
         if n_win:
             m.windows.inc(n_win)
         m.active_devices.set(len(self.processor.windows))
-        batch = self._rows(result, readings)
+        batch = self._rows(result, readings, new_devices)
         batch.deadletters = dead
         if self._state_rows or self._silence_rows:
             batch.state, batch.silences = self._state_rows, self._silence_rows
@@ -1118,7 +1118,7 @@ class Consumer:
             # rest of this batch (otherwise an alert waits up to a 5 ms switch interval or more)
             time.sleep(0.0005)
 
-    def _rows(self, result: BatchResult, readings: list[Reading | Block]) -> StoreBatch:
+    def _rows(self, result: BatchResult, readings: list[Reading | Block], new_devices: set[str]) -> StoreBatch:
         if not result.accepted_blocks and not result.dropped:
             batch = StoreBatch(readings=reading_rows(readings))
         else:
@@ -1130,7 +1130,8 @@ class Consumer:
             for r in readings:
                 if isinstance(r, Block):
                     if id(r) in taken:
-                        batch.blocks.append(block_record(r))
+                        # a device first heard now may have history this consumer did not restore
+                        (batch.new_blocks if r.device_id in new_devices else batch.blocks).append(block_record(r))
                     else:
                         batch.late.extend(block_rows(r))
                 elif id(r) in dropped:
