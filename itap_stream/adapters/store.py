@@ -789,14 +789,18 @@ class Store:
 
 def reading_rows(readings: Iterable[Reading | Block]) -> list[tuple[Any, ...]]:
     """Rows for the readings table in `Store.reading_columns` order (NaN dropouts become NULL)."""
-    out: list[tuple[Any, ...]] = []
-    add = out.append
-    for r in readings:
-        if isinstance(r, Block):
-            out.extend(block_rows(r))
-        else:
-            add((r.device_id, r.ts, r.state, r.seq, r.tag, r.label, *[None if v != v else v for v in r.values]))
-    return out
+    if not isinstance(readings, list) or any(type(r) is Block for r in readings):
+        out: list[tuple[Any, ...]] = []
+        for r in readings:
+            if isinstance(r, Block):
+                out.extend(block_rows(r))
+            else:
+                out.extend(reading_rows([r]))
+        return out
+    return [
+        (r.device_id, r.ts, r.state, r.seq, r.tag, r.label, *[None if v != v else v for v in r.values])  # type: ignore[union-attr]
+        for r in readings
+    ]
 
 
 def block_record(block: Block) -> tuple[Any, ...]:

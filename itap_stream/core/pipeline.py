@@ -278,6 +278,26 @@ class Processor:
         end = self._last_end.get(device_id, at)  # event time: where in the device's readings it happened
         return baseline_alert(ev, self.schema, end, end, "", 0.0)
 
+    def _push_mixed(self, items: Sequence[Reading | Block], result: BatchResult) -> None:
+        """Push readings and blocks in arrival order; a block that cannot go in whole is
+        pushed one reading at a time."""
+        push, push_block = self.windows.push, self.windows.push_block
+        accepted = result.accepted
+        for r in items:
+            if isinstance(r, Block):
+                if push_block(r) is not None:
+                    result.accepted_blocks.append(r)
+                    continue
+                ones: list[Reading] = r.readings()
+            else:
+                ones = [r]
+            for one in ones:
+                status = push(one)
+                if status >= 0:
+                    accepted.append(one)
+                else:
+                    result.dropped.append((one, DROP_REASONS[status]))
+
     @staticmethod
     def _unblock(items: Sequence[Reading | Block], limit: float | None, reordering: bool) -> list[Reading | Block]:
         """``items`` with the blocks that cannot go in whole (a reading beyond ``limit``, or a
@@ -309,14 +329,17 @@ class Processor:
         health = self.health
         skew = self.max_clock_skew_s
         reorder = self.reorder
-        if any(isinstance(r, Block) for r in readings):
+        mixed = any(type(r) is Block for r in readings)
+        if mixed:
             limit = now + skew if skew is not None and now is not None else None
             readings = self._unblock(readings, limit, reorder.tolerance_s > 0)
+            mixed = any(type(r) is Block for r in readings)
         if skew is not None and now is not None and readings:
             limit = now + skew
-            if any(not isinstance(r, Block) and r.ts > limit for r in readings):
-                result.dropped.extend((r, "future") for r in readings if not isinstance(r, Block) and r.ts > limit)
-                readings = [r for r in readings if isinstance(r, Block) or r.ts <= limit]
+            # (a block left here holds no reading beyond the limit: _unblock took those apart)
+            if any(r.ts > limit for r in readings if type(r) is not Block):
+                result.dropped.extend((r, "future") for r in readings if isinstance(r, Reading) and r.ts > limit)
+                readings = [r for r in readings if type(r) is Block or r.ts <= limit]
         if health is not None and now is not None and readings:
             result.alerts.extend(health.seen({r.device_id for r in readings}, now))
         if reorder.tolerance_s > 0:
@@ -327,25 +350,16 @@ class Processor:
             elif now is not None and reorder.held:
                 readings.extend(reorder.expire(now))
         push = self.windows.push
-        push_block = self.windows.push_block
         accepted = result.accepted
-        for r in readings:
-            if isinstance(r, Block):
-                if push_block(r) is not None:
-                    result.accepted_blocks.append(r)
-                    continue
-                for one in r.readings():
-                    status = push(one)
-                    if status >= 0:
-                        accepted.append(one)
-                    else:
-                        result.dropped.append((one, DROP_REASONS[status]))
-                continue
-            status = push(r)
-            if status >= 0:
-                accepted.append(r)
-            else:
-                result.dropped.append((r, DROP_REASONS[status]))
+        if mixed:
+            self._push_mixed(readings, result)
+        else:  # single readings only: the plain loop
+            for r in readings:
+                status = push(r)  # type: ignore[arg-type]  # no Block here
+                if status >= 0:
+                    accepted.append(r)  # type: ignore[arg-type]
+                else:
+                    result.dropped.append((r, DROP_REASONS[status]))  # type: ignore[arg-type]
         if self.windows.gaps:
             result.gaps = self.windows.gaps
             self.windows.gaps = []
