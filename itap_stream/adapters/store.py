@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from itap_stream.core.readings import Block, Reading
-from itap_stream.core.schema import STATES, SensorSchema
+from itap_stream.core.schema import SensorSchema
 from itap_stream.errors import StoreError
 
 __all__ = ["Store", "StoreBatch", "StoreWriteError", "StoreWriter"]
@@ -724,19 +724,17 @@ class Store:
             if table != "readings":
                 return n
             b = self.reading_blocks
-            qb = sa.select(b.c.n, b.c.device_id, b.c.ts, b.c.state, b.c.seq, b.c.label, b.c.vals)
-            if "device_id" in where:
-                qb = qb.where(b.c.device_id == where["device_id"])
+            mine = [b.c.device_id == where["device_id"]] if "device_id" in where else []
             rest = {k: v for k, v in where.items() if k != "device_id"}
             if not rest:
-                return n + int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(b.c.n), 0))
-                                            .where(*([b.c.device_id == where["device_id"]] if where else []))
-                                            ).scalar_one())
+                return n + int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(b.c.n), 0)).where(*mine))
+                               .scalar_one())
             names = self.reading_columns
-            for row in conn.execute(qb):
-                for r in _block_readings(*row[1:]):
-                    d = dict(zip(names, (*r[:3], r.seq, r.tag, r.label, *r.values), strict=True))
-                    n += all(d.get(k) == v for k, v in rest.items())
+            for row in conn.execute(sa.select(b.c.device_id, b.c.ts, b.c.state, b.c.seq, b.c.label, b.c.vals)
+                                    .where(*mine)):
+                for values in reading_rows(_block_readings(*row)):
+                    d = dict(zip(names, values, strict=True))
+                    n += all(d[k] == v for k, v in rest.items())
             return n
 
     def read_frame(self, table: str, *, since: float | None = None, until: float | None = None) -> pd.DataFrame:
@@ -807,8 +805,7 @@ def block_record(block: Block) -> tuple[Any, ...]:
     """A `Block` as one ``reading_blocks`` row (`BLOCK_COLUMNS`): its columns as JSON arrays,
     floats written so that they read back exactly, a dropout as null."""
     n = len(block.ts)
-    codes = block.states
-    states = [STATES[int(codes[0])]] * n if (codes == codes[0]).all() else [STATES[c] for c in codes.tolist()]
+    states = block.state_names()
     as_numpy = orjson.OPT_SERIALIZE_NUMPY
     return (
         block.device_id, float(block.ts[0]), float(block.ts[-1]), n,
@@ -840,8 +837,7 @@ def block_rows(block: Block) -> list[tuple[Any, ...]]:
     rows = values.tolist()
     if np.isnan(values).any():
         rows = [[None if v != v else v for v in row] for row in rows]
-    codes = block.states
-    states = [STATES[int(codes[0])]] * n if (codes == codes[0]).all() else [STATES[c] for c in codes.tolist()]
+    states = block.state_names()
     seq = block.seq if block.seq is not None else [None] * n
     labels = block.labels if block.labels is not None else [None] * n
     dev = block.device_id

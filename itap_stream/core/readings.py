@@ -138,12 +138,19 @@ class Block(NamedTuple):
                    np.fromiter((STATE_CODES[r.state] for r in readings), np.int8, n),
                    None if seq.count(None) == n else seq, None if labels.count(None) == n else labels)
 
+    def state_names(self) -> list[str]:
+        """The state of each reading by name."""
+        codes = self.states
+        if len(codes) and (codes == codes[0]).all():
+            return [STATES[int(codes[0])]] * len(codes)
+        return [STATES[c] for c in codes.tolist()]
+
     def readings(self) -> list[Reading]:
         """The same readings one by one, as `decode` makes them."""
         n = len(self.ts)
         seq = self.seq or [None] * n
         labels = self.labels or [None] * n
-        names = [STATES[c] for c in self.states.tolist()]
+        names = self.state_names()
         return [
             Reading(self.device_id, t, st, tuple(v), q, None, lb)
             for t, st, v, q, lb in zip(self.ts.tolist(), names, self.values.tolist(), seq, labels, strict=True)
